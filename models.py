@@ -1,0 +1,76 @@
+"""Building timm models (ImageNet, local-file or random initialisation), their
+input normalisation, and rebuilding a network from one of our checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from runtime import UserError
+
+NORMS = ("model", "imagenet")
+
+
+def check_arch(name: str) -> None:
+    """Fail early, before any data is read, on a name timm does not know."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model {name!r} "
+                        "(python -c \"import timm; print(timm.list_models('*vit*'))\" lists names)")
+
+
+def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pretrained: bool = False,
+                 weights: str | None = None, weights_flag: str = "--weights", **extra) -> nn.Module:
+    """A timm model. Fixed-input-size models (ViT, DeiT, Swin) are built for
+    `img_size` (timm resamples position embeddings); `weights` is a local file
+    of ImageNet weights for machines without internet (REFERENCE 8)."""
+    check_arch(arch)
+    kwargs = dict(extra)
+    cfg = timm.get_pretrained_cfg(arch)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights:
+        if not Path(weights).is_file():
+            raise UserError(f"{weights_flag} {weights} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), custom_load=False))
+    try:
+        return timm.create_model(arch, pretrained=bool(pretrained or weights), **kwargs)
+    except Exception as err:  # hub and file errors come in many types
+        if weights:
+            raise UserError(f"could not initialise {arch} from {weights}: {err}") from None
+        if pretrained:
+            raise UserError(f"could not fetch ImageNet weights for {arch} ({type(err).__name__}); without "
+                            f"internet pass {weights_flag} FILE with a local weights file, or --no-pretrained "
+                            "for random initialisation") from None
+        raise
+
+
+def model_norm(model: nn.Module, norm: str) -> tuple[list[float], list[float]]:
+    """(mean, std) the model's inputs are normalised with. `model`: what its
+    (pretrained) weights expect, e.g. 0.5/0.5 for timm's vit_base_patch16_384;
+    `imagenet`: the paper's App. C.5.2 ImageNet statistics for every model."""
+    if norm == "imagenet":
+        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    cfg = model.pretrained_cfg
+    return list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), list(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> float32 normalised inputs, on x's device."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+def from_checkpoint(ckpt: dict) -> nn.Module:
+    """The exact network a checkpoint describes (its own head), weights loaded strictly."""
+    model = create_model(ckpt["arch"], img_size=ckpt["img_size"], num_classes=ckpt["num_classes"])
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint weights do not fit {ckpt['arch']}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return model
