@@ -54,13 +54,14 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_common_args(p: argparse.ArgumentParser, *, epochs: int, bs: int, epochs_source: str) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, epochs: int, bs: int, epochs_source: str,
+                    img_size: int | None = 384, img_size_help: str = "square input size (App. C.5.2)") -> None:
     """Flags with the same meaning in pretraining and fine-tuning."""
     p.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
     p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
     p.add_argument("--bs", type=positive_int, default=bs, help="batch size (App. C.5.3: 16)")
-    p.add_argument("--img-size", type=positive_int, default=384, help="square input size (App. C.5.2)")
+    p.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)
     p.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
                    help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("stripes", "rings", "checks", "blobs")
+HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], dtype=float)  # one tint per class
 # Overrides of the paper defaults that `--demo` applies.
-SETTINGS = dict(cnn="test_resnet", vit="test_vit", img_size=64, epochs=3, bs=16, pretrained=False)
+SETTINGS = dict(cnn="test_resnet", vit="test_vit", img_size=64, epochs=5, bs=16, pretrained=False)
 
 
 def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -33,16 +34,17 @@ def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_demo_dataset(root: Path, per_class: int = 40, size: int = 96, seed: int = 0) -> Path:
     """Write `per_class` images of each class to root/<class>/ (PNG and JPEG
-    alternately) and return root. Reuses a complete earlier copy."""
+    alternately; a class is a texture drawn in a class tint over a dark random
+    background) and return root. Reuses a complete earlier copy."""
     root = Path(root)
     marker = root / ".complete"
     if marker.exists():
         return root
     rng = np.random.default_rng(seed)
-    for kind in CLASSES:
+    for kind, hue in zip(CLASSES, HUES):
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            fg, bg = rng.uniform(0, 255, (2, 3))
+            fg, bg = np.clip(hue + rng.normal(0, 30, 3), 0, 255), rng.uniform(0, 90, 3)
             mix = _pattern(kind, size, rng)[..., None]
             img = mix * fg + (1 - mix) * bg + rng.normal(0, 12, (size, size, 3))
             ext = "png" if i % 2 == 0 else "jpg"
