@@ -36,7 +36,7 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
     if weights:
         if not Path(weights).is_file():
             raise UserError(f"{weights_flag} {weights} does not exist")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), custom_load=False))
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights), custom_load=False)
     try:
         return timm.create_model(arch, pretrained=bool(pretrained or weights), **kwargs)
     except Exception as err:  # hub and file errors come in many types

@@ -91,6 +91,8 @@ def validate(cfg: argparse.Namespace) -> None:
     check_arch(cfg.vit)
     if cfg.swa_start is not None and not 1 <= cfg.swa_start <= cfg.epochs:
         raise UserError(f"--swa-start must be between 1 and --epochs ({cfg.epochs}), got {cfg.swa_start}")
+    if cfg.bs < 2:
+        raise UserError("--bs must be at least 2: BatchNorm and the collapse signals need two images per batch")
     if cfg.t_max < 1:
         raise UserError(f"--t-max must be at least 1, got {cfg.t_max}")
     if not cfg.resume and not cfg.demo and (Path(cfg.out) / "last.pt").exists():
@@ -246,6 +248,10 @@ def main(args: argparse.Namespace) -> Path:
     device = pick_device(cfg.device)
     dtype = amp_dtype(cfg.amp, device)
 
+    # models first: a missing weights file fails in seconds, not after indexing the data
+    arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
+            build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
+
     index = index_data(cfg.data, workers=cfg.workers)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
@@ -257,8 +263,6 @@ def main(args: argparse.Namespace) -> Path:
     loader = make_loader(dataset, cfg.bs, shuffle=True, seed=cfg.seed, workers=cfg.workers,
                          drop_last=True, pin_memory=device.type == "cuda")
 
-    arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
-            build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
     scaler = grad_scaler(device, dtype)
     start = restore(arms, scaler, state) if state else 0
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: small images written to real files, and one tiny CASS
+pretraining run (timm's test_resnet + test_vit, random init, CPU) reused by
+the checkpoint, fine-tuning and resume tests."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import demo  # noqa: E402
+import pretrain_cass  # noqa: E402
+
+TINY = ["--cnn", "test_resnet", "--vit", "test_vit", "--no-pretrained", "--img-size", "32",
+        "--bs", "8", "--workers", "0"]
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), value: int | None = None,
+                seed: int = 0) -> Path:
+    """A real image file of the given PIL mode with random (or constant) content."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    if mode == "I;16":
+        arr = rng.integers(0, 4001, (h, w)).astype(np.uint16) if value is None else np.full((h, w), value, np.uint16)
+        Image.fromarray(arr).save(path)  # PIL stores uint16 arrays as I;16
+        return path
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1, "CMYK": 4}[mode]
+    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8) if value is None else \
+        np.full((h, w, channels), value, np.uint8)
+    if mode in ("L", "P"):
+        img = Image.fromarray(arr[..., 0], "L")
+        img = img.convert("P") if mode == "P" else img
+    else:
+        img = Image.fromarray(arr, mode)
+    img.save(path)
+    return path
+
+
+def class_folders(root: Path, counts: dict[str, int], ext: str = "png") -> Path:
+    for cls, n in counts.items():
+        for i in range(n):
+            write_image(root / cls / f"{cls}_{i}.{ext}", seed=hash((cls, i)) % 2**32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    return demo.make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", per_class=15, size=40)
+
+
+@pytest.fixture(scope="session")
+def cass_run(demo_data, tmp_path_factory) -> Path:
+    """A finished two-epoch CASS run folder."""
+    out = tmp_path_factory.mktemp("runs") / "cass"
+    pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(out), "--epochs", "2",
+                                                 *TINY]))
+    return out

@@ -1,0 +1,108 @@
+"""Errors a user can cause end in one sentence and exit code 2, before training."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import checkpoint
+import finetune
+import pretrain_cass
+from conftest import TINY, class_folders
+from models import create_model
+from runtime import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*argv, env=None):
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_wrong_data_path_is_one_line_and_exit_2(tmp_path):
+    code, err = cli("pretrain_cass.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *TINY)
+    assert code == 2 and err == [f"error: --data {tmp_path / 'missing'} does not exist"]
+
+
+def test_frac_out_of_range_is_rejected_by_the_parser(tmp_path):
+    for bad in ("0", "1.5"):
+        code, err = cli("finetune.py", "--ckpt", "x.pt", "--frac", bad)
+        assert code == 2 and "--frac: must be in (0, 1]" in err[-1]
+
+
+def test_missing_imagenet_weights_name_the_offline_options(tmp_path):
+    class_folders(tmp_path / "d", {"a": 3, "b": 3})
+    code, err = cli("pretrain_cass.py", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                    "--cnn", "test_resnet", "--vit", "test_vit", "--img-size", "32", "--workers", "0",
+                    env={"HF_HUB_OFFLINE": "1"})
+    assert code == 2 and [line for line in err if "error" in line] == err[-1:]
+    assert "could not fetch ImageNet weights for test_resnet" in err[0] and "--cnn-weights" in err[0]
+
+
+def test_help_shows_defaults_and_sources():
+    code = subprocess.run([sys.executable, "pretrain_cass.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert code.returncode == 0 and "App. C.5.3" in code.stdout and "(default: 16)" in code.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cnn", "no_such_model"], "unknown timm model 'no_such_model'"),
+    (["--swa-start", "9"], "--swa-start must be between 1 and --epochs"),
+    (["--bs", "1"], "--bs must be at least 2"),
+])
+def test_bad_pretraining_flags(tmp_path, argv, message):
+    class_folders(tmp_path / "d", {"a": 2})
+    args = pretrain_cass.parse_args(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--epochs", "2",
+                                     *TINY, *argv])
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        pretrain_cass.main(args)
+    assert not (tmp_path / "o").exists()  # nothing written before the flags are checked
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    def run(path):
+        finetune.main(finetune.parse_args(["--ckpt", str(path), "--workers", "0"]))
+
+    with pytest.raises(UserError, match="does not exist"):
+        run(tmp_path / "none.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a checkpoint written by this project"):
+        run(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        run(tmp_path / "text.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled_model.pt")  # a whole-model pickle
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        run(tmp_path / "pickled_model.pt")
+    checkpoint.save({"kind": "resume"}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="expected a 'model' one"):
+        run(tmp_path / "last.pt")
+
+
+def test_finetune_needs_labels_and_one_source(tmp_path):
+    with pytest.raises(UserError, match="either --ckpt"):
+        finetune.main(finetune.parse_args(["--ckpt", "a.pt", "--arch", "test_vit"]))
+    for i in range(3):
+        class_folders(tmp_path, {}) and None
+    (tmp_path / "flat").mkdir()
+    from conftest import write_image
+    for i in range(5):
+        write_image(tmp_path / "flat" / f"{i}.png", seed=i)
+    with pytest.raises(UserError, match="has no labels"):
+        finetune.main(finetune.parse_args(["--arch", "test_vit", "--no-pretrained", "--data", str(tmp_path / "flat"),
+                                           "--img-size", "32", "--out", str(tmp_path / "o"), "--workers", "0"]))
+
+
+def test_local_weight_files_initialise_cnn_and_vit(tmp_path):
+    for arch in ("test_resnet", "test_vit"):
+        source = timm.create_model(arch, img_size=32) if arch == "test_vit" else timm.create_model(arch)
+        torch.save(source.state_dict(), tmp_path / f"{arch}.pth")
+        model = create_model(arch, img_size=32, weights=str(tmp_path / f"{arch}.pth"))
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), (arch, key)
+    with pytest.raises(UserError, match="--weights .* does not exist"):
+        create_model("test_vit", img_size=32, weights=str(tmp_path / "nope.pth"))

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+
+import finetune
+from conftest import write_image
+from models import from_checkpoint
+
+
+def ft(*argv):
+    return finetune.main(finetune.parse_args([*argv, "--workers", "0", "--epochs", "3"]))
+
+
+@pytest.mark.parametrize("role", ["cnn", "vit"])
+def test_pretrained_checkpoint_fine_tunes_on_the_pretraining_split(cass_run, tmp_path, role):
+    out = tmp_path / "ft"
+    results = ft("--ckpt", str(cass_run / f"{role}.pt"), "--out", str(out))
+    pre_split = json.loads((cass_run / "splits.json").read_text())
+    ft_split = json.loads((out / "splits.json").read_text())
+    assert all(ft_split[k] == pre_split[k] for k in ("train", "val", "test"))
+    run = results["runs"][0]
+    assert results["method"] == "cass" and results["role"] == role and results["metric"] == "macro_f1"
+    assert set(run["labelled_files"]) == set(pre_split["train"])  # --frac 1.0
+    assert 0 <= run["test"]["macro_f1"] <= 1 and 1 <= run["best_epoch"] <= 3
+    assert len(run["test"]["per_class_f1"]) == 4
+    assert results["summary"]["macro_f1"] == {"mean": run["test"]["macro_f1"], "std": 0.0}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["summary"] == results["summary"]
+    model_ckpt = torch.load(out / "model_seed0.pt", map_location="cpu", weights_only=True)
+    assert model_ckpt["num_classes"] == 4 and model_ckpt["finetuned"] and model_ckpt["classes"] == on_disk["classes"]
+    model = from_checkpoint(model_ckpt)  # rebuilds exactly, strict keys
+    assert model.num_classes == 4
+
+
+def test_backbone_weights_are_loaded_not_random(cass_run):
+    ckpt = torch.load(cass_run / "cnn.pt", weights_only=True)
+    model, _ = finetune.load_source(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt")]))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][key]), key
+
+
+def test_label_fraction_and_seeds_give_mean_and_std(cass_run, tmp_path):
+    results = ft("--ckpt", str(cass_run / "cnn.pt"), "--frac", "0.1", "--seeds", "0", "1", "--out", str(tmp_path))
+    first, second = results["runs"]
+    assert len(first["labelled_files"]) >= 4  # at least one image per class
+    assert first["labelled_files"] != second["labelled_files"]
+    scores = [first["test"]["macro_f1"], second["test"]["macro_f1"]]
+    assert results["summary"]["macro_f1"]["mean"] == pytest.approx(sum(scores) / 2)
+    assert results["summary"]["macro_f1"]["std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["seed"] for r in log} == {0, 1}
+
+
+def test_supervised_baseline_from_arch_and_early_stopping(demo_data, tmp_path):
+    results = finetune.main(finetune.parse_args(
+        ["--arch", "test_resnet", "--no-pretrained", "--data", str(demo_data), "--img-size", "32",
+         "--out", str(tmp_path), "--workers", "0", "--epochs", "40", "--patience", "1", "--lr", "0.05",
+         "--metric", "recall", "--focal", "softmax", "--class-weights", "inverse"]))
+    run = results["runs"][0]
+    assert results["method"] == "random-init" and results["metric"] == "macro_recall"
+    assert run["epochs_run"] < 40 and run["epochs_run"] == run["best_epoch"] + 1  # patience 1
+
+
+def test_multilabel_csv_fine_tunes_with_sigmoid_focal_loss(tmp_path):
+    rows = []
+    for i in range(30):
+        write_image(tmp_path / "img" / f"{i}.png", size=(20, 20), seed=i)
+        rows.append(f"img/{i}.png,{int(i % 2 == 0)},{int(i % 3 == 0)},{int(i % 5 == 0)}")
+    (tmp_path / "labels.csv").write_text("path,nuclei,fibres,vessels\n" + "\n".join(rows) + "\n")
+    results = finetune.main(finetune.parse_args(
+        ["--arch", "test_vit", "--no-pretrained", "--data", str(tmp_path / "labels.csv"), "--img-size", "32",
+         "--out", str(tmp_path / "ft"), "--workers", "0", "--epochs", "2"]))
+    test = results["runs"][0]["test"]
+    assert results["multilabel"] and {"macro_f1", "samples_f1", "macro_recall"} <= set(test)

@@ -1,0 +1,113 @@
+import json
+import math
+
+import pytest
+import torch
+
+import checkpoint
+import pretrain_cass
+from conftest import TINY, class_folders, write_image
+from data import index_data, make_splits
+from runtime import UserError
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_every_file_and_loadable_checkpoints(cass_run):
+    for name in ("cnn.pt", "vit.pt", "last.pt", "splits.json", "log.jsonl", "args.json"):
+        assert (cass_run / name).is_file(), name
+    for role, arch in (("cnn", "test_resnet"), ("vit", "test_vit")):
+        ckpt = torch.load(cass_run / f"{role}.pt", map_location="cpu", weights_only=True)
+        assert ckpt["arch"] == arch and ckpt["role"] == role and ckpt["method"] == "cass"
+        assert ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3 and ckpt["num_classes"] == 1000
+        assert ckpt["args"]["epochs"] == 2 and ckpt["epoch"] == 2 and ckpt["swa_averaged"] == 1
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
+        assert set(ckpt["splits"]) == {"train", "val", "test"}
+    assert checkpoint.load(cass_run / "last.pt", kind="resume")["epoch"] == 2
+
+
+def test_pretraining_sees_only_the_train_split(cass_run):
+    splits = json.loads((cass_run / "splits.json").read_text())
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+    index = index_data(splits["data"], workers=1)
+    assert splits["train"] == make_splits(index, 0)["train"]
+    for record in read_log(cass_run):  # drop_last: whole batches of train images only
+        assert len(splits["train"]) - 8 < record["images"] <= len(splits["train"])
+
+
+def test_log_has_loss_speed_and_collapse_signals(cass_run):
+    log = read_log(cass_run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        assert 0 <= r["loss"] <= 4 and r["images_per_s"] > 0 and r["seconds"] > 0
+        assert r["healthy_std"] == pytest.approx(1000 ** -0.5)
+        assert 0 < r["cnn_std"] and 0 < r["vit_std"] and -1 <= r["cos"] <= 1
+        assert isinstance(r["collapse"], bool)
+
+
+def test_collapse_is_flagged_when_every_image_gives_the_same_output(tmp_path, capsys):
+    # black images stay black under every augmentation: each arm's output is the
+    # same for the whole batch (std 0), and the arms learn to agree within epochs
+    for cls in ("a", "b"):
+        for i in range(20):
+            write_image(tmp_path / "data" / cls / f"{i}.png", value=0)
+    pretrain_cass.main(pretrain_cass.parse_args(
+        ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "4", *TINY]))
+    log = read_log(tmp_path / "run")
+    assert all(r["cnn_std"] == 0 and r["vit_std"] == 0 for r in log)
+    assert log[0]["cos"] < 0.9 and not log[0]["collapse"]  # not yet agreeing: the loss is still high
+    assert log[-1]["cos"] > 0.9 and log[-1]["collapse"] and log[-1]["loss"] < 0.2
+    assert "collapse suspected" in capsys.readouterr().out
+    assert not pretrain_cass.is_collapsed(0.03, 0.03, 0.99, 0.0316)  # healthy spread, agreeing arms
+
+
+def run_args(data, out, *extra):
+    return pretrain_cass.parse_args(["--data", str(data), "--out", str(out), "--epochs", "3", *TINY, *extra])
+
+
+def test_killed_run_resumes_to_identical_weights(demo_data, tmp_path, monkeypatch):
+    full = pretrain_cass.main(run_args(demo_data, tmp_path / "full"))
+    real_epoch = pretrain_cass.train_one_epoch
+
+    def killed_at_third_epoch(*args, **kwargs):
+        if args[-1] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_cass, "train_one_epoch", killed_at_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_cass.main(run_args(demo_data, tmp_path / "part"))
+    monkeypatch.setattr(pretrain_cass, "train_one_epoch", real_epoch)
+    assert checkpoint.load(tmp_path / "part" / "last.pt", kind="resume")["epoch"] == 2
+    with pytest.raises(UserError, match="already holds a run"):
+        pretrain_cass.main(run_args(demo_data, tmp_path / "part"))
+    pretrain_cass.main(pretrain_cass.parse_args(["--resume", str(tmp_path / "part"), "--workers", "0"]))
+    for role in ("cnn", "vit"):
+        a = torch.load(full / f"{role}.pt", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "part" / f"{role}.pt", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    assert [r["epoch"] for r in read_log(tmp_path / "part")] == [1, 2, 3]
+    assert [r["loss"] for r in read_log(tmp_path / "part")] == [r["loss"] for r in read_log(full)]
+
+
+def test_ablation_switches_run(demo_data, tmp_path):
+    out = pretrain_cass.main(pretrain_cass.parse_args(
+        ["--data", str(demo_data), "--out", str(tmp_path / "abl"), "--epochs", "1", *TINY, "--head-act", "softmax",
+         "--cnn-opt", "sgd", "--aug", "blur+solarize", "--sched-step", "epoch", "--no-swa", "--norm", "imagenet",
+         "--cnn", "test_vit"]))  # a Transformer-Transformer pair
+    ckpt = torch.load(out / "cnn.pt", weights_only=True)
+    assert ckpt["arch"] == "test_vit" and ckpt["swa_averaged"] == 0
+    assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_per_batch_cosine_schedule_cycles_every_32_steps(tmp_path):
+    class_folders(tmp_path / "d", {"a": 80})
+    pretrain_cass.main(pretrain_cass.parse_args(
+        ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY, "--bs", "2"]))
+    state = checkpoint.load(tmp_path / "r" / "last.pt", kind="resume")
+    # 56 train images at batch 2 = 28 steps: cosine from 1e-3 with T_max 16, eta_min 1e-6,
+    # past its minimum at step 16 and on the way back up
+    expected = 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * 28 / 16)) / 2
+    assert state["cnn"]["opt"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-6)
