@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -144,6 +145,9 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, args, s
         train_loss, _, _ = run_epoch(model, train_loader, loss_fn, info, device, dtype, opt, scaler)
         val_loss, _, _ = run_epoch(model, val_loader, loss_fn, info, device, dtype)
         sched.step()
+        if not math.isfinite(val_loss):
+            raise UserError(f"the validation loss became non-finite at epoch {epoch + 1} (seed {seed}); "
+                            "try a lower --lr or --amp off")
         append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
                                          "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
         if val_loss < best_loss:

@@ -267,6 +267,7 @@ def main(args: argparse.Namespace) -> Path:
     start = restore(arms, scaler, state) if state else 0
 
     for epoch in range(start, cfg.epochs):
+        seed_everything(cfg.seed * 100_003 + epoch)  # dropout, drop-path, Alg. 1 noise: resumable too
         stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
         for arm in arms:
             if arm.swa:

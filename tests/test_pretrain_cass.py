@@ -111,3 +111,13 @@ def test_per_batch_cosine_schedule_cycles_every_32_steps(tmp_path):
     # past its minimum at step 16 and on the way back up
     expected = 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * 28 / 16)) / 2
     assert state["cnn"]["opt"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_path_runs_on_cpu_with_a_float32_loss(demo_data, tmp_path, amp):
+    out = pretrain_cass.main(pretrain_cass.parse_args(
+        ["--data", str(demo_data), "--out", str(tmp_path / amp), "--epochs", "1", *TINY, "--amp", amp]))
+    record = read_log(out)[0]
+    assert math.isfinite(record["loss"]) and 0 < record["loss"] < 4
+    scaler = checkpoint.load(out / "last.pt", kind="resume")["scaler"]
+    assert bool(scaler) == (amp == "fp16")  # only fp16 needs loss scaling
