@@ -79,10 +79,12 @@ def load_image(path: Path) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(img))
 
 
-def load_resized(path: Path, size: int) -> torch.Tensor:
+def load_resized(path: Path, size: int | None) -> torch.Tensor:
     """The deterministic first step of every pipeline: (3, size, size) uint8,
-    bilinear resize as in App. C.5.2."""
-    img = load_image(path).resize((size, size), Image.BILINEAR)
+    bilinear resize as in App. C.5.2; size None keeps the original (DINO crops it)."""
+    img = load_image(path)
+    if size is not None:
+        img = img.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -350,10 +352,11 @@ def train_augment(size: int, variant: str = "paper") -> v2.Compose:
 
 
 class ImageDataset(Dataset):
-    """Items are (uint8 image (3, size, size), target). Normalisation happens on
-    the device, per model (models.normalise). Unlabelled targets are -1."""
+    """Items are (augment(uint8 image (3, size, size)), target). Normalisation
+    happens on the device, per model (models.normalise). Unlabelled targets are -1.
+    `augment` may return a list of views (DINO's multi-crop)."""
 
-    def __init__(self, index: DataIndex, indices: list[int], size: int, augment: v2.Compose | None = None):
+    def __init__(self, index: DataIndex, indices: list[int], size: int | None, augment=None):
         self.root, self.size, self.augment = index.root, size, augment
         self.paths = [index.paths[i] for i in indices]
         if index.targets is None:

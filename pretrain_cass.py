@@ -9,7 +9,6 @@ between their logits pulls the two architectures together.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,12 +21,12 @@ from tqdm import tqdm
 
 import checkpoint
 import demo
+import pretraining
 from cli import add_common_args, add_norm_arg, new_parser, positive_float, run_cli
-from data import ImageDataset, index_data, make_loader, make_splits, select, train_augment
+from data import train_augment
 from losses import cass_loss
 from models import check_arch, create_model, model_norm, normalise
-from runtime import (UserError, amp_dtype, append_jsonl, autocast, default_out, grad_scaler, pick_device,
-                     prepare_out_dir, print_args, seed_everything, write_json)
+from runtime import UserError, autocast, grad_scaler
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -39,10 +38,7 @@ MAX_NONFINITE = 10  # consecutive skipped fp16 steps before the run is stopped
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = new_parser(__doc__)
     add_common_args(p, epochs=100, bs=16, epochs_source="App. C.5.3")
-    p.add_argument("--demo", action="store_true",
-                   help=f"generate a small image set; defaults become {demo.SETTINGS} (no data, GPU or internet needed)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
-                   "(its own settings are used; only --workers and --device may change)")
+    pretraining.add_run_args(p)
     p.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
     p.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -62,27 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
                    help="activation on the logits before the loss (Table 11 ablation)")
     add_norm_arg(p)
-    args = p.parse_args(argv)
-    if args.demo:  # the demo's settings become defaults, so explicit flags still win
-        p.set_defaults(**demo.SETTINGS)
-        args = p.parse_args(argv)
-    return args
-
-
-def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
-    """The run's effective settings (a new namespace) and, when resuming, the saved state."""
-    if args.resume:
-        state = checkpoint.load(Path(args.resume) / "last.pt", kind="resume")
-        saved = dict(state["args"], workers=args.workers, device=args.device, resume=args.resume)
-        print(f"resuming {args.resume} at epoch {state['epoch'] + 1}; settings come from the run")
-        return argparse.Namespace(**saved), state
-    if args.demo:
-        out = args.out or "runs/demo"
-        data = demo.make_demo_dataset(Path(out) / "data", seed=args.seed)
-        return argparse.Namespace(**{**vars(args), "data": str(data), "out": out}), None
-    if not args.data:
-        raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
-    return argparse.Namespace(**{**vars(args), "out": args.out or str(default_out("cass"))}), None
+    return pretraining.parse(p, argv, demo.CASS_MODELS)
 
 
 def validate(cfg: argparse.Namespace) -> None:
@@ -91,12 +67,9 @@ def validate(cfg: argparse.Namespace) -> None:
     check_arch(cfg.vit)
     if cfg.swa_start is not None and not 1 <= cfg.swa_start <= cfg.epochs:
         raise UserError(f"--swa-start must be between 1 and --epochs ({cfg.epochs}), got {cfg.swa_start}")
-    if cfg.bs < 2:
-        raise UserError("--bs must be at least 2: BatchNorm and the collapse signals need two images per batch")
     if cfg.t_max < 1:
         raise UserError(f"--t-max must be at least 1, got {cfg.t_max}")
-    if not cfg.resume and not cfg.demo and (Path(cfg.out) / "last.pt").exists():
-        raise UserError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+    pretraining.check_out(cfg)
 
 
 @dataclass
@@ -223,65 +196,40 @@ def save_models(arms: list[Arm], loader, cfg, index, splits: dict, out: Path, de
     for arm in arms:
         batches = (normalise(x.to(device), arm.mean, arm.std) for x, _ in loader)
         model = arm.swa.finalize(arm.model, batches) if arm.swa else arm.model
-        record = checkpoint.model_record(
-            model, arch=arm.arch, img_size=cfg.img_size, mean=arm.mean, std=arm.std, method="cass",
-            role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
-            multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs,
-            swa_averaged=arm.swa.count if arm.swa else 0)
+        record = pretraining.backbone_record(model, cfg, index, splits, arch=arm.arch, role=arm.name,
+                                             method="cass", mean=arm.mean, std=arm.std,
+                                             swa_averaged=arm.swa.count if arm.swa else 0)
         checkpoint.save(record, out / f"{arm.name}.pt")
 
 
-def keep_log_until(path: Path, epoch: int) -> None:
-    """Drop log lines of epochs after `epoch` (a fresh run keeps none, a resumed
-    one those of the epochs its last.pt holds)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in lines))
+def describe(stats: dict) -> str:
+    return (f"loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn {stats['cnn_std']:.4f} "
+            f"vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), cos {stats['cos']:.3f}")
 
 
 def main(args: argparse.Namespace) -> Path:
-    cfg, state = resolve(args)
+    cfg, state = pretraining.resolve(args, "cass")
     validate(cfg)
-    print_args(cfg)
-    out = prepare_out_dir(Path(cfg.out))
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    dtype = amp_dtype(cfg.amp, device)
-
+    out, device, dtype = pretraining.setup(cfg)
     # models first: a missing weights file fails in seconds, not after indexing the data
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
-
-    index = index_data(cfg.data, workers=cfg.workers)
-    splits = state["splits"] if state else make_splits(index, cfg.seed)
-    write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
-                                     "classes": index.classes, "skipped": index.skipped, **splits})
-    write_json(out / "args.json", vars(cfg))
-    keep_log_until(out / "log.jsonl", state["epoch"] if state else 0)
-    train = select(index, splits)["train"]  # never val or test images (Sec. 4.1)
-    dataset = ImageDataset(index, train, cfg.img_size, train_augment(cfg.img_size, cfg.aug))
-    loader = make_loader(dataset, cfg.bs, shuffle=True, seed=cfg.seed, workers=cfg.workers,
-                         drop_last=True, pin_memory=device.type == "cuda")
-
+    index, splits, loader = pretraining.train_data(cfg, state, out, cfg.img_size,
+                                                   train_augment(cfg.img_size, cfg.aug), device)
     scaler = grad_scaler(device, dtype)
     start = restore(arms, scaler, state) if state else 0
 
-    for epoch in range(start, cfg.epochs):
-        seed_everything(cfg.seed * 100_003 + epoch)  # dropout, drop-path, Alg. 1 noise: resumable too
+    def train_epoch(epoch: int) -> dict:
         stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
         for arm in arms:
             if arm.swa:
                 arm.swa.update(arm.model, epoch)
-        append_jsonl(out / "log.jsonl", stats)
-        print(f"epoch {stats['epoch']}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std "
-              f"cnn {stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
-              f"cos {stats['cos']:.3f}", flush=True)
-        if stats["collapse"]:
-            print("warning: collapse suspected: both arms map every image to nearly the same output "
-                  "(batch std far below 1/sqrt(D)) and agree on it, so the low loss means little; "
-                  "ImageNet initialisation (the paper's setting) avoids this", flush=True)
-        checkpoint.save(resume_state(arms, scaler, cfg, splits, epoch), out / "last.pt")
+        return stats
 
+    pretraining.run_epochs(
+        cfg, out, start, train_epoch, lambda epoch: resume_state(arms, scaler, cfg, splits, epoch), describe,
+        "both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree on "
+        "it, so the low loss means little; ImageNet initialisation (the paper's setting) avoids this")
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"
           + (" --epochs 10" if cfg.demo else ""))

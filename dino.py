@@ -1,0 +1,125 @@
+"""The pieces of DINO (Caron et al. 2021; facebookresearch/dino) that the
+baseline needs beyond CASS's: projection head, multi-crop views and network,
+per-step schedules, teacher EMA, gradient clipping and last-layer freezing.
+The loss lives in losses.DINOLoss."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+
+
+class DINOHead(nn.Module):
+    """in_dim -> 2048 -> 2048 -> 256 MLP (GELU), L2 normalisation, then a
+    weight-normalised linear layer to `out_dim` with its norm fixed to 1
+    (DINO's norm_last_layer=True: each output row is a unit vector)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + head over a list of views: views of one resolution go
+    through the backbone together, the head sees all of them at once.
+    Returns (sum of view batch sizes, out_dim), views stacked in order."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        feats, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+                end += 1
+            feats.append(self.backbone(torch.cat(views[start:end])))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+def _blur(size: int, p: float) -> v2.RandomApply:
+    """DINO's Gaussian blur, sigma 0.1-2, kernel about a tenth of the crop."""
+    return v2.RandomApply([v2.GaussianBlur(2 * int(0.05 * size) + 1, sigma=(0.1, 2.0))], p=p)
+
+
+class MultiCropAugment:
+    """2 global crops (`global_size`, blur p=1 on the first; blur p=0.1 and
+    solarize p=0.2 on the second) and `local_crops` crops at `local_size`
+    (blur p=0.5); every view: flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1)
+    p=0.8, grayscale p=0.2. Input: a uint8 (3, H, W) image; output: uint8 views."""
+
+    def __init__(self, global_size: int, local_size: int, local_crops: int,
+                 global_scale: tuple[float, float], local_scale: tuple[float, float]):
+        def crop(size, scale):
+            return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC)
+
+        flip_jitter = [v2.RandomHorizontalFlip(0.5),
+                       v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(0.2)]
+        self.global1 = v2.Compose([crop(global_size, global_scale), *flip_jitter, _blur(global_size, 1.0)])
+        self.global2 = v2.Compose([crop(global_size, global_scale), *flip_jitter, _blur(global_size, 0.1),
+                                   v2.RandomSolarize(128, p=0.2)])
+        self.local = v2.Compose([crop(local_size, local_scale), *flip_jitter, _blur(local_size, 0.5)])
+        self.local_crops = local_crops
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.local_crops)]
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """One value per training step: linear warm-up, then cosine from `base` to `final`."""
+    warmup = np.linspace(warmup_start, base, warmup_epochs * steps_per_epoch, endpoint=False) \
+        if warmup_epochs else np.array([])
+    steps = np.arange(epochs * steps_per_epoch - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's per-parameter clipping: each gradient's own L2 norm is capped at `clip`."""
+    for p in model.parameters():
+        if p.grad is not None:
+            coef = clip / (p.grad.norm(2) + 1e-6)
+            p.grad.mul_(coef.clamp(max=1.0))
+
+
+def cancel_last_layer_grad(model: MultiCropNet, epoch: int, freeze_epochs: int) -> None:
+    """No update of the head's last layer during the first `freeze_epochs` epochs."""
+    if epoch < freeze_epochs:
+        model.head.last_layer.weight.grad = None
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weights get weight decay; biases and 1-D parameters (norms) do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def local_size_for(global_size: int) -> int:
+    """DINO's 96 px local crops at 224 px global crops, scaled to `global_size`
+    and rounded to a multiple of 16 (a ViT's patch size)."""
+    return max(16, 16 * round(96 * global_size / 224 / 16))

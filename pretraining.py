@@ -1,0 +1,113 @@
+"""What the two pretraining scripts (CASS, DINO) share: the demo / resume /
+fresh-run settings, the run folder and its files, the train-split loader, and
+the epoch loop's bookkeeping (reseeding, log line, collapse warning, last.pt)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import checkpoint
+import demo
+from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
+from runtime import (UserError, amp_dtype, append_jsonl, default_out, pick_device, prepare_out_dir, print_args,
+                     seed_everything, write_json)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small image set and default to tiny models (no data, GPU or internet needed)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                   "(its own settings are used; only --workers and --device may change)")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's settings become defaults, so explicit flags still win
+        p.set_defaults(**demo.SETTINGS, **demo_models)
+        args = p.parse_args(argv)
+    return args
+
+
+def resolve(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:
+    """The run's effective settings (a new namespace) and, when resuming, the saved state."""
+    if args.resume:
+        state = checkpoint.load(Path(args.resume) / "last.pt", kind="resume")
+        if state.get("method") != method:
+            raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
+        saved = dict(state["args"], workers=args.workers, device=args.device, resume=args.resume)
+        print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
+        return argparse.Namespace(**saved), state
+    if args.demo:
+        out = args.out or f"runs/demo-{method}"
+        data = demo.make_demo_dataset(Path(out) / "data", seed=args.seed)
+        return argparse.Namespace(**{**vars(args), "data": str(data), "out": out}), None
+    if not args.data:
+        raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
+    return argparse.Namespace(**{**vars(args), "out": args.out or str(default_out(method))}), None
+
+
+def check_out(cfg: argparse.Namespace) -> None:
+    if cfg.bs < 2:
+        raise UserError("--bs must be at least 2: BatchNorm and the batch statistics need two images per batch")
+    if not cfg.resume and not cfg.demo and (Path(cfg.out) / "last.pt").exists():
+        raise UserError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+
+
+def setup(cfg: argparse.Namespace) -> tuple[Path, torch.device, torch.dtype | None]:
+    """Print the settings, create the run folder, seed, pick device and precision."""
+    print_args(cfg)
+    out = prepare_out_dir(Path(cfg.out))
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    return out, device, amp_dtype(cfg.amp, device)
+
+
+def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int | None, augment,
+               device: torch.device) -> tuple[DataIndex, dict, torch.utils.data.DataLoader]:
+    """Index the data, fix (or restore) the split, write splits.json and
+    args.json, and return a loader over the train split only (Sec. 4.1)."""
+    index = index_data(cfg.data, workers=cfg.workers)
+    splits = state["splits"] if state else make_splits(index, cfg.seed)
+    write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
+                                     "classes": index.classes, "skipped": index.skipped, **splits})
+    write_json(out / "args.json", vars(cfg))
+    _keep_log_until(out / "log.jsonl", state["epoch"] if state else 0)
+    train = select(index, splits)["train"]
+    loader = make_loader(ImageDataset(index, train, size, augment), cfg.bs, shuffle=True, seed=cfg.seed,
+                         workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda")
+    return index, splits, loader
+
+
+def _keep_log_until(path: Path, epoch: int) -> None:
+    """Drop log lines of epochs after `epoch` (a fresh run keeps none, a resumed
+    one those of the epochs its last.pt holds)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def run_epochs(cfg: argparse.Namespace, out: Path, start: int, train_epoch: Callable[[int], dict],
+               resume_state: Callable[[int], dict], describe: Callable[[dict], str], collapse_warning: str) -> None:
+    """Epochs `start`..cfg.epochs-1: each is reseeded from (seed, epoch) so a
+    resumed run draws the same dropout and noise, logged as one JSON line, and
+    followed by an atomic last.pt."""
+    for epoch in range(start, cfg.epochs):
+        seed_everything(cfg.seed * 100_003 + epoch)
+        stats = train_epoch(epoch)
+        append_jsonl(out / "log.jsonl", stats)
+        print(f"epoch {epoch + 1}: {describe(stats)}", flush=True)
+        if stats["collapse"]:
+            print(f"warning: collapse suspected: {collapse_warning}", flush=True)
+        checkpoint.save(resume_state(epoch), out / "last.pt")
+
+
+def backbone_record(model: torch.nn.Module, cfg: argparse.Namespace, index: DataIndex, splits: dict, *,
+                    arch: str, role: str, method: str, mean: list[float], std: list[float], **extra) -> dict:
+    """A `model` checkpoint of a pretrained network, fine-tunable by finetune.py on its own."""
+    return checkpoint.model_record(model, arch=arch, img_size=cfg.img_size, mean=mean, std=std, method=method,
+                                   role=role, data=str(index.source), splits=splits, classes=index.classes,
+                                   multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, **extra)
