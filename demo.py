@@ -13,7 +13,7 @@ HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], d
 # Defaults that `--demo` puts in place of the paper's (explicit flags still win).
 SETTINGS = dict(img_size=64, epochs=5, bs=16, pretrained=False)
 CASS_MODELS = dict(cnn="test_resnet", vit="test_vit")
-DINO_MODEL = dict(arch="test_resnet")
+DINO_MODEL = dict(arch="test_resnet", out_dim=4096)
 
 
 def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -21,6 +21,12 @@ def check_arch(name: str) -> None:
                         "(python -c \"import timm; print(timm.list_models('*vit*'))\" lists names)")
 
 
+def is_transformer(arch: str) -> bool:
+    """timm marks Transformers (ViT, DeiT, Swin, ...) as fixed-input-size models."""
+    cfg = timm.get_pretrained_cfg(arch)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
 def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pretrained: bool = False,
                  weights: str | None = None, weights_flag: str = "--weights", **extra) -> nn.Module:
     """A timm model. Fixed-input-size models (ViT, DeiT, Swin) are built for
@@ -28,8 +34,7 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
     of ImageNet weights for machines without internet (REFERENCE 8)."""
     check_arch(arch)
     kwargs = dict(extra)
-    cfg = timm.get_pretrained_cfg(arch)
-    if cfg is not None and cfg.fixed_input_size:
+    if is_transformer(arch):
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

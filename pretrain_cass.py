@@ -32,7 +32,6 @@ from swa import SWA, default_start
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
 COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the output is one shared direction
 COLLAPSE_COS = 0.9
-MAX_NONFINITE = 10  # consecutive skipped fp16 steps before the run is stopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,13 +132,9 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
         loss = cass_loss(r, t)
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            nonfinite += 1
-            if not scaler.is_enabled() or nonfinite > MAX_NONFINITE:
-                raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; last.pt "
-                                "holds the last complete epoch (try a lower --lr or --amp off)")
+        nonfinite = pretraining.nonfinite_streak(loss, scaler, nonfinite, epoch, step)
+        if nonfinite:
             continue
-        nonfinite = 0
         scaler.scale(loss).backward()
         for arm in arms:
             scaler.step(arm.opt)

@@ -111,3 +111,19 @@ def backbone_record(model: torch.nn.Module, cfg: argparse.Namespace, index: Data
     return checkpoint.model_record(model, arch=arch, img_size=cfg.img_size, mean=mean, std=std, method=method,
                                    role=role, data=str(index.source), splits=splits, classes=index.classes,
                                    multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, **extra)
+
+
+MAX_NONFINITE = 10  # consecutive skipped fp16 steps before a run is stopped
+
+
+def nonfinite_streak(loss: torch.Tensor, scaler: torch.amp.GradScaler, streak: int, epoch: int, step: int) -> int:
+    """0 for a finite loss. A non-finite one is skipped (the caller does no
+    update) while fp16 loss scaling may recover; without scaling, or after
+    MAX_NONFINITE in a row, the run stops with last.pt still holding the last
+    complete epoch (never a NaN-poisoned one)."""
+    if torch.isfinite(loss):
+        return 0
+    if not scaler.is_enabled() or streak + 1 > MAX_NONFINITE:
+        raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; last.pt holds the last "
+                        "complete epoch (try a lower --lr or --amp off)")
+    return streak + 1

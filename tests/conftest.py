@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,3 +61,26 @@ def cass_run(demo_data, tmp_path_factory) -> Path:
     pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(out), "--epochs", "2",
                                                  *TINY]))
     return out
+
+
+def interrupted_run(script, args, epoch: int) -> None:
+    """Run `script.main(args)` and kill it (KeyboardInterrupt) as 0-based `epoch` starts."""
+    real = script.train_one_epoch
+
+    def killed(*a, **k):
+        if a[-1] == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    script.train_one_epoch = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            script.main(args)
+    finally:
+        script.train_one_epoch = real
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa = torch.load(a, map_location="cpu", weights_only=True)["state_dict"]
+    sb = torch.load(b, map_location="cpu", weights_only=True)["state_dict"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -6,7 +6,7 @@ import torch
 
 import checkpoint
 import pretrain_cass
-from conftest import TINY, class_folders, write_image
+from conftest import TINY, class_folders, interrupted_run, same_weights, write_image
 from data import index_data, make_splits
 from runtime import UserError
 
@@ -67,27 +67,15 @@ def run_args(data, out, *extra):
     return pretrain_cass.parse_args(["--data", str(data), "--out", str(out), "--epochs", "3", *TINY, *extra])
 
 
-def test_killed_run_resumes_to_identical_weights(demo_data, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_identical_weights(demo_data, tmp_path):
     full = pretrain_cass.main(run_args(demo_data, tmp_path / "full"))
-    real_epoch = pretrain_cass.train_one_epoch
-
-    def killed_at_third_epoch(*args, **kwargs):
-        if args[-1] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain_cass, "train_one_epoch", killed_at_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain_cass.main(run_args(demo_data, tmp_path / "part"))
-    monkeypatch.setattr(pretrain_cass, "train_one_epoch", real_epoch)
+    interrupted_run(pretrain_cass, run_args(demo_data, tmp_path / "part"), epoch=2)
     assert checkpoint.load(tmp_path / "part" / "last.pt", kind="resume")["epoch"] == 2
     with pytest.raises(UserError, match="already holds a run"):
         pretrain_cass.main(run_args(demo_data, tmp_path / "part"))
     pretrain_cass.main(pretrain_cass.parse_args(["--resume", str(tmp_path / "part"), "--workers", "0"]))
     for role in ("cnn", "vit"):
-        a = torch.load(full / f"{role}.pt", weights_only=True)["state_dict"]
-        b = torch.load(tmp_path / "part" / f"{role}.pt", weights_only=True)["state_dict"]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+        assert same_weights(full / f"{role}.pt", tmp_path / "part" / f"{role}.pt"), role
     assert [r["epoch"] for r in read_log(tmp_path / "part")] == [1, 2, 3]
     assert [r["loss"] for r in read_log(tmp_path / "part")] == [r["loss"] for r in read_log(full)]
 
