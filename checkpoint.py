@@ -7,6 +7,7 @@ and later tools need to rebuild it) and `resume` (a pretraining run's state).
 from __future__ import annotations
 
 import os
+import re
 import pickle
 from pathlib import Path
 
@@ -20,12 +21,8 @@ FORMAT = "cass-reference/1"
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU state_dict without DataParallel/DDP or torch.compile prefixes."""
-    out = {}
-    for key, value in model.state_dict().items():
-        for prefix in ("_orig_mod.", "module."):
-            key = key.removeprefix(prefix)
-        out[key] = value.detach().cpu()
-    return out
+    return {re.sub(r"(^|\.)(_orig_mod|module)\.", r"\1", key): value.detach().cpu()
+            for key, value in model.state_dict().items()}
 
 
 def save(obj: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+from cache import DEFAULT_DIR
 from data import AUGMENTATIONS
 from models import NORMS
 from runtime import UserError
@@ -70,6 +71,12 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, bs: int, epochs_
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
+    p.add_argument("--cache", choices=("on", "off"), default="on",
+                   help="decode and resize every image once into a memory-mapped cache (same pixels)")
+    p.add_argument("--cache-dir", default=DEFAULT_DIR, help="where image caches live")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (slow start, faster steps)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="gradient checkpointing (timm): less GPU memory for some extra compute")
 
 
 def add_norm_arg(p: argparse.ArgumentParser) -> None:

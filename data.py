@@ -354,10 +354,13 @@ def train_augment(size: int, variant: str = "paper") -> v2.Compose:
 class ImageDataset(Dataset):
     """Items are (augment(uint8 image (3, size, size)), target). Normalisation
     happens on the device, per model (models.normalise). Unlabelled targets are -1.
-    `augment` may return a list of views (DINO's multi-crop)."""
+    `augment` may return a list of views (DINO's multi-crop). With a `cache`
+    (cache.ImageCache of the whole index) the decoded, resized pixels come from
+    its memory map instead of the image files."""
 
-    def __init__(self, index: DataIndex, indices: list[int], size: int | None, augment=None):
-        self.root, self.size, self.augment = index.root, size, augment
+    def __init__(self, index: DataIndex, indices: list[int], size: int | None, augment=None, cache=None):
+        self.root, self.size, self.augment, self.cache = index.root, size, augment, cache
+        self.ids = list(indices)
         self.paths = [index.paths[i] for i in indices]
         if index.targets is None:
             self.targets = torch.full((len(indices),), -1, dtype=torch.int64)
@@ -369,7 +372,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         i, sample_seed = key
-        x = load_resized(self.root / self.paths[i], self.size)
+        if self.cache is not None:
+            x = self.cache[self.ids[i]]
+        else:
+            x = load_resized(self.root / self.paths[i], self.size)
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)

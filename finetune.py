@@ -19,13 +19,15 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint
+from cache import open_cache
 from cli import add_common_args, add_norm_arg, fraction, new_parser, non_negative_int, positive_float, \
     positive_int, run_cli
 from data import DataIndex, ImageDataset, index_data, label_fraction, make_loader, make_splits, select, \
     train_augment
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate_predictions
-from models import check_arch, create_model, from_checkpoint, model_norm, normalise
+from models import (check_arch, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
+                    prepare_for_training)
 from runtime import (UserError, amp_dtype, append_jsonl, autocast, default_out, grad_scaler, pick_device,
                      prepare_out_dir, print_args, seed_everything, write_json)
 
@@ -120,7 +122,7 @@ def run_epoch(model, loader, loss_fn, info, device, dtype, opt=None, scaler=None
     return total / max(seen, 1), torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
 
 
-def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, args, seed: int, out: Path,
+def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, args, seed: int, out: Path,
              device, dtype) -> dict:
     """Fine-tune one copy of `base` end to end; the best-validation weights are tested once."""
     seed_everything(seed)
@@ -129,21 +131,24 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, args, s
     model = copy.deepcopy(base)
     model.reset_classifier(len(index.classes))
     model.to(device)
+    prepare_for_training(model, info["arch"], device, args.grad_ckpt)
+    net = torch.compile(model) if args.compile else model
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
                       weights=class_weights(index.class_counts(labelled), args.class_weights))
-    size = info["img_size"]
-    train_loader = make_loader(ImageDataset(index, labelled, size, train_augment(size, args.aug)), args.bs,
-                               shuffle=True, seed=seed, workers=args.workers, pin_memory=device.type == "cuda")
-    val_loader, test_loader = (make_loader(ImageDataset(index, parts[name], size), args.bs, shuffle=False,
-                                           seed=seed, workers=args.workers) for name in ("val", "test"))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    size, pin = info["img_size"], device.type == "cuda"
+    train_loader = make_loader(ImageDataset(index, labelled, size, train_augment(size, args.aug), cache), args.bs,
+                               shuffle=True, seed=seed, workers=args.workers, pin_memory=pin)
+    val_loader, test_loader = (make_loader(ImageDataset(index, parts[name], size, None, cache), args.bs,
+                                           shuffle=False, seed=seed, workers=args.workers, pin_memory=pin)
+                               for name in ("val", "test"))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs, eta_min=1e-6)
     scaler = grad_scaler(device, dtype)
     best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
     for epoch in range(args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_loss, _, _ = run_epoch(model, train_loader, loss_fn, info, device, dtype, opt, scaler)
-        val_loss, _, _ = run_epoch(model, val_loader, loss_fn, info, device, dtype)
+        train_loss, _, _ = run_epoch(net, train_loader, loss_fn, info, device, dtype, opt, scaler)
+        val_loss, _, _ = run_epoch(net, val_loader, loss_fn, info, device, dtype)
         sched.step()
         if not math.isfinite(val_loss):
             raise UserError(f"the validation loss became non-finite at epoch {epoch + 1} (seed {seed}); "
@@ -158,7 +163,7 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, args, s
             if waited >= args.patience:
                 break
     model.load_state_dict(best_state)
-    test_loss, logits, targets = run_epoch(model, test_loader, loss_fn, info, device, dtype)
+    test_loss, logits, targets = run_epoch(net, test_loader, loss_fn, info, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
     checkpoint.save(checkpoint.model_record(
         model, arch=info["arch"], img_size=size, mean=info["mean"], std=info["std"], method=info["method"],
@@ -204,7 +209,8 @@ def main(args: argparse.Namespace) -> dict:
                                      "skipped": index.skipped, **splits})
     (out / "log.jsonl").unlink(missing_ok=True)
 
-    runs = [run_seed(base, info, index, parts, args, seed, out, device, dtype) for seed in args.seeds]
+    cache = open_cache(index, "square", info["img_size"], args.cache_dir, args.workers) if args.cache == "on" else None
+    runs = [run_seed(base, info, index, parts, cache, args, seed, out, device, dtype) for seed in args.seeds]
     summary = summarise(runs)
     headline = HEADLINES[args.metric]
     results = {"method": info["method"], "arch": info["arch"], "role": info["role"], "frac": args.frac,

@@ -54,6 +54,20 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
         raise
 
 
+def prepare_for_training(model: nn.Module, arch: str, device: torch.device, grad_ckpt: bool) -> None:
+    """In place: channels_last for CNNs on CUDA (the tensor-core friendly
+    layout) and, if asked, timm's gradient checkpointing."""
+    if device.type == "cuda" and not is_transformer(arch):
+        model.to(memory_format=torch.channels_last)
+    if grad_ckpt:
+        model.set_grad_checkpointing(True)
+
+
+def optimizer_kwargs(device: torch.device) -> dict:
+    """Fused single-kernel optimiser steps where CUDA offers them."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def model_norm(model: nn.Module, norm: str) -> tuple[list[float], list[float]]:
     """(mean, std) the model's inputs are normalised with. `model`: what its
     (pretrained) weights expect, e.g. 0.5/0.5 for timm's vit_base_patch16_384;

@@ -25,7 +25,8 @@ import pretraining
 from cli import add_common_args, add_norm_arg, new_parser, positive_float, run_cli
 from data import train_augment
 from losses import cass_loss
-from models import check_arch, create_model, model_norm, normalise
+from models import (check_arch, create_model, model_norm, normalise, optimizer_kwargs,
+                    prepare_for_training)
 from runtime import UserError, autocast, grad_scaler
 from swa import SWA, default_start
 
@@ -76,7 +77,8 @@ class Arm:
     """One side of CASS: its own network, optimiser, schedule, SWA and input normalisation."""
     name: str
     arch: str
-    model: nn.Module
+    model: nn.Module  # what is averaged and saved
+    net: nn.Module  # what the training step calls (same parameters; maybe compiled)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     swa: SWA | None
@@ -87,14 +89,16 @@ class Arm:
 def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace, device: torch.device) -> Arm:
     model = create_model(arch, img_size=cfg.img_size, pretrained=cfg.pretrained, weights=weights,
                          weights_flag=f"--{name}-weights").to(device)
+    prepare_for_training(model, arch, device, cfg.grad_ckpt)
+    net = torch.compile(model) if cfg.compile else model
     if name == "cnn" and cfg.cnn_opt == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **optimizer_kwargs(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.eta_min)
     start = cfg.swa_start - 1 if cfg.swa_start else default_start(cfg.epochs)
     swa = SWA(model, start) if cfg.swa else None
-    return Arm(name, arch, model, opt, sched, swa, *model_norm(model, cfg.norm))
+    return Arm(name, arch, model, net, opt, sched, swa, *model_norm(model, cfg.norm))
 
 
 def collapse_signals(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -126,8 +130,8 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
     for step, (x, _) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         with autocast(device, dtype):
-            r = cnn.model(normalise(x, cnn.mean, cnn.std))
-            t = vit.model(normalise(x, vit.mean, vit.std))
+            r = cnn.net(normalise(x, cnn.mean, cnn.std))
+            t = vit.net(normalise(x, vit.mean, vit.std))
         r, t = act(r.float()), act(t.float())
         loss = cass_loss(r, t)
         for arm in arms:
@@ -153,8 +157,8 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
     if cfg.sched_step == "epoch":
         for arm in arms:
             arm.sched.step()
+    std_r, std_t, cos = (signal_sum / max(signal_seen, 1)).tolist()  # waits for the device: timing is honest
     seconds = time.perf_counter() - start
-    std_r, std_t, cos = (signal_sum / max(signal_seen, 1)).tolist()
     healthy = 1 / math.sqrt(r.shape[1])
     return {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1),
             "lr": cnn.opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
@@ -210,7 +214,8 @@ def main(args: argparse.Namespace) -> Path:
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
     index, splits, loader = pretraining.train_data(cfg, state, out, cfg.img_size,
-                                                   train_augment(cfg.img_size, cfg.aug), device)
+                                                   train_augment(cfg.img_size, cfg.aug), device,
+                                                   cache_spec=("square", cfg.img_size))
     scaler = grad_scaler(device, dtype)
     start = restore(arms, scaler, state) if state else 0
 

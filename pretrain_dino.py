@@ -27,7 +27,8 @@ from cli import add_common_args, add_norm_arg, new_parser, non_negative_int, pos
 from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from losses import DINOLoss
-from models import check_arch, create_model, is_transformer, model_norm, normalise
+from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
+                    prepare_for_training)
 from runtime import UserError, autocast, grad_scaler
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
@@ -100,11 +101,25 @@ def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, 
     extra = {"dynamic_img_size": True} if is_transformer(cfg.arch) else {}  # local crops are smaller
     backbone = create_model(cfg.arch, img_size=cfg.img_size, num_classes=0, pretrained=cfg.pretrained,
                             weights=cfg.weights, **extra)
+    prepare_for_training(backbone, cfg.arch, device, cfg.grad_ckpt)
     student = MultiCropNet(backbone, DINOHead(backbone.num_features, cfg.out_dim)).to(device)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher, *model_norm(backbone, cfg.norm)
+
+
+def optimizer_and_loss(cfg: argparse.Namespace, student: MultiCropNet,
+                       device: torch.device) -> tuple[torch.optim.Optimizer, DINOLoss]:
+    """SGD (momentum 0.9) or AdamW over decayed / non-decayed groups; the lr and
+    weight decay are set every step from the schedules."""
+    extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
+    optimizer = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+    opt = optimizer(param_groups(student), lr=0.0, **extra, **optimizer_kwargs(device))
+    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, cfg.epochs, teacher_temp=cfg.teacher_temp,
+                       warmup_teacher_temp=cfg.warmup_teacher_temp,
+                       warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs).to(device)
+    return opt, loss_fn
 
 
 def schedules(cfg: argparse.Namespace, steps_per_epoch: int) -> dict[str, np.ndarray]:
@@ -163,8 +178,8 @@ def train_one_epoch(student, teacher, loss_fn, loader, opt, scaler, sched, norm,
         seen += len(views[0])
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    loss, entropy = (sums / max(seen, 1)).tolist()  # waits for the device: timing is honest
     seconds = time.perf_counter() - start
-    loss, entropy = (sums / max(seen, 1)).tolist()
     last = epoch * len(loader) + len(loader) - 1
     return {"epoch": epoch + 1, "loss": loss, "lr": float(sched["lr"][last]), "wd": float(sched["wd"][last]),
             "momentum": float(sched["momentum"][last]), "teacher_temp": loss_fn.teacher_temps[epoch],
@@ -186,12 +201,10 @@ def main(args: argparse.Namespace) -> Path:
     student, teacher, mean, std = build(cfg, device)
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
-    index, splits, loader = pretraining.train_data(cfg, state, out, None, augment, device)
-    optimizer = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
-    opt = optimizer(param_groups(student), lr=0.0, **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
-    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, cfg.epochs, teacher_temp=cfg.teacher_temp,
-                       warmup_teacher_temp=cfg.warmup_teacher_temp,
-                       warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs).to(device)
+    # the crops come from the original image, or from a cached copy whose longer side is 2 x img-size
+    index, splits, loader = pretraining.train_data(cfg, state, out, None, augment, device,
+                                                   cache_spec=("fit", 2 * cfg.img_size))
+    opt, loss_fn = optimizer_and_loss(cfg, student, device)
     scaler = grad_scaler(device, dtype)
     sched = schedules(cfg, len(loader))
     start = 0
@@ -202,6 +215,7 @@ def main(args: argparse.Namespace) -> Path:
         loss_fn.load_state_dict(state["loss"])
         scaler.load_state_dict(state["scaler"])
         start = state["epoch"]
+    student_net, teacher_net = (torch.compile(n) if cfg.compile else n for n in (student, teacher))
 
     def resume_state(epoch: int) -> dict:
         return {"kind": "resume", "method": "dino", "epoch": epoch + 1, "args": vars(cfg), "splits": splits,
@@ -210,8 +224,8 @@ def main(args: argparse.Namespace) -> Path:
 
     pretraining.run_epochs(
         cfg, out, start,
-        lambda epoch: train_one_epoch(student, teacher, loss_fn, loader, opt, scaler, sched, (mean, std), cfg,
-                                      device, dtype, epoch),
+        lambda epoch: train_one_epoch(student_net, teacher_net, loss_fn, loader, opt, scaler, sched, (mean, std),
+                                      cfg, device, dtype, epoch),
         resume_state, describe,
         "the loss sits at ln K (uniform outputs) or the teacher's entropy is near 0 (one output dominates); "
         "see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp")

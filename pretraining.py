@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 import checkpoint
 import demo
+from cache import open_cache
 from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
 from runtime import (UserError, amp_dtype, append_jsonl, default_out, pick_device, prepare_out_dir, print_args,
                      seed_everything, write_json)
@@ -67,9 +69,10 @@ def setup(cfg: argparse.Namespace) -> tuple[Path, torch.device, torch.dtype | No
 
 
 def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int | None, augment,
-               device: torch.device) -> tuple[DataIndex, dict, torch.utils.data.DataLoader]:
+               device: torch.device, cache_spec: tuple[str, int]) -> tuple[DataIndex, dict, DataLoader]:
     """Index the data, fix (or restore) the split, write splits.json and
-    args.json, and return a loader over the train split only (Sec. 4.1)."""
+    args.json, and return a loader over the train split only (Sec. 4.1),
+    reading from the decode-once cache `cache_spec` = (mode, size) unless --cache off."""
     index = index_data(cfg.data, workers=cfg.workers)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
@@ -77,7 +80,8 @@ def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int
     write_json(out / "args.json", vars(cfg))
     _keep_log_until(out / "log.jsonl", state["epoch"] if state else 0)
     train = select(index, splits)["train"]
-    loader = make_loader(ImageDataset(index, train, size, augment), cfg.bs, shuffle=True, seed=cfg.seed,
+    cache = open_cache(index, *cache_spec, cfg.cache_dir, cfg.workers) if cfg.cache == "on" else None
+    loader = make_loader(ImageDataset(index, train, size, augment, cache), cfg.bs, shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda")
     return index, splits, loader
 

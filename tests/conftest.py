@@ -3,6 +3,7 @@ pretraining run (timm's test_resnet + test_vit, random init, CPU) reused by
 the checkpoint, fine-tuning and resume tests."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def class_folders(root: Path, counts: dict[str, int], ext: str = "png") -> Path:
         for i in range(n):
             write_image(root / cls / f"{cls}_{i}.{ext}", seed=hash((cls, i)) % 2**32)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _work_in_a_temporary_folder(tmp_path_factory):
+    """Default output and cache folders (runs/...) land in a temporary folder, not the checkout."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_ablation_switches_run(demo_data, tmp_path):
     out = pretrain_cass.main(pretrain_cass.parse_args(
         ["--data", str(demo_data), "--out", str(tmp_path / "abl"), "--epochs", "1", *TINY, "--head-act", "softmax",
          "--cnn-opt", "sgd", "--aug", "blur+solarize", "--sched-step", "epoch", "--no-swa", "--norm", "imagenet",
-         "--cnn", "test_vit"]))  # a Transformer-Transformer pair
+         "--cnn", "test_vit", "--cache", "off", "--grad-ckpt"]))  # a Transformer-Transformer pair
     ckpt = torch.load(out / "cnn.pt", weights_only=True)
     assert ckpt["arch"] == "test_vit" and ckpt["swa_averaged"] == 0
     assert ckpt["mean"] == pytest.approx([0.485, 0.456, 0.406])

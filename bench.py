@@ -1,0 +1,219 @@
+"""Speed benchmark, measured in one run on whatever device it finds:
+
+1. loader images/s: per-sample decode + resize of large JPEGs vs the decode-once cache;
+2. pretraining step images/s: CASS (both arms) vs DINO (2 + 8 crops) for each
+   architecture, and CASS time / (DINO-CNN + DINO-ViT time) for the same images
+   (the paper's Table 2 claim as one number);
+3. achieved model FLOP/s (torch.utils.flop_counter) over the matmul peak measured here;
+4. on CUDA: peak memory with and without AMP and gradient checkpointing, and the largest batch.
+
+    python bench.py                       # tiny models, a few minutes on 2 CPU cores
+    python bench.py --cnn resnet50 --vit vit_base_patch16_384 --img-size 384 --bs 16   # the paper's setting
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import pretrain_cass
+import pretrain_dino
+from cache import open_cache
+from cli import new_parser, non_negative_int, positive_int, run_cli
+from data import ImageDataset, index_data, make_loader, train_augment
+from losses import cass_loss
+from models import normalise
+from runtime import amp_dtype, autocast, grad_scaler, pick_device, prepare_out_dir, write_json
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = new_parser(__doc__)
+    p.add_argument("--cnn", default="test_resnet", help="timm CNN (paper: resnet50)")
+    p.add_argument("--vit", default="test_vit", help="timm Transformer (paper: vit_base_patch16_384)")
+    p.add_argument("--img-size", type=positive_int, default=64, help="input size (paper: 384)")
+    p.add_argument("--bs", type=positive_int, default=16, help="batch size (paper: 16)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per model setting")
+    p.add_argument("--images", type=positive_int, default=48, help="generated JPEGs for the loader test")
+    p.add_argument("--image-px", type=positive_int, nargs=2, default=[1000, 800], help="their width and height")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="loader workers, both paths")
+    p.add_argument("--out-dim", type=positive_int, default=65536, help="DINO head output dimension")
+    p.add_argument("--local-crops", type=non_negative_int, default=8, help="DINO local crops")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
+    return p.parse_args(argv)
+
+
+def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """Photo-like JPEGs (smooth colour fields plus grain) in two class folders."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    for i in range(n):
+        path = folder / f"c{i % 2}" / f"img_{i:04d}.jpg"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        phase = rng.uniform(0, 6, 3)
+        img = 127 + 80 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + phase) + rng.normal(0, 8, (h, w, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return folder
+
+
+def loader_speed(args, folder: Path) -> dict:
+    """images/s of one pass over the images (after a warm-up pass), same augmentations and workers."""
+    index = index_data(folder, workers=args.workers, check_images=False)
+    ids = list(range(len(index.paths)))
+    start = time.perf_counter()
+    cache = open_cache(index, "square", args.img_size, Path(args.out) / "cache", args.workers)
+    build = time.perf_counter() - start
+
+    def pass_rate(source) -> float:
+        loader = make_loader(ImageDataset(index, ids, args.img_size, train_augment(args.img_size), source), args.bs,
+                             shuffle=True, seed=0, workers=args.workers)
+        for _ in loader:  # warm-up: worker start, file system cache
+            pass
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        return len(ids) / (time.perf_counter() - start)
+
+    plain, cached = pass_rate(None), pass_rate(cache)
+    return {"loader_plain_ips": plain, "loader_cached_ips": cached, "loader_speedup": cached / plain,
+            "cache_build_s": build}
+
+
+class Batches:
+    """A stand-in loader: `steps` copies of one batch, with the sampler hook the epoch loops call."""
+
+    def __init__(self, batch, steps: int):
+        self.batch, self.steps = batch, steps
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
+def images(n: int, size: int, device) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+
+
+def cass_speed(args, device, dtype, grad_ckpt: bool = False, bs: int | None = None) -> dict:
+    """The real CASS epoch function on a synthetic batch: an untimed warm-up epoch, then a timed one."""
+    bs = bs or args.bs
+    cfg = pretrain_cass.parse_args(["--data", "-", "--cnn", args.cnn, "--vit", args.vit, "--img-size",
+                                    str(args.img_size), "--bs", str(bs), "--no-pretrained", "--epochs", "2"]
+                                   + (["--grad-ckpt"] if grad_ckpt else []))
+    arms = [pretrain_cass.build_arm("cnn", args.cnn, None, cfg, device),
+            pretrain_cass.build_arm("vit", args.vit, None, cfg, device)]
+    loader, scaler = Batches((images(bs, args.img_size, device), None), args.steps), grad_scaler(device, dtype)
+    for epoch in (0, 1):
+        stats = pretrain_cass.train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
+    return {"ips": stats["images_per_s"], "arms": arms}
+
+
+def dino_speed(args, arch: str, device, dtype) -> float:
+    cfg = pretrain_dino.with_recipe(pretrain_dino.parse_args(
+        ["--data", "-", "--arch", arch, "--img-size", str(args.img_size), "--bs", str(args.bs), "--no-pretrained",
+         "--epochs", "2", "--out-dim", str(args.out_dim), "--local-crops", str(args.local_crops)]))
+    student, teacher, mean, std = pretrain_dino.build(cfg, device)
+    views = [images(args.bs, args.img_size, device) for _ in range(2)] + \
+        [images(args.bs, cfg.local_size, device) for _ in range(args.local_crops)]
+    opt, loss_fn = pretrain_dino.optimizer_and_loss(cfg, student, device)
+    loader = Batches((views, None), args.steps)
+    sched = pretrain_dino.schedules(cfg, len(loader))
+    for epoch in (0, 1):
+        stats = pretrain_dino.train_one_epoch(student, teacher, loss_fn, loader, opt, grad_scaler(device, dtype),
+                                              sched, (mean, std), cfg, device, dtype, epoch)
+    return stats["images_per_s"]
+
+
+def cass_flops_per_image(arms, args, device, dtype) -> float:
+    """Forward + backward FLOPs of one CASS step (both arms), per image."""
+    x = images(args.bs, args.img_size, device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, dtype):
+            r = arms[0].model(normalise(x, arms[0].mean, arms[0].std))
+            t = arms[1].model(normalise(x, arms[1].mean, arms[1].std))
+        cass_loss(r, t).backward()
+    return counter.get_total_flops() / args.bs
+
+
+def matmul_peak(device, dtype) -> float:
+    """FLOP/s of a large square matmul in the training precision, measured here."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def cuda_memory(args, device) -> dict:
+    """Peak GiB for the configured models with/without AMP and gradient checkpointing; the largest batch."""
+    out = {}
+    for amp in ("off", "auto"):
+        for ckpt in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            cass_speed(args, device, amp_dtype(amp, device), grad_ckpt=ckpt)
+            out[f"peak_gib_amp_{amp}_ckpt_{ckpt}"] = torch.cuda.max_memory_allocated() / 2**30
+    fits, bs = args.bs, args.bs
+    while bs <= 4096:
+        try:
+            torch.cuda.empty_cache()
+            cass_speed(args, device, amp_dtype("auto", device), bs=bs)
+            fits, bs = bs, bs * 2
+        except torch.OutOfMemoryError:
+            break
+    out["largest_batch_amp"] = fits
+    return out
+
+
+def main(args: argparse.Namespace) -> dict:
+    out = prepare_out_dir(Path(args.out))
+    device = pick_device(args.device)
+    dtype = amp_dtype(args.amp, device)
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "dtype": str(dtype or torch.float32), "config": vars(args)}
+    result.update(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
+    cass = cass_speed(args, device, dtype)
+    dino_cnn, dino_vit = dino_speed(args, args.cnn, device, dtype), dino_speed(args, args.vit, device, dtype)
+    result.update({"cass_ips": cass["ips"], "dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
+                   "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
+    flops = cass_flops_per_image(cass["arms"], args, device, dtype)
+    peak = matmul_peak(device, dtype)
+    result.update({"cass_gflop_per_image": flops / 1e9, "achieved_tflops": flops * cass["ips"] / 1e12,
+                   "matmul_peak_tflops": peak / 1e12, "fraction_of_peak": flops * cass["ips"] / peak})
+    if device.type == "cuda":
+        result.update(cuda_memory(args, device))
+    write_json(out / "bench.json", result)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        if key != "config":
+            print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"written to {out / 'bench.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,54 @@
+import os
+import time
+
+import numpy as np
+import torch
+
+from cache import ImageCache, open_cache
+from conftest import class_folders, write_image
+from data import ImageDataset, index_data, load_image, make_loader, train_augment
+
+
+def test_cached_path_yields_the_same_pixels_and_augmentations_as_the_plain_path(tmp_path):
+    class_folders(tmp_path / "d", {"a": 4, "b": 4}, ext="jpg")
+    write_image(tmp_path / "d" / "a" / "big.png", "RGBA", size=(300, 170))
+    write_image(tmp_path / "d" / "b" / "mri.tif", "I;16", size=(64, 64))
+    index = index_data(tmp_path / "d", workers=1)
+    cache = open_cache(index, "square", 48, tmp_path / "cache", workers=2)
+    ids = list(range(len(index.paths)))
+    for augment in (None, train_augment(48)):
+        plain = ImageDataset(index, ids, 48, augment)
+        cached = ImageDataset(index, ids, 48, augment, cache)
+        for i in ids:
+            assert torch.equal(plain[(i, 7)][0], cached[(i, 7)][0]), index.paths[i]
+    # loader workers open the memory map themselves and agree too
+    batches = [torch.cat([x for x, _ in make_loader(ImageDataset(index, ids, 48, None, c), 4, shuffle=True,
+                                                     seed=1, workers=w)]) for c, w in ((None, 0), (cache, 2))]
+    assert torch.equal(*batches)
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
+    class_folders(tmp_path / "d", {"a": 3}, ext="png")
+    index = index_data(tmp_path / "d", workers=1)
+    first = open_cache(index, "square", 16, tmp_path / "cache", workers=1)
+    assert open_cache(index, "square", 16, tmp_path / "cache", workers=1).folder == first.folder
+    target = tmp_path / "d" / "a" / "a_0.png"
+    write_image(target, value=255)  # same name, new content
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    index = index_data(tmp_path / "d", workers=1)
+    second = open_cache(index, "square", 16, tmp_path / "cache", workers=1)
+    assert second.folder != first.folder and not first.folder.exists()  # the stale cache is removed
+    assert (second[index.paths.index("a/a_0.png")] == 255).all()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_fit_mode_keeps_aspect_ratio_and_caps_the_longer_side(tmp_path):
+    write_image(tmp_path / "d" / "wide.png", size=(200, 100))
+    write_image(tmp_path / "d" / "small.png", size=(30, 20))
+    index = index_data(tmp_path / "d", workers=1)
+    cache = open_cache(index, "fit", 64, tmp_path / "cache", workers=1)
+    shapes = {p: tuple(cache[i].shape) for i, p in enumerate(index.paths)}
+    assert shapes == {"wide.png": (3, 32, 64), "small.png": (3, 20, 30)}
+    small = np.asarray(load_image(tmp_path / "d" / "small.png")).transpose(2, 0, 1)
+    assert np.array_equal(cache[index.paths.index("small.png")].numpy(), small)
+    assert len(ImageCache(cache.folder)) == 2
