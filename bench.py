@@ -134,8 +134,9 @@ def dino_speed(args, arch: str, device, dtype) -> float:
     loader = Batches((views, None), args.steps)
     sched = pretrain_dino.schedules(cfg, len(loader))
     for epoch in (0, 1):
-        stats = pretrain_dino.train_one_epoch(student, teacher, loss_fn, loader, opt, grad_scaler(device, dtype),
-                                              sched, (mean, std), cfg, device, dtype, epoch)
+        stats = pretrain_dino.train_one_epoch(pretrain_dino.Nets(student, teacher, student, teacher), loss_fn,
+                                              loader, opt, grad_scaler(device, dtype), sched, (mean, std), cfg,
+                                              device, dtype, epoch)
     return stats["images_per_s"]
 
 

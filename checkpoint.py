@@ -30,11 +30,16 @@ def save(obj: dict, path: Path) -> None:
     during the save leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **obj}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **obj}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is intact" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path} ({getattr(err, 'strerror', None) or err}); {kept}") from None
 
 
 def load(path: str | Path, kind: str) -> dict:

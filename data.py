@@ -21,8 +21,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from runtime import UserError
+from runtime import UserError, rank, world_size
 
+# Deliberate limit on image size: PIL's default (about 89 M pixels, an error at
+# twice that) guards against decompression bombs; whole-slide scans can be
+# larger, so the limit is raised to 400 M pixels and larger files are skipped
+# with a reason instead of crashing a run.
+MAX_PIXELS = 400_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
@@ -93,6 +99,8 @@ def unreadable_reason(path: Path) -> str | None:
     (1/8 scale) mode, which still reads every byte, so truncation is caught."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
             img.draft("RGB", (64, 64))
             img.load()
     except Exception as err:  # PIL raises many types for bad files
@@ -386,27 +394,33 @@ class ImageDataset(Dataset):
 class SeededSampler(Sampler):
     """Yields (index, sample seed): the order and every image's augmentation are
     a function of (seed, epoch, index) only, whatever the worker count, so a
-    resumed run sees exactly the samples an uninterrupted one would."""
+    resumed run sees exactly the samples an uninterrupted one would. Under
+    torchrun, process r of W takes positions r, r + W, ... of the same global
+    order (the tail that does not divide by W is dropped), so W processes at
+    batch B see, step by step, the images one process sees at batch W * B."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
+    def __init__(self, n: int, seed: int, shuffle: bool, shard: bool = True):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world = (rank(), world_size()) if shard else (0, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(2**62, (self.n,), generator=g)
-        return iter([(int(i), int(seeds[i])) for i in order])
+        mine = order[: len(self) * self.world][self.rank::self.world]
+        return iter([(int(i), int(seeds[i])) for i in mine])
 
 
 def make_loader(dataset: ImageDataset, bs: int, *, shuffle: bool, seed: int, workers: int,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """Call `loader.sampler.set_epoch(epoch)` before each epoch."""
-    return DataLoader(dataset, batch_size=bs, sampler=SeededSampler(len(dataset), seed, shuffle),
+                drop_last: bool = False, pin_memory: bool = False, shard: bool = True) -> DataLoader:
+    """Call `loader.sampler.set_epoch(epoch)` before each epoch. `shard=False`:
+    every process sees every image (evaluation under torchrun)."""
+    return DataLoader(dataset, batch_size=bs, sampler=SeededSampler(len(dataset), seed, shuffle, shard),
                       num_workers=workers, drop_last=drop_last and len(dataset) >= bs,
                       pin_memory=pin_memory, persistent_workers=workers > 0)

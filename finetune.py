@@ -28,8 +28,9 @@ from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate_predictions
 from models import (check_arch, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from runtime import (UserError, amp_dtype, append_jsonl, autocast, default_out, grad_scaler, pick_device,
-                     prepare_out_dir, print_args, seed_everything, write_json)
+from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, autocast, ddp, default_out, grad_scaler,
+                     is_main, main_first, prepare_out_dir, print_args, seed_everything, start_distributed,
+                     world_size, write_json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +103,7 @@ def run_epoch(model, loader, loss_fn, info, device, dtype, opt=None, scaler=None
     model.train(opt is not None)
     total, seen, all_logits, all_targets = 0.0, 0, [], []
     with torch.set_grad_enabled(opt is not None):
-        for x, y in tqdm(loader, leave=False, desc="train" if opt else "eval"):
+        for x, y in tqdm(loader, leave=False, desc="train" if opt else "eval", disable=not is_main()):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, dtype):
                 logits = model(normalise(x, info["mean"], info["std"]))
@@ -117,7 +118,8 @@ def run_epoch(model, loader, loss_fn, info, device, dtype, opt=None, scaler=None
                 all_targets.append(y.cpu())
             total += loss.item() * len(x)
             seen += len(x)
-    if opt is not None:
+    if opt is not None:  # the mean over every process's images
+        total, seen = all_reduce_sum(torch.tensor([total, float(seen)])).tolist()
         return total / max(seen, 1), None, None
     return total / max(seen, 1), torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
 
@@ -132,15 +134,17 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
     model.reset_classifier(len(index.classes))
     model.to(device)
     prepare_for_training(model, info["arch"], device, args.grad_ckpt)
-    net = torch.compile(model) if args.compile else model
+    net = ddp(model, device)
+    net = torch.compile(net) if args.compile else net
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
                       weights=class_weights(index.class_counts(labelled), args.class_weights))
     size, pin = info["img_size"], device.type == "cuda"
     train_loader = make_loader(ImageDataset(index, labelled, size, train_augment(size, args.aug), cache), args.bs,
                                shuffle=True, seed=seed, workers=args.workers, pin_memory=pin)
+    # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
     val_loader, test_loader = (make_loader(ImageDataset(index, parts[name], size, None, cache), args.bs,
-                                           shuffle=False, seed=seed, workers=args.workers, pin_memory=pin)
-                               for name in ("val", "test"))
+                                           shuffle=False, seed=seed, workers=args.workers, pin_memory=pin,
+                                           shard=False) for name in ("val", "test"))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs, eta_min=1e-6)
     scaler = grad_scaler(device, dtype)
@@ -149,12 +153,14 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
         train_loader.sampler.set_epoch(epoch)
         train_loss, _, _ = run_epoch(net, train_loader, loss_fn, info, device, dtype, opt, scaler)
         val_loss, _, _ = run_epoch(net, val_loader, loss_fn, info, device, dtype)
+        val_loss = all_reduce_sum(torch.tensor(val_loss)).item() / world_size()  # one early-stopping decision
         sched.step()
         if not math.isfinite(val_loss):
             raise UserError(f"the validation loss became non-finite at epoch {epoch + 1} (seed {seed}); "
                             "try a lower --lr or --amp off")
-        append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
-                                         "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
+        if is_main():
+            append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
+                                             "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
         if val_loss < best_loss:
             best_loss, best_epoch, waited = val_loss, epoch + 1, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -165,10 +171,11 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
     model.load_state_dict(best_state)
     test_loss, logits, targets = run_epoch(net, test_loader, loss_fn, info, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
-    checkpoint.save(checkpoint.model_record(
-        model, arch=info["arch"], img_size=size, mean=info["mean"], std=info["std"], method=info["method"],
-        role=info["role"], finetuned=True, classes=index.classes, multilabel=index.multilabel,
-        data=str(index.source), seed=seed, frac=args.frac, epoch=best_epoch), out / f"model_seed{seed}.pt")
+    if is_main():
+        checkpoint.save(checkpoint.model_record(
+            model, arch=info["arch"], img_size=size, mean=info["mean"], std=info["std"], method=info["method"],
+            role=info["role"], finetuned=True, classes=index.classes, multilabel=index.multilabel,
+            data=str(index.source), seed=seed, frac=args.frac, epoch=best_epoch), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
@@ -186,13 +193,14 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    device = start_distributed(args.device)
     base, info = load_source(args)
     stem = f"{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
-    out = prepare_out_dir(Path(args.out) if args.out else
-                          Path(args.ckpt).parent / f"finetune-{stem}" if args.ckpt else
-                          default_out(f"{info['method']}-{args.arch}-frac{args.frac:g}"))
+    out = (Path(args.out) if args.out else Path(args.ckpt).parent / f"finetune-{stem}" if args.ckpt else
+           default_out(f"{info['method']}-{args.arch}-frac{args.frac:g}"))
+    if is_main():
+        prepare_out_dir(out)
     print_args(args)
-    device = pick_device(args.device)
     dtype = amp_dtype(args.amp, device)
 
     index = index_data(args.data or info["data"], workers=args.workers)
@@ -205,18 +213,21 @@ def main(args: argparse.Namespace) -> dict:
     for name in ("train", "val", "test"):
         if not parts[name]:
             raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
-    write_json(out / "splits.json", {"data": str(index.source), "classes": index.classes,
-                                     "skipped": index.skipped, **splits})
-    (out / "log.jsonl").unlink(missing_ok=True)
+    if is_main():
+        write_json(out / "splits.json", {"data": str(index.source), "classes": index.classes,
+                                         "skipped": index.skipped, **splits})
+        (out / "log.jsonl").unlink(missing_ok=True)
 
-    cache = open_cache(index, "square", info["img_size"], args.cache_dir, args.workers) if args.cache == "on" else None
+    cache = main_first(lambda: open_cache(index, "square", info["img_size"], args.cache_dir, args.workers)) \
+        if args.cache == "on" else None
     runs = [run_seed(base, info, index, parts, cache, args, seed, out, device, dtype) for seed in args.seeds]
     summary = summarise(runs)
     headline = HEADLINES[args.metric]
     results = {"method": info["method"], "arch": info["arch"], "role": info["role"], "frac": args.frac,
                "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch}
-    write_json(out / "results.json", results)
+    if is_main():
+        write_json(out / "results.json", results)
     s = summary[headline]
     print(f"{info['method']} {info['arch']} frac {args.frac:g}: test {headline} "
           f"{s['mean']:.4f} +- {s['std']:.4f} over {len(runs)} seed(s); results in {out / 'results.json'}")

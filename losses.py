@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,5 +118,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = teacher_output.mean(dim=0, keepdim=True)
+        batch_center = teacher_output.sum(dim=0, keepdim=True)
+        if dist.is_initialized():  # the center follows the global batch under torchrun
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * (dist.get_world_size() if dist.is_initialized() else 1))
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -27,7 +27,7 @@ from data import train_augment
 from losses import cass_loss
 from models import (check_arch, create_model, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from runtime import UserError, autocast, grad_scaler
+from runtime import UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main, start_distributed
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -90,7 +90,8 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     model = create_model(arch, img_size=cfg.img_size, pretrained=cfg.pretrained, weights=weights,
                          weights_flag=f"--{name}-weights").to(device)
     prepare_for_training(model, arch, device, cfg.grad_ckpt)
-    net = torch.compile(model) if cfg.compile else model
+    net = ddp(model, device)
+    net = torch.compile(net) if cfg.compile else net
     if name == "cnn" and cfg.cnn_opt == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
     else:
@@ -123,10 +124,10 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
     loader.sampler.set_epoch(epoch)
     for arm in arms:
         arm.model.train()
-    loss_sum, signal_sum = torch.zeros((), device=device), torch.zeros(3, device=device)
-    seen = signal_seen = nonfinite = 0
+    sums = torch.zeros(6, device=device)  # loss, images, std_r, std_t, cos, images with signals
+    nonfinite = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main())
     for step, (x, _) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         with autocast(device, dtype):
@@ -146,21 +147,25 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
         if cfg.sched_step == "batch":
             for arm in arms:
                 arm.sched.step()
-        loss_sum += loss.detach() * len(x)
-        seen += len(x)
-        if len(x) > 1:
-            with torch.no_grad():
-                signal_sum += collapse_signals(r, t) * len(x)
-            signal_seen += len(x)
+        n = len(x)
+        with torch.no_grad():
+            sums[0] += loss.detach() * n
+            sums[1] += n
+            if n > 1:  # a batch of one has no spread
+                sums[2:5] += collapse_signals(r, t) * n
+                sums[5] += n
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     if cfg.sched_step == "epoch":
         for arm in arms:
             arm.sched.step()
-    std_r, std_t, cos = (signal_sum / max(signal_seen, 1)).tolist()  # waits for the device: timing is honest
+    loss_sum, seen, *signal_sum, signal_seen = all_reduce_sum(sums).tolist()  # waits for the device
     seconds = time.perf_counter() - start
-    healthy = 1 / math.sqrt(r.shape[1])
-    return {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1),
+    std_r, std_t, cos = (v / max(signal_seen, 1) for v in signal_sum)
+    healthy = 1 / math.sqrt(cnn.model.num_classes)
+    seen = int(seen)
+    pretraining.require_progress(seen, epoch)
+    return {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
             "lr": cnn.opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
             "images": seen, "images_per_s": round(seen / seconds, 2), "cnn_std": std_r, "vit_std": std_t,
             "healthy_std": healthy, "cos": cos, "collapse": is_collapsed(std_r, std_t, cos, healthy)}
@@ -194,11 +199,12 @@ def save_models(arms: list[Arm], loader, cfg, index, splits: dict, out: Path, de
     loader.sampler.set_epoch(cfg.epochs)
     for arm in arms:
         batches = (normalise(x.to(device), arm.mean, arm.std) for x, _ in loader)
-        model = arm.swa.finalize(arm.model, batches) if arm.swa else arm.model
-        record = pretraining.backbone_record(model, cfg, index, splits, arch=arm.arch, role=arm.name,
-                                             method="cass", mean=arm.mean, std=arm.std,
-                                             swa_averaged=arm.swa.count if arm.swa else 0)
-        checkpoint.save(record, out / f"{arm.name}.pt")
+        model = arm.swa.finalize(arm.model, batches) if arm.swa else arm.model  # every process (SyncBatchNorm)
+        if is_main():
+            record = pretraining.backbone_record(model, cfg, index, splits, arch=arm.arch, role=arm.name,
+                                                 method="cass", mean=arm.mean, std=arm.std,
+                                                 swa_averaged=arm.swa.count if arm.swa else 0)
+            checkpoint.save(record, out / f"{arm.name}.pt")
 
 
 def describe(stats: dict) -> str:
@@ -207,12 +213,15 @@ def describe(stats: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> Path:
+    device = start_distributed(args.device)
     cfg, state = pretraining.resolve(args, "cass")
     validate(cfg)
-    out, device, dtype = pretraining.setup(cfg)
+    out, dtype = pretraining.setup(cfg, device)
     # models first: a missing weights file fails in seconds, not after indexing the data
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
+    if is_main():  # weights, Adam's two moments and the SWA average
+        pretraining.check_disk(out, [arm.model for arm in arms], copies=4)
     index, splits, loader = pretraining.train_data(cfg, state, out, cfg.img_size,
                                                    train_augment(cfg.img_size, cfg.aug), device,
                                                    cache_spec=("square", cfg.img_size))

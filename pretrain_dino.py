@@ -13,10 +13,12 @@ import argparse
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import checkpoint
@@ -29,7 +31,8 @@ from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_gr
 from losses import DINOLoss
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from runtime import UserError, autocast, grad_scaler
+from runtime import (UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main, start_distributed,
+                     sync_batchnorm)
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
@@ -142,14 +145,23 @@ def collapse_kind(loss: float, entropy: float, out_dim: int) -> str | None:
     return "one-dimension" if entropy < COLLAPSE_FRACTION * math.log(out_dim) else None
 
 
-def train_one_epoch(student, teacher, loss_fn, loader, opt, scaler, sched, norm, cfg, device, dtype,
-                    epoch: int) -> dict:
+@dataclass
+class Nets:
+    """Student and teacher, and what the step calls for each (DDP-wrapped, compiled or themselves)."""
+    student: MultiCropNet
+    teacher: MultiCropNet
+    student_step: nn.Module
+    teacher_step: nn.Module
+
+
+def train_one_epoch(nets: Nets, loss_fn, loader, opt, scaler, sched, norm, cfg, device, dtype, epoch: int) -> dict:
+    student, teacher = nets.student, nets.teacher
     student.train()
     teacher.train()
     loader.sampler.set_epoch(epoch)
-    sums, seen, nonfinite = torch.zeros(2, device=device), 0, 0
+    sums, nonfinite = torch.zeros(3, device=device), 0  # loss, teacher entropy, images
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main())
     for step, (views, _) in enumerate(bar):
         it = epoch * len(loader) + step
         for i, group in enumerate(opt.param_groups):
@@ -159,8 +171,8 @@ def train_one_epoch(student, teacher, loss_fn, loader, opt, scaler, sched, norm,
         views = [normalise(v.to(device, non_blocking=True), *norm) for v in views]
         with autocast(device, dtype):
             with torch.no_grad():
-                t_out = teacher(views[:2])  # the teacher sees the global views only
-            s_out = student(views)
+                t_out = nets.teacher_step(views[:2])  # the teacher sees the global views only
+            s_out = nets.student_step(views)
         loss = loss_fn(s_out, t_out, epoch)
         opt.zero_grad(set_to_none=True)
         nonfinite = pretraining.nonfinite_streak(loss, scaler, nonfinite, epoch, step)
@@ -174,12 +186,14 @@ def train_one_epoch(student, teacher, loss_fn, loader, opt, scaler, sched, norm,
         scaler.step(opt)
         scaler.update()
         ema_update(teacher, student, sched["momentum"][it])
-        sums += torch.stack([loss.detach(), loss_fn.teacher_entropy]) * len(views[0])
-        seen += len(views[0])
+        n = len(views[0])
+        sums += torch.stack([loss.detach() * n, loss_fn.teacher_entropy * n, torch.tensor(float(n), device=device)])
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    loss, entropy = (sums / max(seen, 1)).tolist()  # waits for the device: timing is honest
+    loss_sum, entropy_sum, seen = all_reduce_sum(sums).tolist()  # waits for the device: timing is honest
     seconds = time.perf_counter() - start
+    loss, entropy, seen = loss_sum / max(seen, 1), entropy_sum / max(seen, 1), int(seen)
+    pretraining.require_progress(seen, epoch)
     last = epoch * len(loader) + len(loader) - 1
     return {"epoch": epoch + 1, "loss": loss, "lr": float(sched["lr"][last]), "wd": float(sched["wd"][last]),
             "momentum": float(sched["momentum"][last]), "teacher_temp": loss_fn.teacher_temps[epoch],
@@ -194,11 +208,14 @@ def describe(stats: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> Path:
+    device = start_distributed(args.device)
     cfg, state = pretraining.resolve(args, "dino")
     cfg = with_recipe(cfg)
     validate(cfg)
-    out, device, dtype = pretraining.setup(cfg)
+    out, dtype = pretraining.setup(cfg, device)
     student, teacher, mean, std = build(cfg, device)
+    if is_main():  # student, teacher and up to two optimiser moments
+        pretraining.check_disk(out, [student], copies=4)
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
     # the crops come from the original image, or from a cached copy whose longer side is 2 x img-size
@@ -215,7 +232,8 @@ def main(args: argparse.Namespace) -> Path:
         loss_fn.load_state_dict(state["loss"])
         scaler.load_state_dict(state["scaler"])
         start = state["epoch"]
-    student_net, teacher_net = (torch.compile(n) if cfg.compile else n for n in (student, teacher))
+    student_step, teacher_step = ddp(student, device), sync_batchnorm(teacher, device)
+    nets = Nets(student, teacher, *(torch.compile(n) if cfg.compile else n for n in (student_step, teacher_step)))
 
     def resume_state(epoch: int) -> dict:
         return {"kind": "resume", "method": "dino", "epoch": epoch + 1, "args": vars(cfg), "splits": splits,
@@ -224,15 +242,16 @@ def main(args: argparse.Namespace) -> Path:
 
     pretraining.run_epochs(
         cfg, out, start,
-        lambda epoch: train_one_epoch(student_net, teacher_net, loss_fn, loader, opt, scaler, sched, (mean, std),
-                                      cfg, device, dtype, epoch),
+        lambda epoch: train_one_epoch(nets, loss_fn, loader, opt, scaler, sched, (mean, std), cfg, device, dtype,
+                                      epoch),
         resume_state, describe,
         "the loss sits at ln K (uniform outputs) or the teacher's entropy is near 0 (one output dominates); "
         "see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp")
     role = "vit" if is_transformer(cfg.arch) else "cnn"
-    record = pretraining.backbone_record(teacher.backbone, cfg, index, splits, arch=cfg.arch, role=role,
-                                         method="dino", mean=mean, std=std)
-    checkpoint.save(record, out / f"{role}.pt")
+    if is_main():
+        record = pretraining.backbone_record(teacher.backbone, cfg, index, splits, arch=cfg.arch, role=role,
+                                             method="dino", mean=mean, std=std)
+        checkpoint.save(record, out / f"{role}.pt")
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
           f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 10" if cfg.demo else ""))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +16,9 @@ import checkpoint
 import demo
 from cache import open_cache
 from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
-from runtime import (UserError, amp_dtype, append_jsonl, default_out, pick_device, prepare_out_dir, print_args,
-                     seed_everything, write_json)
+from cli import positive_int
+from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, default_out, is_main, main_first, prepare_out_dir,
+                     print_args, seed_everything, write_json)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="generate a small image set and default to tiny models (no data, GPU or internet needed)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
                    "(its own settings are used; only --workers and --device may change)")
+    p.add_argument("--save-every", type=positive_int, default=1,
+                   help="write last.pt every N epochs (and after the last one)")
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
@@ -45,7 +49,7 @@ def resolve(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, 
         return argparse.Namespace(**saved), state
     if args.demo:
         out = args.out or f"runs/demo-{method}"
-        data = demo.make_demo_dataset(Path(out) / "data", seed=args.seed)
+        data = main_first(lambda: demo.make_demo_dataset(Path(out) / "data", seed=args.seed))
         return argparse.Namespace(**{**vars(args), "data": str(data), "out": out}), None
     if not args.data:
         raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
@@ -59,13 +63,21 @@ def check_out(cfg: argparse.Namespace) -> None:
         raise UserError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
 
 
-def setup(cfg: argparse.Namespace) -> tuple[Path, torch.device, torch.dtype | None]:
-    """Print the settings, create the run folder, seed, pick device and precision."""
+def setup(cfg: argparse.Namespace, device: torch.device) -> tuple[Path, torch.dtype | None]:
+    """Print the settings, create the run folder (rank 0), seed, pick the precision."""
     print_args(cfg)
-    out = prepare_out_dir(Path(cfg.out))
+    out = prepare_out_dir(Path(cfg.out)) if is_main() else Path(cfg.out)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    return out, device, amp_dtype(cfg.amp, device)
+    return out, amp_dtype(cfg.amp, device)
+
+
+def check_disk(out: Path, models: list[torch.nn.Module], copies: int) -> None:
+    """Stop before training, not at the first save, when the disk cannot hold
+    `copies` of the models' weights twice over (last.pt and its temporary file)."""
+    need = 2 * copies * sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
 
 
 def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int | None, augment,
@@ -75,12 +87,14 @@ def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int
     reading from the decode-once cache `cache_spec` = (mode, size) unless --cache off."""
     index = index_data(cfg.data, workers=cfg.workers)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
-    write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
-                                     "classes": index.classes, "skipped": index.skipped, **splits})
-    write_json(out / "args.json", vars(cfg))
-    _keep_log_until(out / "log.jsonl", state["epoch"] if state else 0)
+    if is_main():
+        write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
+                                         "classes": index.classes, "skipped": index.skipped, **splits})
+        write_json(out / "args.json", vars(cfg))
+        _keep_log_until(out / "log.jsonl", state["epoch"] if state else 0)
     train = select(index, splits)["train"]
-    cache = open_cache(index, *cache_spec, cfg.cache_dir, cfg.workers) if cfg.cache == "on" else None
+    cache = main_first(lambda: open_cache(index, *cache_spec, cfg.cache_dir, cfg.workers)) \
+        if cfg.cache == "on" else None
     loader = make_loader(ImageDataset(index, train, size, augment, cache), cfg.bs, shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda")
     return index, splits, loader
@@ -97,16 +111,25 @@ def _keep_log_until(path: Path, epoch: int) -> None:
 def run_epochs(cfg: argparse.Namespace, out: Path, start: int, train_epoch: Callable[[int], dict],
                resume_state: Callable[[int], dict], describe: Callable[[dict], str], collapse_warning: str) -> None:
     """Epochs `start`..cfg.epochs-1: each is reseeded from (seed, epoch) so a
-    resumed run draws the same dropout and noise, logged as one JSON line, and
-    followed by an atomic last.pt."""
-    for epoch in range(start, cfg.epochs):
-        seed_everything(cfg.seed * 100_003 + epoch)
-        stats = train_epoch(epoch)
-        append_jsonl(out / "log.jsonl", stats)
-        print(f"epoch {epoch + 1}: {describe(stats)}", flush=True)
-        if stats["collapse"]:
-            print(f"warning: collapse suspected: {collapse_warning}", flush=True)
-        checkpoint.save(resume_state(epoch), out / "last.pt")
+    resumed run draws the same dropout and noise, logged as one JSON line and,
+    every --save-every epochs, followed by an atomic last.pt (rank 0 writes).
+    Ctrl-C stops cleanly with the last saved epoch intact."""
+    try:
+        for epoch in range(start, cfg.epochs):
+            seed_everything(cfg.seed * 100_003 + epoch)
+            stats = train_epoch(epoch)
+            if not is_main():
+                continue
+            append_jsonl(out / "log.jsonl", stats)
+            print(f"epoch {epoch + 1}: {describe(stats)}", flush=True)
+            if stats["collapse"]:
+                print(f"warning: collapse suspected: {collapse_warning}", flush=True)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                checkpoint.save(resume_state(epoch), out / "last.pt")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}",
+              flush=True)
+        raise SystemExit(130) from None
 
 
 def backbone_record(model: torch.nn.Module, cfg: argparse.Namespace, index: DataIndex, splits: dict, *,
@@ -125,9 +148,16 @@ def nonfinite_streak(loss: torch.Tensor, scaler: torch.amp.GradScaler, streak: i
     update) while fp16 loss scaling may recover; without scaling, or after
     MAX_NONFINITE in a row, the run stops with last.pt still holding the last
     complete epoch (never a NaN-poisoned one)."""
-    if torch.isfinite(loss):
+    if all_reduce_sum((~torch.isfinite(loss)).float()) == 0:  # every process agrees to step or to skip
         return 0
     if not scaler.is_enabled() or streak + 1 > MAX_NONFINITE:
         raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; last.pt holds the last "
                         "complete epoch (try a lower --lr or --amp off)")
     return streak + 1
+
+
+def require_progress(images: int, epoch: int) -> None:
+    """An epoch in which every step was skipped for a non-finite loss stops the run."""
+    if images == 0:
+        raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss; last.pt holds the last complete "
+                        "epoch (try a lower --lr or --amp off)")

@@ -74,7 +74,8 @@ def cass_run(demo_data, tmp_path_factory) -> Path:
 
 
 def interrupted_run(script, args, epoch: int) -> None:
-    """Run `script.main(args)` and kill it (KeyboardInterrupt) as 0-based `epoch` starts."""
+    """Run `script.main(args)`, interrupt it (as Ctrl-C does) as 0-based `epoch`
+    starts, and check it stops cleanly with exit code 130."""
     real = script.train_one_epoch
 
     def killed(*a, **k):
@@ -84,8 +85,9 @@ def interrupted_run(script, args, epoch: int) -> None:
 
     script.train_one_epoch = killed
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stop:
             script.main(args)
+        assert stop.value.code == 130
     finally:
         script.train_one_epoch = real
 
