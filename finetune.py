@@ -69,6 +69,8 @@ def load_source(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     std, method, data, splits), from --ckpt or from --arch."""
     if bool(args.ckpt) == bool(args.arch):
         raise UserError("pass either --ckpt (a pretrained checkpoint) or --arch with --data (supervised baseline)")
+    if args.gamma < 0:
+        raise UserError(f"--gamma must be 0 or more, got {args.gamma}")
     if args.ckpt:
         ckpt = checkpoint.load(args.ckpt, kind="model")
         if args.img_size and args.img_size != ckpt["img_size"]:

@@ -27,7 +27,7 @@ from data import train_augment
 from losses import cass_loss
 from models import (check_arch, create_model, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from runtime import UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main, start_distributed
+from runtime import UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -67,6 +67,8 @@ def validate(cfg: argparse.Namespace) -> None:
     check_arch(cfg.vit)
     if cfg.swa_start is not None and not 1 <= cfg.swa_start <= cfg.epochs:
         raise UserError(f"--swa-start must be between 1 and --epochs ({cfg.epochs}), got {cfg.swa_start}")
+    if cfg.eta_min < 0:
+        raise UserError(f"--eta-min must be 0 or more, got {cfg.eta_min}")
     if cfg.t_max < 1:
         raise UserError(f"--t-max must be at least 1, got {cfg.t_max}")
     pretraining.check_out(cfg)
@@ -213,8 +215,7 @@ def describe(stats: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> Path:
-    device = start_distributed(args.device)
-    cfg, state = pretraining.resolve(args, "cass")
+    device, cfg, state = pretraining.start(args, "cass")
     validate(cfg)
     out, dtype = pretraining.setup(cfg, device)
     # models first: a missing weights file fails in seconds, not after indexing the data

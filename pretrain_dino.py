@@ -31,7 +31,7 @@ from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_gr
 from losses import DINOLoss
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from runtime import (UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main, start_distributed,
+from runtime import (UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main,
                      sync_batchnorm)
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
@@ -94,6 +94,8 @@ def validate(cfg: argparse.Namespace) -> None:
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be two numbers with 0 < low <= high <= 1")
+    if cfg.clip_grad < 0 or cfg.min_lr < 0:
+        raise UserError("--clip-grad and --min-lr must be 0 or more")
     if not 0 <= cfg.momentum_teacher <= 1:
         raise UserError(f"--momentum-teacher must be in [0, 1], got {cfg.momentum_teacher}")
     pretraining.check_out(cfg)
@@ -208,8 +210,7 @@ def describe(stats: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> Path:
-    device = start_distributed(args.device)
-    cfg, state = pretraining.resolve(args, "dino")
+    device, cfg, state = pretraining.start(args, "dino")
     cfg = with_recipe(cfg)
     validate(cfg)
     out, dtype = pretraining.setup(cfg, device)

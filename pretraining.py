@@ -18,7 +18,7 @@ from cache import open_cache
 from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
 from cli import positive_int
 from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, default_out, is_main, main_first, prepare_out_dir,
-                     print_args, seed_everything, write_json)
+                     print_args, seed_everything, start_distributed, write_json)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,13 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict)
         p.set_defaults(**demo.SETTINGS, **demo_models)
         args = p.parse_args(argv)
     return args
+
+
+def start(args: argparse.Namespace, method: str) -> tuple[torch.device, argparse.Namespace, dict | None]:
+    """Join torchrun's process group if there is one; the device, the run's
+    effective settings (a new namespace) and, when resuming, the saved state."""
+    device = start_distributed(args.device)
+    return (device, *resolve(args, method))
 
 
 def resolve(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:

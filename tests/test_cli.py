@@ -106,3 +106,17 @@ def test_local_weight_files_initialise_cnn_and_vit(tmp_path):
             assert torch.equal(model.state_dict()[key], value), (arch, key)
     with pytest.raises(UserError, match="--weights .* does not exist"):
         create_model("test_vit", img_size=32, weights=str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("pretrain_dino.py", ["--global-scale", "0.5", "0.2"], "--global-scale must be two numbers"),
+    ("pretrain_dino.py", ["--momentum-teacher", "1.5"], "--momentum-teacher must be in"),
+    ("pretrain_dino.py", ["--arch", "resnet_9000"], "unknown timm model"),
+    ("pretrain_cass.py", ["--eta-min", "-1"], "--eta-min must be 0 or more"),
+    ("finetune.py", ["--arch", "test_vit", "--gamma", "-2"], "--gamma must be 0 or more"),
+])
+def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message):
+    class_folders(tmp_path / "d", {"a": 2})
+    code, err = cli(script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0", *argv)
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o").exists()
