@@ -11,7 +11,7 @@ from PIL import Image
 CLASSES = ("stripes", "rings", "checks", "blobs")
 HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], dtype=float)  # one tint per class
 # Defaults that `--demo` puts in place of the paper's (explicit flags still win).
-SETTINGS = dict(img_size=64, epochs=5, bs=16, pretrained=False)
+SETTINGS = dict(img_size=64, epochs=5, bs=16, pretrained=False, knn_every=1)
 CASS_MODELS = dict(cnn="test_resnet", vit="test_vit")
 DINO_MODEL = dict(arch="test_resnet", out_dim=4096)
 

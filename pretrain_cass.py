@@ -23,7 +23,8 @@ import checkpoint
 import demo
 import pretraining
 from cli import add_common_args, add_norm_arg, new_parser, positive_float, run_cli
-from data import train_augment
+from data import select, train_augment
+from knn import knn_accuracy
 from losses import cass_loss
 from models import (check_arch, create_model, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
@@ -236,10 +237,17 @@ def main(args: argparse.Namespace) -> Path:
                 arm.swa.update(arm.model, epoch)
         return stats
 
+    parts = select(index, splits)
+
+    def monitor() -> dict:
+        return {f"knn_{arm.name}": knn_accuracy(arm.model, index, parts, cfg.img_size, arm.mean, arm.std, device,
+                                                dtype, bs=cfg.bs, workers=cfg.workers, cache=loader.dataset.cache)
+                for arm in arms}
+
     pretraining.run_epochs(
         cfg, out, start, train_epoch, lambda epoch: resume_state(arms, scaler, cfg, splits, epoch), describe,
         "both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree on "
-        "it, so the low loss means little; ImageNet initialisation (the paper's setting) avoids this")
+        "it, so the low loss means little; ImageNet initialisation (the paper's setting) avoids this", monitor)
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"
           + (" --epochs 10" if cfg.demo else ""))

@@ -28,6 +28,8 @@ from cli import add_common_args, add_norm_arg, new_parser, non_negative_int, pos
     run_cli
 from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
+from data import select
+from knn import knn_accuracy
 from losses import DINOLoss
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
@@ -247,7 +249,9 @@ def main(args: argparse.Namespace) -> Path:
                                       epoch),
         resume_state, describe,
         "the loss sits at ln K (uniform outputs) or the teacher's entropy is near 0 (one output dominates); "
-        "see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp")
+        "see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp",
+        lambda: {"knn_teacher": knn_accuracy(teacher.backbone, index, select(index, splits), cfg.img_size, mean,
+                                             std, device, dtype, bs=cfg.bs, workers=cfg.workers)})
     role = "vit" if is_transformer(cfg.arch) else "cnn"
     if is_main():
         record = pretraining.backbone_record(teacher.backbone, cfg, index, splits, arch=cfg.arch, role=role,

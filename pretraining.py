@@ -16,7 +16,7 @@ import checkpoint
 import demo
 from cache import open_cache
 from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
-from cli import positive_int
+from cli import non_negative_int, positive_int
 from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, default_out, is_main, main_first, prepare_out_dir,
                      print_args, seed_everything, start_distributed, write_json)
 
@@ -28,6 +28,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    "(its own settings are used; only --workers and --device may change)")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="write last.pt every N epochs (and after the last one)")
+    p.add_argument("--knn-every", type=non_negative_int, default=10,
+                   help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the val "
+                        "split, for labelled single-label data (0: never)")
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
@@ -116,10 +119,12 @@ def _keep_log_until(path: Path, epoch: int) -> None:
 
 
 def run_epochs(cfg: argparse.Namespace, out: Path, start: int, train_epoch: Callable[[int], dict],
-               resume_state: Callable[[int], dict], describe: Callable[[dict], str], collapse_warning: str) -> None:
+               resume_state: Callable[[int], dict], describe: Callable[[dict], str], collapse_warning: str,
+               monitor: Callable[[], dict]) -> None:
     """Epochs `start`..cfg.epochs-1: each is reseeded from (seed, epoch) so a
-    resumed run draws the same dropout and noise, logged as one JSON line and,
-    every --save-every epochs, followed by an atomic last.pt (rank 0 writes).
+    resumed run draws the same dropout and noise, logged as one JSON line (with
+    `monitor()`'s kNN accuracies every --knn-every epochs) and, every
+    --save-every epochs, followed by an atomic last.pt (rank 0 writes).
     Ctrl-C stops cleanly with the last saved epoch intact."""
     try:
         for epoch in range(start, cfg.epochs):
@@ -127,8 +132,11 @@ def run_epochs(cfg: argparse.Namespace, out: Path, start: int, train_epoch: Call
             stats = train_epoch(epoch)
             if not is_main():
                 continue
+            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                stats.update(monitor())
             append_jsonl(out / "log.jsonl", stats)
-            print(f"epoch {epoch + 1}: {describe(stats)}", flush=True)
+            knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
+            print(f"epoch {epoch + 1}: {describe(stats)}{knn}", flush=True)
             if stats["collapse"]:
                 print(f"warning: collapse suspected: {collapse_warning}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:

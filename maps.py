@@ -1,0 +1,162 @@
+"""What a network looks at (Sec. 5.3.3, App. C.2-C.4): for a ViT, the class
+token's attention in the last block (heads averaged; attention rollout with
+--rollout), per image and averaged over --n test images as in Figs. 7-10; for a
+CNN, the feature maps after the first convolution (Figs. 5-6) and Grad-CAM for
+the predicted class. Two checkpoints (e.g. supervised and CASS) are also shown
+side by side.
+
+    python maps.py --ckpt runs/<run>/finetune-vit-frac1/model_seed0.pt --n 30 --out runs/maps
+    python maps.py --ckpt supervised/model_seed0.pt cass/model_seed0.pt --n 30 --out runs/maps
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import checkpoint
+import plots
+from cli import new_parser, non_negative_int, positive_int, run_cli
+from data import ImageDataset, index_data, select
+from models import from_checkpoint, is_transformer, normalise
+from runtime import UserError, pick_device
+
+
+def unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Each (h, w) map of a (B, h, w) batch min-max scaled into [0, 1] (all zeros if flat)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
+@torch.no_grad()
+def vit_attention(model: nn.Module, x: torch.Tensor, rollout: bool = False) -> torch.Tensor:
+    """(B, gh, gw) class-token attention over the patches, in [0, 1].
+    Attention weights are recomputed from each block's own q and k (timm's
+    fused kernel never materialises them). Rollout (Abnar & Zuidema 2020)
+    multiplies the head-averaged attention of every block, residual included."""
+    if not hasattr(model, "blocks") or getattr(model, "num_prefix_tokens", 0) < 1:
+        raise UserError(f"attention maps need a ViT-style model with a class token, not {type(model).__name__}")
+    inputs = []
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for blk in model.blocks]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = []
+    for blk, tokens in zip(model.blocks, inputs):
+        attn = blk.attn
+        b, n, _ = tokens.shape
+        q, k, _ = attn.qkv(tokens).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        weights.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1))  # (B, N, N)
+    if rollout:
+        eye = torch.eye(weights[0].shape[-1], device=x.device)
+        joint = eye
+        for a in weights:
+            a = 0.5 * a + 0.5 * eye
+            joint = (a / a.sum(-1, keepdim=True)) @ joint
+        cls = joint[:, 0]
+    else:
+        cls = weights[-1][:, 0]
+    gh, gw = (s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size))
+    return unit_range(cls[:, model.num_prefix_tokens:].reshape(len(x), gh, gw))
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) Grad-CAM (Selvaraju et al. 2017) of the last feature map for
+    each image's predicted class, in [0, 1]."""
+    with torch.enable_grad():
+        feats = model.forward_features(x).detach().requires_grad_()
+        logits = model.forward_head(feats)
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    cam = F.relu((feats.grad.mean(dim=(2, 3), keepdim=True) * feats).sum(1))
+    return unit_range(cam.detach())
+
+
+@torch.no_grad()
+def first_conv_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) output of the network's first convolution, each channel in [0, 1]."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise UserError("the model has no convolution layer")
+    found = []
+    hook = conv.register_forward_hook(lambda m, i, o: found.append(o))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    out = found[0]
+    return unit_range(out.flatten(0, 1)).view_as(out)
+
+
+def channel_grid(maps: torch.Tensor, count: int = 16) -> Image.Image:
+    """The first `count` channel maps of one image (C, h, w) as a 4-column grid of colour tiles."""
+    tiles = [plots.colorize(m.cpu().numpy()) for m in maps[:count]]
+    rows = [np.concatenate(tiles[i:i + 4] + [np.zeros_like(tiles[0])] * (4 - len(tiles[i:i + 4])), axis=1)
+            for i in range(0, len(tiles), 4)]
+    return Image.fromarray(np.concatenate(rows, axis=0)).resize((256, 64 * len(rows)), Image.NEAREST)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = new_parser(__doc__)
+    p.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint, or two to compare side by side")
+    p.add_argument("--images", help="a folder of images (default: the first checkpoint's test split)")
+    p.add_argument("--n", type=positive_int, default=30, help="images to map and average (Figs. 7-10: 30; ISIC 100)")
+    p.add_argument("--rollout", action="store_true", help="attention rollout instead of the last block's attention")
+    p.add_argument("--out", default="runs/maps", help="folder for the PNG files")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="workers for checking the images")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path, device) -> np.ndarray:
+    """Write one checkpoint's per-image overlays and averaged heat map; return the (h, w) average."""
+    model = from_checkpoint(ckpt).to(device).eval()
+    dataset = ImageDataset(index, ids, ckpt["img_size"])
+    raw = torch.stack([dataset[(i, 0)][0] for i in range(len(ids))]).to(device)
+    x = normalise(raw, ckpt["mean"], ckpt["std"])
+    if is_transformer(ckpt["arch"]):
+        kind, maps = "attention rollout" if args.rollout else "class-token attention", vit_attention(model, x,
+                                                                                                  args.rollout)
+    else:
+        plots.save(channel_grid(first_conv_maps(model, x[:1])[0]), out / f"{name}_first_conv.png")
+        if ckpt["num_classes"] == 0:
+            print(f"{name}: no classifier head (a DINO backbone), so no Grad-CAM; first-conv maps only")
+            return np.zeros((1, 1))
+        kind, maps = "Grad-CAM", grad_cam(model, x)
+    images = raw.permute(0, 2, 3, 1).cpu().numpy()
+    for path, image, m in zip(dataset.paths, images, maps.cpu().numpy()):
+        plots.save(Image.fromarray(plots.overlay(image, m)), out / name / (Path(path).stem + ".png"))
+    average = unit_range(maps.mean(0, keepdim=True))[0].cpu().numpy()
+    plots.save(plots.heatmap(average, f"{name}: {kind}, mean of {len(ids)}"), out / f"{name}_mean.png")
+    return average
+
+
+def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    if len(args.ckpt) > 2:
+        raise UserError("pass one checkpoint, or two to compare")
+    ckpts = [checkpoint.load(p, kind="model") for p in args.ckpt]
+    device = pick_device(args.device)
+    index = index_data(args.images or ckpts[0]["data"], workers=args.workers)
+    ids = list(range(len(index.paths)))
+    if not args.images and ckpts[0].get("splits"):
+        ids = select(index, ckpts[0]["splits"])["test"] or ids
+    ids = ids[: args.n]
+    out = Path(args.out)
+    names = [f"{i}_{Path(p).parent.name}_{Path(p).stem}" for i, p in enumerate(args.ckpt)]
+    averages = {name: map_checkpoint(c, name, index, ids, args, out, device) for name, c in zip(names, ckpts)}
+    if len(averages) == 2:
+        plots.save(plots.panels([(n, plots.heatmap(a, "")) for n, a in averages.items()]), out / "compare.png")
+    print(f"maps of {len(ids)} images written to {out}")
+    return averages
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

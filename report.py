@@ -1,0 +1,122 @@
+"""Turn run folders into the paper's tables and per-epoch plots.
+
+Collects every results.json (fine-tuning) and every pretraining run (args.json
++ log.jsonl) under the given folders and writes report.md: method x backbone x
+label fraction, mean +- std over all seeds found (Tables 1, 3-5), pretraining
+time per run (Table 2), and PNG plots of loss, kNN accuracy and collapse
+signals per epoch.
+
+    python report.py runs/ --out runs/report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+import plots
+from cli import new_parser, run_cli
+from runtime import UserError, prepare_out_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = new_parser(__doc__)
+    p.add_argument("runs", nargs="+", help="folders searched (recursively) for run outputs")
+    p.add_argument("--out", default="runs/report", help="folder for report.md and the plots")
+    return p.parse_args(argv)
+
+
+def mean_std(values: list[float]) -> str:
+    v = np.array(values)
+    return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f} (n={len(v)})"
+
+
+def finetune_table(results: list[dict]) -> list[str]:
+    """Rows method (backbone), columns label fractions, cells mean +- std of the headline metric over seeds."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    metrics = set()
+    for r in results:
+        metrics.add(r["metric"])
+        cells[(r["method"], r["arch"], r["frac"])] += [run["test"][r["metric"]] for run in r["runs"]]
+    fracs = sorted({k[2] for k in cells})
+    rows = sorted({k[:2] for k in cells})
+    lines = [f"Test {' / '.join(sorted(metrics))}, mean +- std over seeds.", "",
+             "| method (backbone) | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |",
+             "|---|" + "---|" * len(fracs)]
+    for method, arch in rows:
+        lines.append(f"| {method} ({arch}) | " + " | ".join(
+            mean_std(cells[(method, arch, f)]) if cells.get((method, arch, f)) else "" for f in fracs) + " |")
+    return lines
+
+
+def pretraining_runs(folders: list[Path]) -> list[dict]:
+    """Every folder holding args.json and log.jsonl of a CASS or DINO pretraining."""
+    found = []
+    for folder in folders:
+        for args_file in sorted(folder.rglob("args.json")):
+            log_file = args_file.parent / "log.jsonl"
+            if not log_file.is_file():
+                continue
+            args = json.loads(args_file.read_text())
+            method = "CASS" if "vit" in args and "cnn" in args else "DINO" if "out_dim" in args else None
+            if method:
+                log = [json.loads(line) for line in log_file.read_text().splitlines()]
+                models = f"{args['cnn']} + {args['vit']}" if method == "CASS" else args["arch"]
+                found.append({"folder": args_file.parent, "method": method, "models": models, "log": log})
+    return found
+
+
+def time_table(runs: list[dict]) -> list[str]:
+    lines = ["| run | method | models | epochs | time | images/s |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        seconds = sum(e["seconds"] for e in r["log"])
+        ips = np.mean([e["images_per_s"] for e in r["log"]]) if r["log"] else 0.0
+        lines.append(f"| {r['folder'].name} | {r['method']} | {r['models']} | {len(r['log'])} | "
+                     f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{seconds % 60:04.1f}s | {ips:.1f} |")
+    return lines
+
+
+def epoch_plots(run: dict, out: Path) -> list[Path]:
+    """Loss, kNN accuracy and collapse signals per epoch of one pretraining run."""
+    epochs = [e["epoch"] for e in run["log"]]
+
+    def series(*keys: str, scale: str | None = None) -> dict:
+        """Logged values per epoch, divided by the entry `scale` (so signals share one axis)."""
+        return {k + (f" / {scale}" if scale else ""):
+                (epochs, [(e[k] / e[scale] if scale else e[k]) if e.get(k) is not None else None for e in run["log"]])
+                for k in keys if any(k in e for e in run["log"])}
+
+    # collapse signals on a common 0..1 scale: batch std relative to the healthy 1/sqrt(D), entropy to ln K
+    collapse = {**series("cnn_std", "vit_std", scale="healthy_std"), **series("cos")} if run["method"] == "CASS" \
+        else {**series("teacher_entropy", "loss", scale="ln_k")}
+    charts = {"loss": series("loss"), "knn": series("knn_cnn", "knn_vit", "knn_teacher"), "collapse": collapse}
+    name = run["folder"].name
+    return [plots.save(plots.line_chart(s, f"{name}: {kind}", "epoch"), out / f"{name}_{kind}.png")
+            for kind, s in charts.items() if s]
+
+
+def main(args: argparse.Namespace) -> Path:
+    folders = [Path(r) for r in args.runs]
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        raise UserError(f"{missing[0]} is not a folder")
+    out = prepare_out_dir(Path(args.out))
+    results = [json.loads(p.read_text()) for f in folders for p in sorted(f.rglob("results.json"))]
+    runs = pretraining_runs(folders)
+    lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
+    lines += finetune_table(results) if results else ["No results.json found."]
+    lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else ["No pretraining runs found."])
+    figures = [p for r in runs for p in epoch_plots(r, out)]
+    lines += ["", "## Per-epoch plots", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:-len(figures) or None]))
+    print(f"written to {report}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,127 @@
+"""predict.py, kNN monitor, attention / feature maps, report.py."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import finetune
+import knn
+import maps
+import predict
+import pretrain_cass
+import report
+from conftest import TINY, write_image
+from runtime import UserError
+
+
+@pytest.fixture(scope="module")
+def finetuned(cass_run):
+    """Fine-tuned CNN and ViT of the shared CASS run."""
+    for role in ("cnn", "vit"):
+        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / f"{role}.pt"), "--epochs", "1", "--workers", "0"]))
+    return [cass_run / f"finetune-{role}-frac1" / "model_seed0.pt" for role in ("cnn", "vit")]
+
+
+def test_knn_votes_by_hand():
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    query = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.05]]), dim=1)
+    scores = knn.knn_predict(train, labels, query, num_classes=2, k=2, temperature=0.5)
+    sims = query @ train.T
+    top = sims[0].topk(2)
+    expected0 = torch.zeros(2).index_add_(0, labels[top.indices], (top.values / 0.5).exp())
+    assert torch.allclose(scores[0], expected0)
+    assert scores.argmax(1).tolist() == [1, 0]
+
+
+def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
+    out = pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(tmp_path / "r"),
+                                                       "--epochs", "2", "--knn-every", "2", *TINY]))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "knn_cnn" not in log[0] and 0 <= log[1]["knn_cnn"] <= 1 and 0 <= log[1]["knn_vit"] <= 1
+    acc = knn.main(knn.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--workers", "0"]))
+    assert 0.25 < acc <= 1  # better than chance on the four learnable demo classes
+
+
+def test_predict_writes_probabilities_and_ensembles_by_averaging(finetuned, demo_data, tmp_path):
+    folder = tmp_path / "new"
+    for i, src in enumerate(sorted((demo_data / "rings").iterdir())[:5]):
+        (folder / f"case {i}.png").parent.mkdir(exist_ok=True)
+        (folder / f"case {i}.png").write_bytes(src.read_bytes())
+    (folder / "broken.png").write_bytes(b"")
+    rows = {}
+    for name, ckpts in (("cnn", finetuned[:1]), ("vit", finetuned[1:]), ("both", finetuned)):
+        out = predict.main(predict.parse_args(["--ckpt", *map(str, ckpts), "--images", str(folder),
+                                               "--out", str(tmp_path / f"{name}.csv"), "--workers", "0"]))
+        with open(out) as f:
+            rows[name] = list(csv.DictReader(f))
+    good = [r for r in rows["both"] if not r["prediction"].startswith("skipped")]
+    assert len(good) == 5 and rows["both"][-1]["path"] == "broken.png"
+    classes = ["blobs", "checks", "rings", "stripes"]
+    for i, row in enumerate(good):
+        probs = np.array([float(row[f"p_{c}"]) for c in classes])
+        assert probs.sum() == pytest.approx(1, abs=1e-5) and row["prediction"] == classes[probs.argmax()]
+        single = [np.array([float(rows[n][i][f"p_{c}"]) for c in classes]) for n in ("cnn", "vit")]
+        assert np.allclose(probs, (single[0] + single[1]) / 2, atol=2e-6)
+
+
+def test_predict_refuses_backbones_and_mismatched_classes(cass_run, finetuned, tmp_path):
+    with pytest.raises(UserError, match="without a classifier"):
+        predict.load_models([str(cass_run / "cnn.pt")])
+    other = torch.load(finetuned[1], weights_only=True)
+    other["classes"] = ["a", "b", "c", "d"]
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other classes"):
+        predict.load_models([str(finetuned[0]), str(tmp_path / "other.pt")])
+
+
+def test_attention_maps_shape_range_and_dependence_on_the_weights():
+    x = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(0)
+    a = timm.create_model("test_vit", img_size=64).eval()
+    torch.manual_seed(1)
+    b = timm.create_model("test_vit", img_size=64).eval()
+    last, rolled = maps.vit_attention(a, x), maps.vit_attention(a, x, rollout=True)
+    assert last.shape == rolled.shape == (3, 4, 4)
+    for m in (last, rolled):
+        assert torch.allclose(m.flatten(1).min(1).values, torch.zeros(3))
+        assert torch.allclose(m.flatten(1).max(1).values, torch.ones(3))
+    assert not torch.allclose(last, rolled)
+    assert not torch.allclose(last, maps.vit_attention(b, x))
+    with pytest.raises(UserError, match="class token"):
+        maps.vit_attention(timm.create_model("test_resnet"), x)
+
+
+def test_grad_cam_and_first_conv_maps():
+    model = timm.create_model("test_resnet", num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cam = maps.grad_cam(model, x)
+    assert cam.shape == (2, 2, 2) and cam.min() >= 0 and cam.max() <= 1
+    conv = maps.first_conv_maps(model, x)
+    assert conv.shape[:2] == (2, model.conv1[0].out_channels if isinstance(model.conv1, torch.nn.Sequential)
+                              else model.conv1.out_channels)
+    assert conv.min() >= 0 and conv.max() <= 1
+
+
+def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_path):
+    averages = maps.main(maps.parse_args(["--ckpt", str(finetuned[1]), str(finetuned[0]), "--n", "4",
+                                          "--out", str(tmp_path), "--workers", "0"]))
+    vit_name, cnn_name = list(averages)
+    assert averages[vit_name].shape == (2, 2) and averages[vit_name].max() == pytest.approx(1)
+    assert len(list((tmp_path / vit_name).glob("*.png"))) == 4
+    for png in (f"{vit_name}_mean.png", f"{cnn_name}_mean.png", f"{cnn_name}_first_conv.png", "compare.png"):
+        assert (tmp_path / png).stat().st_size > 0, png
+
+
+def test_report_tables_and_plots(cass_run, finetuned, tmp_path):
+    path = report.main(report.parse_args([str(cass_run), "--out", str(tmp_path)]))
+    text = path.read_text()
+    assert "| cass (test_resnet) |" in text and "| cass (test_vit) |" in text and "100% labels" in text
+    assert "| CASS | test_resnet + test_vit | 2 |" in text
+    for kind in ("loss", "collapse"):
+        assert (tmp_path / f"cass_{kind}.png").stat().st_size > 0
+    with pytest.raises(UserError, match="not a folder"):
+        report.main(report.parse_args([str(tmp_path / "none")]))
