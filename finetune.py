@@ -121,7 +121,7 @@ def run_epoch(model, loader, loss_fn, info, device, dtype, opt=None, scaler=None
             total += loss.item() * len(x)
             seen += len(x)
     if opt is not None:  # the mean over every process's images
-        total, seen = all_reduce_sum(torch.tensor([total, float(seen)])).tolist()
+        total, seen = all_reduce_sum(torch.tensor([total, float(seen)], device=device)).tolist()  # NCCL: on GPU
         return total / max(seen, 1), None, None
     return total / max(seen, 1), torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
 
@@ -155,7 +155,7 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
         train_loader.sampler.set_epoch(epoch)
         train_loss, _, _ = run_epoch(net, train_loader, loss_fn, info, device, dtype, opt, scaler)
         val_loss, _, _ = run_epoch(net, val_loader, loss_fn, info, device, dtype)
-        val_loss = all_reduce_sum(torch.tensor(val_loss)).item() / world_size()  # one early-stopping decision
+        val_loss = all_reduce_sum(torch.tensor(val_loss, device=device)).item() / world_size()  # one decision
         sched.step()
         if not math.isfinite(val_loss):
             raise UserError(f"the validation loss became non-finite at epoch {epoch + 1} (seed {seed}); "

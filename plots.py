@@ -69,7 +69,8 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, x
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
 
     def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     draw.text((4, top), f"{y1:.3g}", fill="black")

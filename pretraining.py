@@ -17,8 +17,8 @@ import demo
 from cache import open_cache
 from data import DataIndex, ImageDataset, index_data, make_loader, make_splits, select
 from cli import non_negative_int, positive_int
-from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, default_out, is_main, main_first, prepare_out_dir,
-                     print_args, seed_everything, start_distributed, write_json)
+from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, default_out, is_main, main_first,
+                     prepare_out_dir, print_args, seed_everything, start_distributed, write_json)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
