@@ -13,7 +13,7 @@ import maps
 import predict
 import pretrain_cass
 import report
-from conftest import TINY, write_image
+from conftest import TINY
 from runtime import UserError
 
 
