@@ -26,7 +26,7 @@ from data import DataIndex, ImageDataset, index_data, label_fraction, make_loade
     train_augment
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate_predictions
-from models import (check_arch, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
+from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
 from runtime import (UserError, all_reduce_sum, amp_dtype, append_jsonl, autocast, ddp, default_out, grad_scaler,
                      is_main, main_first, prepare_out_dir, print_args, seed_everything, start_distributed,
@@ -100,30 +100,30 @@ def choose_splits(info: dict, index: DataIndex, split_seed: int) -> dict[str, li
     return make_splits(index, split_seed)
 
 
-def run_epoch(model, loader, loss_fn, info, device, dtype, opt=None, scaler=None):
-    """One pass; trains when `opt` is given. Returns (mean loss, logits (N, C), targets)."""
-    model.train(opt is not None)
-    total, seen, all_logits, all_targets = 0.0, 0, [], []
-    with torch.set_grad_enabled(opt is not None):
-        for x, y in tqdm(loader, leave=False, desc="train" if opt else "eval", disable=not is_main()):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                logits = model(normalise(x, info["mean"], info["std"]))
-            loss = loss_fn(logits, y)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                all_logits.append(logits.float().cpu())
-                all_targets.append(y.cpu())
-            total += loss.item() * len(x)
-            seen += len(x)
-    if opt is not None:  # the mean over every process's images
-        total, seen = all_reduce_sum(torch.tensor([total, float(seen)], device=device)).tolist()  # NCCL: on GPU
-        return total / max(seen, 1), None, None
-    return total / max(seen, 1), torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
+def train_epoch(model, loader, loss_fn, info, device, dtype, opt, scaler) -> float:
+    """One training pass; the mean loss over every process's images."""
+    model.train()
+    total, seen = 0.0, 0
+    for x, y in tqdm(loader, leave=False, desc="train", disable=not is_main()):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(normalise(x, info["mean"], info["std"]))
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        total += loss.item() * len(x)
+        seen += len(x)
+    total, seen = all_reduce_sum(torch.tensor([total, float(seen)], device=device)).tolist()  # NCCL: on GPU
+    return total / max(seen, 1)
+
+
+def evaluate(model, loader, loss_fn, info, device, dtype) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean loss, logits (N, C), targets) over a whole split."""
+    model.eval()
+    logits, targets = collect(model, loader, info["mean"], info["std"], device, dtype)
+    return loss_fn(logits, targets).item(), logits.numpy(), targets.numpy()
 
 
 def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, args, seed: int, out: Path,
@@ -153,8 +153,8 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
     best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
     for epoch in range(args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_loss, _, _ = run_epoch(net, train_loader, loss_fn, info, device, dtype, opt, scaler)
-        val_loss, _, _ = run_epoch(net, val_loader, loss_fn, info, device, dtype)
+        train_loss = train_epoch(net, train_loader, loss_fn, info, device, dtype, opt, scaler)
+        val_loss, _, _ = evaluate(net, val_loader, loss_fn, info, device, dtype)
         val_loss = all_reduce_sum(torch.tensor(val_loss, device=device)).item() / world_size()  # one decision
         sched.step()
         if not math.isfinite(val_loss):
@@ -171,7 +171,7 @@ def run_seed(base: nn.Module, info: dict, index: DataIndex, parts: dict, cache, 
             if waited >= args.patience:
                 break
     model.load_state_dict(best_state)
-    test_loss, logits, targets = run_epoch(net, test_loader, loss_fn, info, device, dtype)
+    test_loss, logits, targets = evaluate(net, test_loader, loss_fn, info, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
     if is_main():
         checkpoint.save(checkpoint.model_record(

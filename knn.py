@@ -18,22 +18,18 @@ from torch import nn
 import checkpoint
 from cli import new_parser, non_negative_int, positive_int, run_cli
 from data import DataIndex, ImageDataset, index_data, make_loader, select
-from models import from_checkpoint, normalise
-from runtime import autocast, pick_device
+from models import collect, from_checkpoint
+from runtime import pick_device
 
 
-@torch.no_grad()
 def features(model: nn.Module, loader, mean: list[float], std: list[float], device, dtype) -> torch.Tensor:
-    """(N, D) L2-normalised pre-logit features of every image the loader yields, in order."""
+    """(N, D) L2-normalised pre-logit features of every image the loader yields, in order, on `device`."""
     was_training = model.training
     model.eval()
-    out = []
-    for x, _ in loader:
-        with autocast(device, dtype):
-            f = model.forward_head(model.forward_features(normalise(x.to(device), mean, std)), pre_logits=True)
-        out.append(F.normalize(f.float().flatten(1), dim=1))
+    feats, _ = collect(lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
+                       loader, mean, std, device, dtype)
     model.train(was_training)
-    return torch.cat(out)
+    return F.normalize(feats, dim=1).to(device)
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,

@@ -2,6 +2,7 @@
 input normalisation, and rebuilding a network from one of our checkpoints."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import timm
@@ -9,7 +10,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from runtime import UserError
+from runtime import UserError, autocast
 
 NORMS = ("model", "imagenet")
 
@@ -78,11 +79,30 @@ def model_norm(model: nn.Module, norm: str) -> tuple[list[float], list[float]]:
     return list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), list(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
+@functools.lru_cache(maxsize=16)
+def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Made once per device: a fresh host-to-GPU copy every step would stall the step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> float32 normalised inputs, on x's device."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    m, s = _scale(tuple(mean), tuple(std), x.device)
     return (x.float() - m) / s
+
+
+@torch.no_grad()
+def collect(fn, loader, mean: list[float], std: list[float], device: torch.device,
+            dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(normalised batch) for every batch of the loader, in order, as float32
+    on the CPU, and the targets: evaluation, prediction, kNN features."""
+    outs, targets = [], []
+    for x, y in loader:
+        with autocast(device, dtype):
+            outs.append(fn(normalise(x.to(device, non_blocking=True), mean, std)).float().cpu())
+        targets.append(y)
+    return torch.cat(outs), torch.cat(targets)
 
 
 def from_checkpoint(ckpt: dict) -> nn.Module:

@@ -16,8 +16,8 @@ import torch
 import checkpoint
 from cli import new_parser, non_negative_int, positive_int, run_cli
 from data import ImageDataset, index_data, make_loader
-from models import from_checkpoint, normalise
-from runtime import UserError, autocast, pick_device
+from models import collect, from_checkpoint
+from runtime import UserError, pick_device
 
 THRESHOLD = 0.5  # multi-label decision threshold, as in fine-tuning's metrics
 
@@ -44,19 +44,14 @@ def load_models(paths: list[str]) -> list[dict]:
     return ckpts
 
 
-@torch.no_grad()
 def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int) -> torch.Tensor:
     """(N, C) probabilities of one checkpoint: sigmoid per class for
     multi-label models, softmax over classes otherwise (the argmax of the logits
     either way)."""
     model = from_checkpoint(ckpt).to(device).eval()
     loader = make_loader(dataset_for(ckpt["img_size"]), bs, shuffle=False, seed=0, workers=workers, shard=False)
-    out = []
-    for x, _ in loader:
-        with autocast(device, None):
-            logits = model(normalise(x.to(device), ckpt["mean"], ckpt["std"])).float()
-        out.append(torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1))
-    return torch.cat(out).cpu()
+    logits, _ = collect(model, loader, ckpt["mean"], ckpt["std"], device, None)
+    return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
 
 
 def main(args: argparse.Namespace) -> Path:
