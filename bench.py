@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=positive_int, default=48, help="generated JPEGs for the loader test")
     p.add_argument("--image-px", type=positive_int, nargs=2, default=[1000, 800], help="their width and height")
     p.add_argument("--workers", type=non_negative_int, default=2, help="loader workers, both paths")
+    p.add_argument("--loader-passes", type=positive_int, default=5, help="timed passes over the images, each path")
     p.add_argument("--out-dim", type=positive_int, default=65536, help="DINO head output dimension")
     p.add_argument("--local-crops", type=non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -66,7 +67,7 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 def loader_speed(args, folder: Path) -> dict:
-    """images/s of one pass over the images (after a warm-up pass), same augmentations and workers."""
+    """images/s over --loader-passes passes (after a warm-up pass), same augmentations and workers."""
     index = index_data(folder, workers=args.workers, check_images=False)
     ids = list(range(len(index.paths)))
     start = time.perf_counter()
@@ -79,9 +80,10 @@ def loader_speed(args, folder: Path) -> dict:
         for _ in loader:  # warm-up: worker start, file system cache
             pass
         start = time.perf_counter()
-        for _ in loader:
-            pass
-        return len(ids) / (time.perf_counter() - start)
+        for _ in range(args.loader_passes):
+            for _ in loader:
+                pass
+        return args.loader_passes * len(ids) / (time.perf_counter() - start)
 
     plain, cached = pass_rate(None), pass_rate(cache)
     return {"loader_plain_ips": plain, "loader_cached_ips": cached, "loader_speedup": cached / plain,

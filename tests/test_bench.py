@@ -5,7 +5,7 @@ import bench
 
 def test_bench_runs_on_cpu_and_writes_its_json(tmp_path):
     result = bench.main(bench.parse_args(
-        ["--images", "6", "--image-px", "120", "90", "--steps", "1", "--out-dim", "256", "--local-crops", "2",
+        ["--images", "6", "--loader-passes", "1", "--image-px", "120", "90", "--steps", "1", "--out-dim", "256", "--local-crops", "2",
          "--img-size", "32", "--bs", "4", "--workers", "0", "--device", "cpu", "--out", str(tmp_path)]))
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["loader_speedup"] == result["loader_speedup"] > 0
