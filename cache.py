@@ -2,7 +2,7 @@
 (App. C.5.2), so the resized uint8 pixels can be computed once and memory-mapped
 by every later epoch, run and loader worker without changing a single sample.
 
-A cache folder holds `pixels.u8` (all images back to back, (3, H, W) uint8 each)
+A cache folder holds `pixels.u8` (all images back to back, (H, W, 3) uint8 each)
 and `index.json` (shapes and offsets). Its name carries a hash of the data root,
 the mode, the size, and every file's path, byte size and modification time: a
 changed, added or removed file gives a new cache, and the stale one is removed.
@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,12 +29,12 @@ from data import DataIndex, load_image, load_resized
 DEFAULT_DIR = "runs/cache"
 
 
-def _fit(path: Path, max_side: int) -> torch.Tensor:
+def _fit(path: Path, max_side: int) -> np.ndarray:
     img = load_image(path)
     scale = max_side / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+    return np.asarray(img)
 
 
 def _key(index: DataIndex, mode: str, size: int) -> tuple[str, str]:
@@ -50,8 +49,8 @@ def _key(index: DataIndex, mode: str, size: int) -> tuple[str, str]:
 
 
 class ImageCache:
-    """Read side: cache[i] is image i of the index it was built for, a uint8
-    (3, H, W) tensor. The memory map is opened lazily in each process, so
+    """Read side: cache[i] is image i of the index it was built for, (H, W, 3)
+    uint8 pixels. The memory map is opened lazily in each process, so
     loader workers share the page cache instead of pickled copies."""
 
     def __init__(self, folder: Path):
@@ -63,12 +62,12 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> np.ndarray:
         if self._pixels is None:
             self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
-        c, h, w = self.shapes[i]
+        h, w, c = self.shapes[i]
         start = self.offsets[i]
-        return torch.from_numpy(np.array(self._pixels[start:start + c * h * w]).reshape(c, h, w))
+        return np.array(self._pixels[start:start + h * w * c]).reshape(h, w, c)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pixels": None}
@@ -90,10 +89,10 @@ def open_cache(index: DataIndex, mode: str, size: int, cache_dir: str | Path, wo
     with open(tmp / "pixels.u8", "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
         images = pool.map(load, (index.root / p for p in index.paths))
         for x in tqdm(images, total=len(index.paths), desc=f"caching images ({mode} {size})"):
-            f.write(x.numpy().tobytes())
+            f.write(x.tobytes())
             shapes.append(list(x.shape))
             offsets.append(offset)
-            offset += x.numel()
+            offset += x.size
     (tmp / "index.json").write_text(json.dumps({"paths": index.paths, "shapes": shapes, "offsets": offsets}))
     for stale in cache_dir.glob(f"{prefix}-*"):
         shutil.rmtree(stale, ignore_errors=True)

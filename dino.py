@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
@@ -60,7 +61,7 @@ class MultiCropAugment:
     """2 global crops (`global_size`, blur p=1 on the first; blur p=0.1 and
     solarize p=0.2 on the second) and `local_crops` crops at `local_size`
     (blur p=0.5); every view: flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1)
-    p=0.8, grayscale p=0.2. Input: a uint8 (3, H, W) image; output: uint8 views."""
+    p=0.8, grayscale p=0.2. Input: an RGB PIL image; output: a list of them."""
 
     def __init__(self, global_size: int, local_size: int, local_crops: int,
                  global_scale: tuple[float, float], local_scale: tuple[float, float]):
@@ -75,7 +76,7 @@ class MultiCropAugment:
         self.local = v2.Compose([crop(local_size, local_scale), *flip_jitter, _blur(local_size, 0.5)])
         self.local_crops = local_crops
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image) -> list[Image.Image]:
         return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.local_crops)]
 
 

@@ -66,7 +66,7 @@ def test_unlabelled_folder_is_all_train(tmp_path):
 def test_every_image_mode_becomes_three_channel_uint8(tmp_path, mode, ext):
     path = write_image(tmp_path / f"x.{ext}", mode)
     x = load_resized(path, 24)
-    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
+    assert x.shape == (24, 24, 3) and x.dtype == np.uint8
 
 
 def test_16_bit_grayscale_is_rescaled_not_clipped(tmp_path):
@@ -74,7 +74,7 @@ def test_16_bit_grayscale_is_rescaled_not_clipped(tmp_path):
     path = tmp_path / "mri.png"
     Image.fromarray(arr).save(path)
     assert Image.open(path).mode.startswith("I")
-    x = load_resized(path, 50)[0].float()
+    x = torch.from_numpy(load_resized(path, 50)[..., 0].astype(np.float32))
     row = x[5]
     assert row.min() == 0 and row.max() == 255  # the full range is used, not clipped at 255
     assert (row.diff() >= 0).all() and len(row.unique()) > 40  # gradient kept

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import checkpoint
@@ -114,9 +115,9 @@ def test_last_layer_frozen_in_epoch_0_only_and_clipping_per_parameter():
 
 def test_multicrop_views_and_network_grouping():
     aug = MultiCropAugment(64, 32, 3, (0.14, 1.0), (0.05, 0.14))
-    views = aug(torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8))
-    assert [tuple(v.shape) for v in views] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 3
-    assert all(v.dtype == torch.uint8 for v in views)
+    views = aug(Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)))
+    assert [v.size for v in views] == [(64, 64)] * 2 + [(32, 32)] * 3
+    views = [torch.from_numpy(np.array(v)).permute(2, 0, 1) for v in views]
     calls = []
     backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
