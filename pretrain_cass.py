@@ -247,7 +247,7 @@ def main(args: argparse.Namespace) -> Path:
     pretraining.run_epochs(
         cfg, out, start, train_epoch, lambda epoch: resume_state(arms, scaler, cfg, splits, epoch), describe,
         "both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree on "
-        "it, so the low loss means little; ImageNet initialisation (the paper's setting) avoids this", monitor)
+        "it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)", monitor)
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"
           + (" --epochs 10" if cfg.demo else ""))
