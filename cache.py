@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import DataIndex, load_image, load_resized
+from data import DataIndex, file_signature, load_image, load_resized
 
 DEFAULT_DIR = "runs/cache"
 
@@ -41,11 +41,7 @@ def _key(index: DataIndex, mode: str, size: int) -> tuple[str, str]:
     """(prefix naming root, mode and size; full name adding the content hash)."""
     root_hash = hashlib.sha256(str(index.root).encode()).hexdigest()[:8]
     prefix = f"{index.root.name or 'data'}-{root_hash}-{mode}{size}"
-    content = hashlib.sha256()
-    for rel in index.paths:
-        st = (index.root / rel).stat()
-        content.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return prefix, f"{prefix}-{content.hexdigest()[:16]}"
+    return prefix, f"{prefix}-{file_signature(index.root, index.paths)}"
 
 
 class ImageCache:

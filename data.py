@@ -10,6 +10,9 @@ Three layouts are read (see README, "Data layouts"):
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,9 +227,12 @@ def _index_csv(csv_path: Path) -> DataIndex:
                      multilabel=True, skipped=skipped)
 
 
-def index_data(data: str | Path, workers: int = 2, check_images: bool = True) -> DataIndex:
+def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
+               memo_dir: str | Path | None = None) -> DataIndex:
     """Find the layout of `data`, list its images and labels, and drop (and
-    record in `skipped`) every file PIL cannot fully decode."""
+    record in `skipped`) every file PIL cannot fully decode. With `memo_dir`
+    (the cache folder) the check's verdicts are kept there, keyed by
+    file_signature, so later runs on unchanged files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -241,17 +247,45 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True) ->
     else:
         index = _index_folder(path)
     if check_images:
-        index = _drop_unreadable(index, workers)
+        index = _drop_unreadable(index, workers, memo_dir)
     print(f"data: {index.describe()}", flush=True)
     for item in index.skipped[:10]:
         print(f"  skipped {item['path']}: {item['reason']}")
     return index
 
 
-def _drop_unreadable(index: DataIndex, workers: int) -> DataIndex:
+def file_signature(root: Path, paths: list[str]) -> str:
+    """A hash of the root and every file's path, byte size and modification
+    time: it changes when any file is changed, added or removed."""
+    h = hashlib.sha256(str(root).encode())
+    for rel in paths:
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _check(index: DataIndex, workers: int, memo_dir: str | Path | None) -> list[str | None]:
+    """Why each image cannot be read (None: it can), remembered in `memo_dir`."""
+    prefix = f"checked-{hashlib.sha256(str(index.root).encode()).hexdigest()[:8]}"
+    memo = Path(memo_dir) / f"{prefix}-{file_signature(index.root, index.paths)}.json" if memo_dir else None
+    if memo is not None and memo.is_file():
+        bad = json.loads(memo.read_text())
+        return [bad.get(p) for p in index.paths]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         reasons = list(tqdm(pool.map(unreadable_reason, (index.root / p for p in index.paths)),
                             total=len(index.paths), desc="checking images", leave=False))
+    if memo is not None and rank() == 0:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(memo.name + ".tmp")
+        tmp.write_text(json.dumps({p: r for p, r in zip(index.paths, reasons) if r}))
+        for stale in memo.parent.glob(f"{prefix}-*.json"):  # verdicts on an older state of the files
+            stale.unlink()
+        os.replace(tmp, memo)
+    return reasons
+
+
+def _drop_unreadable(index: DataIndex, workers: int, memo_dir: str | Path | None) -> DataIndex:
+    reasons = _check(index, workers, memo_dir)
     bad = [i for i, r in enumerate(reasons) if r]
     if not bad:
         return index

@@ -205,7 +205,8 @@ def main(args: argparse.Namespace) -> dict:
     print_args(args)
     dtype = amp_dtype(args.amp, device)
 
-    index = index_data(args.data or info["data"], workers=args.workers)
+    index = index_data(args.data or info["data"], workers=args.workers,
+                       memo_dir=args.cache_dir if args.cache == "on" else None)
     if not index.labelled:
         raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
     if index.multilabel and args.focal == "softmax":

@@ -95,7 +95,7 @@ def train_data(cfg: argparse.Namespace, state: dict | None, out: Path, size: int
     """Index the data, fix (or restore) the split, write splits.json and
     args.json, and return a loader over the train split only (Sec. 4.1),
     reading from the decode-once cache `cache_spec` = (mode, size) unless --cache off."""
-    index = index_data(cfg.data, workers=cfg.workers)
+    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     if is_main():
         write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,

@@ -4,6 +4,7 @@ import time
 import numpy as np
 import torch
 
+import data
 from cache import ImageCache, open_cache
 from conftest import class_folders, write_image
 from data import ImageDataset, index_data, load_image, make_loader, train_augment
@@ -52,3 +53,22 @@ def test_fit_mode_keeps_aspect_ratio_and_caps_the_longer_side(tmp_path):
     small = np.asarray(load_image(tmp_path / "d" / "small.png"))
     assert np.array_equal(cache[index.paths.index("small.png")], small)
     assert len(ImageCache(cache.folder)) == 2
+
+
+def test_image_check_verdicts_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    class_folders(tmp_path / "d", {"a": 3}, ext="png")
+    (tmp_path / "d" / "a" / "empty.png").write_bytes(b"")
+    first = index_data(tmp_path / "d", workers=1, memo_dir=tmp_path / "cache")
+    assert [s["path"] for s in first.skipped] == ["a/empty.png"]
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded again")
+
+    monkeypatch.setattr(data, "unreadable_reason", no_decoding)
+    again = index_data(tmp_path / "d", workers=1, memo_dir=tmp_path / "cache")
+    assert again.paths == first.paths and again.skipped == first.skipped
+    monkeypatch.undo()
+    write_image(tmp_path / "d" / "a" / "new.png")
+    changed = index_data(tmp_path / "d", workers=1, memo_dir=tmp_path / "cache")
+    assert "a/new.png" in changed.paths
+    assert len(list((tmp_path / "cache").glob("checked-*.json"))) == 1  # the stale verdicts are gone
