@@ -23,27 +23,27 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pretrain_cass
 import pretrain_dino
-from cache import open_cache
-from cli import new_parser, non_negative_int, positive_int, run_cli
-from data import ImageDataset, index_data, make_loader, train_augment
+import runtime as rt
+from checkpoint import prepare_out_dir, write_json
+from data import index_data, keyed_path
 from losses import cass_loss
 from models import normalise
-from runtime import amp_dtype, autocast, grad_scaler, pick_device, prepare_out_dir, write_json
+from pixels import ImageDataset, open_cache, train_augment, train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
+    p = rt.new_parser(__doc__)
     p.add_argument("--cnn", default="test_resnet", help="timm CNN (paper: resnet50)")
     p.add_argument("--vit", default="test_vit", help="timm Transformer (paper: vit_base_patch16_384)")
-    p.add_argument("--img-size", type=positive_int, default=64, help="input size (paper: 384)")
-    p.add_argument("--bs", type=positive_int, default=16, help="batch size (paper: 16)")
-    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per model setting")
-    p.add_argument("--images", type=positive_int, default=48, help="generated JPEGs for the loader test")
-    p.add_argument("--image-px", type=positive_int, nargs=2, default=[1000, 800], help="their width and height")
-    p.add_argument("--workers", type=non_negative_int, default=2, help="loader workers, both paths")
-    p.add_argument("--loader-passes", type=positive_int, default=5, help="timed passes over the images, each path")
-    p.add_argument("--out-dim", type=positive_int, default=65536, help="DINO head output dimension")
-    p.add_argument("--local-crops", type=non_negative_int, default=8, help="DINO local crops")
+    p.add_argument("--img-size", type=rt.positive_int, default=64, help="input size (paper: 384)")
+    p.add_argument("--bs", type=rt.positive_int, default=16, help="batch size (paper: 16)")
+    p.add_argument("--steps", type=rt.positive_int, default=5, help="timed steps per model setting")
+    p.add_argument("--images", type=rt.positive_int, default=48, help="generated JPEGs for the loader test")
+    p.add_argument("--image-px", type=rt.positive_int, nargs=2, default=[1000, 800], help="their width and height")
+    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="loader workers, both paths")
+    p.add_argument("--loader-passes", type=rt.positive_int, default=5, help="timed passes over the images, each path")
+    p.add_argument("--out-dim", type=rt.positive_int, default=65536, help="DINO head output dimension")
+    p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
@@ -69,21 +69,22 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> Path:
 def loader_speed(args, folder: Path) -> dict:
     """images/s over --loader-passes passes (after a warm-up pass), same augmentations and workers."""
     index = index_data(folder, workers=args.workers, check_images=False)
-    ids = list(range(len(index.paths)))
     start = time.perf_counter()
-    cache = open_cache(index, "square", args.img_size, Path(args.out) / "cache", args.workers)
+    cache = open_cache(keyed_path(Path(args.out) / "cache", index.root, index.paths, f"square{args.img_size}"),
+                       index.root, index.paths, "square", args.img_size, args.workers)
     build = time.perf_counter() - start
 
     def pass_rate(source) -> float:
-        loader = make_loader(ImageDataset(index, ids, args.img_size, train_augment(args.img_size), source), args.bs,
-                             shuffle=True, seed=0, workers=args.workers)
+        loader = train_loader(ImageDataset(index.root, index.paths, index.targets, args.img_size,
+                                           train_augment(args.img_size), source), args.bs, seed=0,
+                              workers=args.workers)
         for _ in loader:  # warm-up: worker start, file system cache
             pass
         start = time.perf_counter()
         for _ in range(args.loader_passes):
             for _ in loader:
                 pass
-        return args.loader_passes * len(ids) / (time.perf_counter() - start)
+        return args.loader_passes * len(index.paths) / (time.perf_counter() - start)
 
     plain, cached = pass_rate(None), pass_rate(cache)
     return {"loader_plain_ips": plain, "loader_cached_ips": cached, "loader_speedup": cached / plain,
@@ -119,7 +120,7 @@ def cass_speed(args, device, dtype, grad_ckpt: bool = False, bs: int | None = No
                                    + (["--grad-ckpt"] if grad_ckpt else []))
     arms = [pretrain_cass.build_arm("cnn", args.cnn, None, cfg, device),
             pretrain_cass.build_arm("vit", args.vit, None, cfg, device)]
-    loader, scaler = Batches((images(bs, args.img_size, device), None), args.steps), grad_scaler(device, dtype)
+    loader, scaler = Batches((images(bs, args.img_size, device), None), args.steps), rt.grad_scaler(device, dtype)
     for epoch in (0, 1):
         stats = pretrain_cass.train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
     return {"ips": stats["images_per_s"], "arms": arms}
@@ -134,11 +135,10 @@ def dino_speed(args, arch: str, device, dtype) -> float:
         [images(args.bs, cfg.local_size, device) for _ in range(args.local_crops)]
     opt, loss_fn = pretrain_dino.optimizer_and_loss(cfg, student, device)
     loader = Batches((views, None), args.steps)
-    sched = pretrain_dino.schedules(cfg, len(loader))
+    run = pretrain_dino.Training(student, teacher, student, teacher, loss_fn, opt, rt.grad_scaler(device, dtype),
+                                 pretrain_dino.schedules(cfg, len(loader)), mean, std)
     for epoch in (0, 1):
-        stats = pretrain_dino.train_one_epoch(pretrain_dino.Nets(student, teacher, student, teacher), loss_fn,
-                                              loader, opt, grad_scaler(device, dtype), sched, (mean, std), cfg,
-                                              device, dtype, epoch)
+        stats = pretrain_dino.train_one_epoch(run, loader, cfg, device, dtype, epoch)
     return stats["images_per_s"]
 
 
@@ -146,7 +146,7 @@ def cass_flops_per_image(arms, args, device, dtype) -> float:
     """Forward + backward FLOPs of one CASS step (both arms), per image."""
     x = images(args.bs, args.img_size, device)
     with FlopCounterMode(display=False) as counter:
-        with autocast(device, dtype):
+        with rt.autocast(device, dtype):
             r = arms[0].model(normalise(x, arms[0].mean, arms[0].std))
             t = arms[1].model(normalise(x, arms[1].mean, arms[1].std))
         cass_loss(r, t).backward()
@@ -177,13 +177,13 @@ def cuda_memory(args, device) -> dict:
         for ckpt in (False, True):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            cass_speed(args, device, amp_dtype(amp, device), grad_ckpt=ckpt)
+            cass_speed(args, device, rt.amp_dtype(amp, device), grad_ckpt=ckpt)
             out[f"peak_gib_amp_{amp}_ckpt_{ckpt}"] = torch.cuda.max_memory_allocated() / 2**30
     fits, bs = args.bs, args.bs
     while bs <= 4096:
         try:
             torch.cuda.empty_cache()
-            cass_speed(args, device, amp_dtype("auto", device), bs=bs)
+            cass_speed(args, device, rt.amp_dtype("auto", device), bs=bs)
             fits, bs = bs, bs * 2
         except torch.OutOfMemoryError:
             break
@@ -193,8 +193,8 @@ def cuda_memory(args, device) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     out = prepare_out_dir(Path(args.out))
-    device = pick_device(args.device)
-    dtype = amp_dtype(args.amp, device)
+    device = rt.pick_device(args.device)
+    dtype = rt.amp_dtype(args.amp, device)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(dtype or torch.float32), "config": vars(args)}
@@ -219,4 +219,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

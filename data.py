@@ -1,6 +1,6 @@
-"""Data: finding images and labels on disk, reading any image as RGB, seeded
-stratified splits and label fractions, the paper's augmentations (App. C.5.2)
-and a loader whose order and augmentations depend only on (seed, epoch, index).
+"""What is on disk: the images and labels of a data set, which of them can be
+read, seeded stratified splits and label fractions, and a small generated
+demo set. How pixels then reach a model is pixels.py.
 
 Three layouts are read (see README, "Data layouts"):
   1. DIR/<class>/**/*.jpg             class folders (or a flat folder: unlabelled)
@@ -13,29 +13,24 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
+from PIL import Image
 from tqdm import tqdm
 
-from runtime import UserError, rank, world_size
+from errors import UserError
 
-# Deliberate limit on image size: PIL's default (about 89 M pixels, an error at
-# twice that) guards against decompression bombs; whole-slide scans can be
-# larger, so the limit is raised to 400 M pixels and larger files are skipped
-# with a reason instead of crashing a run.
-MAX_PIXELS = 400_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
-AUGMENTATIONS = ("paper", "blur", "solarize", "blur+solarize")  # Table 9
+# Larger files are skipped with a reason. This is where Pillow's own guard
+# against decompression bombs turns from a warning into an error; Pillow's
+# global limit is left as it is.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -62,79 +57,28 @@ class DataIndex:
         return (f"{self.layout} at {self.source}: {len(self.paths)} images, "
                 f"{len(self.classes)} classes, {kind}{given}, {len(self.skipped)} skipped")
 
-    def class_counts(self, indices: list[int]) -> np.ndarray:
-        """Examples (multi-class) or positives (multi-label) per class among `indices`."""
+    def part(self, ids: list[int]) -> tuple[list[str], np.ndarray | None]:
+        """(paths, targets) of the images at positions `ids`: what pixels.ImageDataset takes."""
+        return [self.paths[i] for i in ids], None if self.targets is None else self.targets[ids]
+
+    def class_counts(self, ids: list[int]) -> np.ndarray:
+        """Examples (multi-class) or positives (multi-label) per class among `ids`."""
         if self.multilabel:
-            return self.targets[indices].sum(0).astype(np.int64)
-        return np.bincount(self.targets[indices], minlength=len(self.classes))
+            return self.targets[ids].sum(0).astype(np.int64)
+        return np.bincount(self.targets[ids], minlength=len(self.classes))
 
 
-# --------------------------------------------------------------------- images
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB. 16-bit and float grayscale are min-max rescaled to
-    0..255 (a plain convert would clip them); palette/alpha go through RGBA."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.rint(arr).astype(np.uint8))
-    elif img.mode == "P" or img.mode == "LA":
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return to_rgb(ImageOps.exif_transpose(img))
-
-
-def load_resized(path: Path, size: int | None) -> np.ndarray:
-    """The deterministic first step of every pipeline: (size, size, 3) uint8
-    pixels, bilinear resize as in App. C.5.2; size None keeps the original
-    (DINO crops it). This is what the decode-once cache stores."""
-    img = load_image(path)
-    if size is not None:
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img)
-
-
-def to_chw(pixels: np.ndarray | Image.Image) -> torch.Tensor:
-    """(H, W, 3) pixels or an RGB image -> a (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def unreadable_reason(path: Path) -> str | None:
-    """None if PIL decodes the whole file, else why not. JPEG decodes in draft
-    (1/8 scale) mode, which still reads every byte, so truncation is caught."""
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
-            img.draft("RGB", (64, 64))
-            img.load()
-    except Exception as err:  # PIL raises many types for bad files
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-# ------------------------------------------------------------------- indexing
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
-
-
+# ------------------------------------------------------------------- layouts
 def _find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
-                  if _is_image(p) and p.is_file()
+                  if p.suffix.lower() in IMAGE_EXTS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
     """{class name: images} for layout 1; {} if no sub-folder holds images."""
-    found = {sub.name: _find_images(sub) for sub in _subfolders(folder)}
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = {sub.name: _find_images(sub) for sub in subs}
     if not any(found.values()):
         return {}
     empty = [name for name, files in found.items() if not files]
@@ -147,10 +91,9 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 def _index_folder(root: Path) -> DataIndex:
     found = _class_folders(root)
     if found:
-        classes = list(found)
         paths = [f.relative_to(root).as_posix() for files in found.values() for f in files]
         targets = np.array([i for i, files in enumerate(found.values()) for _ in files], dtype=np.int64)
-        return DataIndex(root, root, "class folders", paths, targets, classes)
+        return DataIndex(root, root, "class folders", paths, targets, list(found))
     files = _find_images(root)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
@@ -179,9 +122,8 @@ def _resolve_csv_path(root: Path, name: str) -> Path | None:
     if path.is_file():
         return path
     if not path.suffix:  # ISIC's ground-truth CSV names images without extension
-        for ext in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"):
-            if path.with_suffix(ext).is_file():
-                return path.with_suffix(ext)
+        return next((path.with_suffix(ext) for ext in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+                     if path.with_suffix(ext).is_file()), None)
     return None
 
 
@@ -230,9 +172,9 @@ def _index_csv(csv_path: Path) -> DataIndex:
 def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
                memo_dir: str | Path | None = None) -> DataIndex:
     """Find the layout of `data`, list its images and labels, and drop (and
-    record in `skipped`) every file PIL cannot fully decode. With `memo_dir`
-    (the cache folder) the check's verdicts are kept there, keyed by
-    file_signature, so later runs on unchanged files do not decode them again."""
+    record in `skipped`) every file Pillow cannot fully decode. With `memo_dir`
+    the check's verdicts are kept there (see `keyed_path`), so later runs on
+    unchanged files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -247,56 +189,77 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
     else:
         index = _index_folder(path)
     if check_images:
-        index = _drop_unreadable(index, workers, memo_dir)
+        index = _drop_unreadable(index, _check(index, workers, memo_dir))
     print(f"data: {index.describe()}", flush=True)
     for item in index.skipped[:10]:
         print(f"  skipped {item['path']}: {item['reason']}")
     return index
 
 
-def file_signature(root: Path, paths: list[str]) -> str:
-    """A hash of the root and every file's path, byte size and modification
-    time: it changes when any file is changed, added or removed."""
+# ------------------------------------------------------------- readability
+def unreadable_reason(path: Path) -> str | None:
+    """None if Pillow decodes the whole file, else why not. JPEG decodes in
+    draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
+            img.draft("RGB", (64, 64))
+            img.load()
+    except Exception as err:  # Pillow raises many types for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:
+    """folder/<root name>-<root hash>-<tag>-<content hash>: the name changes when
+    any file under `root` is changed (byte size, modification time), added or
+    removed. Files made from the data (image checks, pixel caches) live at such
+    paths, so stale ones are never read; `drop_stale` removes them."""
     h = hashlib.sha256(str(root).encode())
     for rel in paths:
         st = (root / rel).stat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    root_hash = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return Path(folder) / f"{root.name or 'data'}-{root_hash}-{tag}-{h.hexdigest()[:16]}"
+
+
+def drop_stale(path: Path) -> None:
+    """Remove the siblings of a keyed path made for older states of the same data and tag."""
+    for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*"):
+        if stale != path and not stale.name.startswith("."):
+            stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check(index: DataIndex, workers: int, memo_dir: str | Path | None) -> list[str | None]:
     """Why each image cannot be read (None: it can), remembered in `memo_dir`."""
-    prefix = f"checked-{hashlib.sha256(str(index.root).encode()).hexdigest()[:8]}"
-    memo = Path(memo_dir) / f"{prefix}-{file_signature(index.root, index.paths)}.json" if memo_dir else None
+    memo = keyed_path(memo_dir, index.root, index.paths, "checked") if memo_dir else None
     if memo is not None and memo.is_file():
         bad = json.loads(memo.read_text())
         return [bad.get(p) for p in index.paths]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         reasons = list(tqdm(pool.map(unreadable_reason, (index.root / p for p in index.paths)),
                             total=len(index.paths), desc="checking images", leave=False))
-    if memo is not None and rank() == 0:
+    if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(memo.name + ".tmp")
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")  # renamed whole: never half-written
         tmp.write_text(json.dumps({p: r for p, r in zip(index.paths, reasons) if r}))
-        for stale in memo.parent.glob(f"{prefix}-*.json"):  # verdicts on an older state of the files
-            stale.unlink()
         os.replace(tmp, memo)
+        drop_stale(memo)
     return reasons
 
 
-def _drop_unreadable(index: DataIndex, workers: int, memo_dir: str | Path | None) -> DataIndex:
-    reasons = _check(index, workers, memo_dir)
-    bad = [i for i, r in enumerate(reasons) if r]
-    if not bad:
-        return index
+def _drop_unreadable(index: DataIndex, reasons: list[str | None]) -> DataIndex:
     keep = [i for i, r in enumerate(reasons) if not r]
+    if len(keep) == len(reasons):
+        return index
     if not keep:
         raise UserError(f"none of the {len(reasons)} images under {index.root} could be read")
     new_pos = {old: new for new, old in enumerate(keep)}
     given = None
     if index.given_split:
         given = {name: [new_pos[i] for i in idx if i in new_pos] for name, idx in index.given_split.items()}
-    skipped = index.skipped + [{"path": index.paths[i], "reason": reasons[i]} for i in bad]
+    skipped = index.skipped + [{"path": index.paths[i], "reason": r} for i, r in enumerate(reasons) if r]
     return DataIndex(index.source, index.root, index.layout, [index.paths[i] for i in keep],
                      None if index.targets is None else index.targets[keep], index.classes,
                      index.multilabel, given, skipped)
@@ -315,35 +278,27 @@ def _strata(index: DataIndex) -> np.ndarray:
     return np.where(index.targets.any(1), rarity.argmin(1), len(index.classes))
 
 
-def _carve(pool: np.ndarray, keys: np.ndarray, fractions: dict[str, float],
-           rng: np.random.Generator) -> dict[str, list[int]]:
-    """Split `pool` per stratum; each named part takes round(f * n), at least one image stays in train."""
-    parts = {"train": [], **{name: [] for name in fractions}}
-    for key in np.unique(keys[pool]):
-        group = rng.permutation(pool[keys[pool] == key])
-        start = 0
-        for name, frac in fractions.items():
-            n = max(0, min(int(round(frac * len(group))), len(group) - start - 1))
-            parts[name] += group[start:start + n].tolist()
-            start += n
-        parts["train"] += group[start:].tolist()
-    return parts
-
-
 def make_splits(index: DataIndex, seed: int) -> dict[str, list[str]]:
     """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's
-    split is kept and only its missing parts are carved out of train; unlabelled
+    split is kept and only its missing parts are carved out of train, per
+    stratum (round(f * n) each, at least one image left in train); unlabelled
     data is all train (there is nothing to evaluate)."""
-    everything = np.arange(len(index.paths))
     if not index.labelled:
         return {"train": index.paths[:], "val": [], "test": []}
     given = index.given_split or {}
-    pool = np.array(given.get("train", everything), dtype=np.int64)
+    pool = np.array(given.get("train", range(len(index.paths))), dtype=np.int64)
     missing = [name for name in ("val", "test") if name not in given]
     share = SPLIT_RATIOS["train"] + sum(SPLIT_RATIOS[m] for m in missing)
-    parts = _carve(pool, _strata(index), {m: SPLIT_RATIOS[m] / share for m in missing},
-                   np.random.default_rng(seed))
-    parts.update({name: idx for name, idx in given.items() if name != "train"})
+    rng, keys = np.random.default_rng(seed), _strata(index)
+    parts = {"train": [], **{name: idx for name, idx in given.items() if name != "train"}}
+    parts.update({m: [] for m in missing})
+    for key in np.unique(keys[pool]):
+        group, start = rng.permutation(pool[keys[pool] == key]), 0
+        for name in missing:
+            n = max(0, min(int(round(SPLIT_RATIOS[name] / share * len(group))), len(group) - start - 1))
+            parts[name] += group[start:start + n].tolist()
+            start += n
+        parts["train"] += group[start:].tolist()
     return {name: [index.paths[i] for i in sorted(parts[name])] for name in SPLIT_RATIOS}
 
 
@@ -372,8 +327,7 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
     chosen = set()
     for key in np.unique(keys):
         group = train[keys == key]
-        n = max(1, int(round(frac * len(group))))
-        chosen.update(rng.choice(group, n, replace=False).tolist())
+        chosen.update(rng.choice(group, max(1, int(round(frac * len(group)))), replace=False).tolist())
     if index.multilabel:
         for c in range(len(index.classes)):
             positives = train[index.targets[train, c] > 0]
@@ -382,90 +336,45 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
     return sorted(chosen)
 
 
-# -------------------------------------------------------- augmentations, loader
-def train_augment(size: int, variant: str = "paper") -> v2.Compose:
-    """App. C.5.2 on a resized RGB image; `variant` adds Table 9's solarize
-    and/or Gaussian blur (BYOL-like settings; the paper gives none). Applied to
-    PIL images, as the published code did: Pillow's kernels are also about
-    2.5x faster on the CPU than torchvision's tensor kernels at 384 px."""
-    ops = [
-        v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomPerspective(0.2, p=1.0)], p=0.3),
-        v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomAffine(degrees=10)], p=0.3),
-        v2.RandomVerticalFlip(0.3),
-        v2.RandomHorizontalFlip(0.3),
-    ]
-    if "blur" in variant:
-        ops.append(v2.RandomApply([v2.GaussianBlur(2 * int(0.05 * size) + 1, sigma=(0.1, 2.0))], p=0.5))
-    if "solarize" in variant:
-        ops.append(v2.RandomSolarize(threshold=128, p=0.2))
-    return v2.Compose(ops)
+# ------------------------------------------------------------------ the demo
+DEMO_CLASSES = ("stripes", "rings", "checks", "blobs")
+DEMO_HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], dtype=float)
 
 
-class ImageDataset(Dataset):
-    """Items are (uint8 image (3, size, size), target), the image passed through
-    `augment` (PIL image in, PIL image or list of them out: DINO's multi-crop)
-    if one is given. Normalisation happens on the device, per model
-    (models.normalise). Unlabelled targets are -1. With a `cache`
-    (cache.ImageCache of the whole index) the decoded, resized pixels come from
-    its memory map instead of the image files."""
-
-    def __init__(self, index: DataIndex, indices: list[int], size: int | None, augment=None, cache=None):
-        self.root, self.size, self.augment, self.cache = index.root, size, augment, cache
-        self.ids = list(indices)
-        self.paths = [index.paths[i] for i in indices]
-        if index.targets is None:
-            self.targets = torch.full((len(indices),), -1, dtype=torch.int64)
-        else:
-            self.targets = torch.from_numpy(index.targets[indices])
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: tuple[int, int]):
-        i, sample_seed = key
-        if self.cache is not None:
-            pixels = self.cache[self.ids[i]]
-        else:
-            pixels = load_resized(self.root / self.paths[i], self.size)
-        if self.augment is None:
-            return to_chw(pixels), self.targets[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            views = self.augment(Image.fromarray(pixels))
-        x = [to_chw(v) for v in views] if isinstance(views, list) else to_chw(views)
-        return x, self.targets[i]
+def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) float pattern in [0, 1]; position, scale and angle vary per image."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cx, cy = rng.uniform(0.2, 0.8, 2)
+    freq = rng.uniform(4, 9)
+    if kind == "stripes":
+        angle = rng.uniform(0, np.pi)
+        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+    if kind == "rings":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * np.hypot(xx - cx, yy - cy))
+    if kind == "checks":
+        return ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(float)
+    blobs = np.zeros((size, size))
+    for bx, by, r in rng.uniform([0, 0, 0.05], [1, 1, 0.15], (4, 3)):
+        blobs += np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * r**2))
+    return np.clip(blobs, 0, 1)
 
 
-class SeededSampler(Sampler):
-    """Yields (index, sample seed): the order and every image's augmentation are
-    a function of (seed, epoch, index) only, whatever the worker count, so a
-    resumed run sees exactly the samples an uninterrupted one would. Under
-    torchrun, process r of W takes positions r, r + W, ... of the same global
-    order (the tail that does not divide by W is dropped), so W processes at
-    batch B see, step by step, the images one process sees at batch W * B."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, shard: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-        self.rank, self.world = (rank(), world_size()) if shard else (0, 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(2**62, (self.n,), generator=g)
-        mine = order[: len(self) * self.world][self.rank::self.world]
-        return iter([(int(i), int(seeds[i])) for i in mine])
-
-
-def make_loader(dataset: ImageDataset, bs: int, *, shuffle: bool, seed: int, workers: int,
-                drop_last: bool = False, pin_memory: bool = False, shard: bool = True) -> DataLoader:
-    """Call `loader.sampler.set_epoch(epoch)` before each epoch. `shard=False`:
-    every process sees every image (evaluation under torchrun)."""
-    return DataLoader(dataset, batch_size=bs, sampler=SeededSampler(len(dataset), seed, shuffle, shard),
-                      num_workers=workers, drop_last=drop_last and len(dataset) >= bs,
-                      pin_memory=pin_memory, persistent_workers=workers > 0)
+def make_demo_dataset(root: Path, per_class: int = 40, size: int = 96, seed: int = 0) -> Path:
+    """Write `per_class` images of each of four learnable texture classes to
+    root/<class>/ (PNG and JPEG alternately; a texture in a class tint over a
+    dark random background) and return root. Reuses a complete earlier copy."""
+    root = Path(root)
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for kind, hue in zip(DEMO_CLASSES, DEMO_HUES):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            fg, bg = np.clip(hue + rng.normal(0, 30, 3), 0, 255), rng.uniform(0, 90, 3)
+            mix = _pattern(kind, size, rng)[..., None]
+            img = mix * fg + (1 - mix) * bg + rng.normal(0, 12, (size, size, 3))
+            ext = "png" if i % 2 == 0 else "jpg"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / kind / f"{kind}_{i:03d}.{ext}")
+    marker.write_text("demo data set complete\n")
+    return root

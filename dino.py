@@ -1,11 +1,12 @@
 """The pieces of DINO (Caron et al. 2021; facebookresearch/dino) that the
 baseline needs beyond CASS's: projection head, multi-crop views and network,
-per-step schedules, teacher EMA, gradient clipping and last-layer freezing.
-The loss lives in losses.DINOLoss."""
+per-step schedules, teacher EMA, gradient clipping, last-layer freezing, and
+the self-distillation loss with its centring."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -124,3 +125,50 @@ def local_size_for(global_size: int) -> int:
     """DINO's 96 px local crops at 224 px global crops, scaled to `global_size`
     and rounded to a multiple of 16 (a ViT's patch size)."""
     return max(16, 16 * round(96 * global_size / 224 / 16))
+
+
+class DINOLoss(nn.Module):
+    """DINO's self-distillation loss (Caron et al. 2021).
+
+    Teacher targets softmax((t - center) / tau_t) over the 2 global views,
+    student log_softmax(s / tau_s) over all `ncrops` views; the cross-entropy
+    is averaged over every (teacher view, different student view) pair. tau_t
+    warms up linearly from `warmup_teacher_temp` over the first
+    `warmup_teacher_temp_epochs` epochs (clipped to the run). The center is an
+    EMA (`center_momentum`) of the teacher's batch mean: the caller updates it
+    with `update_center` after a finite step, so a non-finite batch never
+    reaches it. student_output: (ncrops * B, K); teacher_output: (2 * B, K),
+    views stacked. Returns (loss, mean entropy of the teacher's targets).
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, epochs: int, *, warmup_teacher_temp: float = 0.04,
+                 teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
+                 student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        warm = min(warmup_teacher_temp_epochs, epochs)
+        self.teacher_temps = [warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * e / max(warm - 1, 1)
+                              for e in range(warm)] + [teacher_temp] * (epochs - warm)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        student_output, teacher_output = student_output.float(), teacher_output.float()
+        student = F.log_softmax(student_output / self.student_temp, dim=-1).chunk(self.ncrops)
+        teacher = F.softmax((teacher_output - self.center) / self.teacher_temps[epoch], dim=-1).detach()
+        entropy = -(teacher * teacher.clamp_min(1e-30).log()).sum(-1).mean().detach()
+        total, terms = 0.0, 0
+        for t_view, q in enumerate(teacher.chunk(2)):
+            for s_view, log_p in enumerate(student):
+                if s_view != t_view:
+                    total = total + (-q * log_p).sum(dim=-1).mean()
+                    terms += 1
+        return total / terms, entropy
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        if dist.is_initialized():  # the center follows the global batch under torchrun
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * (dist.get_world_size() if dist.is_initialized() else 1))
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -1,13 +1,11 @@
-"""Losses: CASS's cross-architecture loss (Eq. 1, Alg. 1), the focal loss of
-fine-tuning (App. C.6.2) with its class weights, and DINO's loss (the baseline)."""
+"""Losses: CASS's cross-architecture loss (Eq. 1, Alg. 1) and the focal loss
+of fine-tuning (App. C.6.2) with its class weights. DINO's loss is in dino.py."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 CLASS_WEIGHTS = ("minmax", "inverse", "none")
 FOCAL_FORMS = ("sigmoid", "softmax")
@@ -77,49 +75,3 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 1.
             loss = loss * weights.to(loss.device)[targets]
         return loss.mean()
     raise ValueError(f"unknown focal form {form!r}; choose from {FOCAL_FORMS}")
-
-
-class DINOLoss(nn.Module):
-    """DINO's self-distillation loss (Caron et al. 2021).
-
-    Teacher targets softmax((t - center) / tau_t) over the 2 global views,
-    student log_softmax(s / tau_s) over all `ncrops` views; the cross-entropy
-    is averaged over every (teacher view, different student view) pair. tau_t
-    warms up linearly from `warmup_teacher_temp` over the first
-    `warmup_teacher_temp_epochs` epochs (clipped to the run). The center is an
-    EMA (`center_momentum`) of the teacher's batch mean, updated after the loss.
-    student_output: (ncrops * B, K); teacher_output: (2 * B, K), views stacked.
-    """
-
-    def __init__(self, out_dim: int, ncrops: int, epochs: int, *, warmup_teacher_temp: float = 0.04,
-                 teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
-                 student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        warm = min(warmup_teacher_temp_epochs, epochs)
-        self.teacher_temps = [warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * e / max(warm - 1, 1)
-                              for e in range(warm)] + [teacher_temp] * (epochs - warm)
-        self.teacher_entropy = torch.zeros(())
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_output, teacher_output = student_output.float(), teacher_output.float()
-        student = F.log_softmax(student_output / self.student_temp, dim=-1).chunk(self.ncrops)
-        teacher = F.softmax((teacher_output - self.center) / self.teacher_temps[epoch], dim=-1).detach()
-        self.teacher_entropy = -(teacher * teacher.clamp_min(1e-30).log()).sum(-1).mean().detach()
-        total, terms = 0.0, 0
-        for t_view, q in enumerate(teacher.chunk(2)):
-            for s_view, log_p in enumerate(student):
-                if s_view != t_view:
-                    total = total + (-q * log_p).sum(dim=-1).mean()
-                    terms += 1
-        self.update_center(teacher_output)
-        return total / terms
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = teacher_output.sum(dim=0, keepdim=True)
-        if dist.is_initialized():  # the center follows the global batch under torchrun
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / (len(teacher_output) * (dist.get_world_size() if dist.is_initialized() else 1))
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

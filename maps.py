@@ -21,10 +21,11 @@ from torch import nn
 
 import checkpoint
 import plots
-from cli import new_parser, non_negative_int, positive_int, run_cli
-from data import ImageDataset, index_data, select
+import runtime as rt
+from data import index_data, select
+from errors import UserError
 from models import from_checkpoint, is_transformer, normalise
-from runtime import UserError, pick_device
+from pixels import ImageDataset
 
 
 def unit_range(maps: torch.Tensor) -> torch.Tensor:
@@ -105,13 +106,13 @@ def channel_grid(maps: torch.Tensor, count: int = 16) -> Image.Image:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
+    p = rt.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint, or two to compare side by side")
     p.add_argument("--images", help="a folder of images (default: the first checkpoint's test split)")
-    p.add_argument("--n", type=positive_int, default=30, help="images to map and average (Figs. 7-10: 30; ISIC 100)")
+    p.add_argument("--n", type=rt.positive_int, default=30, help="images to map and average (Figs. 7-10: 30; ISIC 100)")
     p.add_argument("--rollout", action="store_true", help="attention rollout instead of the last block's attention")
     p.add_argument("--out", default="runs/maps", help="folder for the PNG files")
-    p.add_argument("--workers", type=non_negative_int, default=2, help="workers for checking the images")
+    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="workers for checking the images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -119,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path, device) -> np.ndarray:
     """Write one checkpoint's per-image overlays and averaged heat map; return the (h, w) average."""
     model = from_checkpoint(ckpt).to(device).eval()
-    dataset = ImageDataset(index, ids, ckpt["img_size"])
-    raw = torch.stack([dataset[(i, 0)][0] for i in range(len(ids))]).to(device)
+    dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"])
+    raw = torch.stack([dataset[i][0] for i in range(len(ids))]).to(device)
     x = normalise(raw, ckpt["mean"], ckpt["std"])
     if is_transformer(ckpt["arch"]):
         kind, maps = "attention rollout" if args.rollout else "class-token attention", vit_attention(model, x,
@@ -143,7 +144,7 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
     if len(args.ckpt) > 2:
         raise UserError("pass one checkpoint, or two to compare")
     ckpts = [checkpoint.load(p, kind="model") for p in args.ckpt]
-    device = pick_device(args.device)
+    device = rt.pick_device(args.device)
     index = index_data(args.images or ckpts[0]["data"], workers=args.workers)
     ids = list(range(len(index.paths)))
     if not args.images and ckpts[0].get("splits"):
@@ -159,4 +160,4 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

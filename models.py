@@ -1,5 +1,6 @@
-"""Building timm models (ImageNet, local-file or random initialisation), their
-input normalisation, and rebuilding a network from one of our checkpoints."""
+"""Networks: building timm models (ImageNet, local-file or random
+initialisation), their input normalisation, rebuilding one from a checkpoint,
+and running one over a loader (evaluation, prediction, features, kNN)."""
 from __future__ import annotations
 
 import functools
@@ -7,12 +8,13 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from runtime import UserError, autocast
-
-NORMS = ("model", "imagenet")
+from data import DataIndex
+from errors import UserError
+from pixels import ImageCache, ImageDataset, eval_loader
 
 
 def check_arch(name: str) -> None:
@@ -99,7 +101,7 @@ def collect(fn, loader, mean: list[float], std: list[float], device: torch.devic
     on the CPU, and the targets: evaluation, prediction, kNN features."""
     outs, targets = [], []
     for x, y in loader:
-        with autocast(device, dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outs.append(fn(normalise(x.to(device, non_blocking=True), mean, std)).float().cpu())
         targets.append(y)
     return torch.cat(outs), torch.cat(targets)
@@ -113,3 +115,40 @@ def from_checkpoint(ckpt: dict) -> nn.Module:
         raise UserError(f"checkpoint weights do not fit {ckpt['arch']}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
     return model
+
+
+def features(model: nn.Module, loader, mean: list[float], std: list[float], device: torch.device,
+             dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, D) L2-normalised pre-logit features, targets) of every image the
+    loader yields, in order, on `device`; the model is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    feats, targets = collect(lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
+                             loader, mean, std, device, dtype)
+    model.train(was_training)
+    return F.normalize(feats, dim=1).to(device), targets.to(device)
+
+
+def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], query: tuple[torch.Tensor, torch.Tensor],
+                 num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy of DINO's weighted kNN classifier (eval_knn: k 20, cosine,
+    T 0.07): the k most similar train features vote exp(cos / T) for their
+    class. train, query: (features (N, D) L2-normalised, class ids (N,))."""
+    (train_feats, train_labels), (query_feats, query_labels) = train, query
+    top, idx = (query_feats @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
+    votes = torch.zeros(len(query_feats), num_classes, device=query_feats.device)
+    votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
+    return float((votes.argmax(1) == query_labels).float().mean())
+
+
+def val_knn_accuracy(model: nn.Module, index: DataIndex, parts: dict[str, list[int]], size: int,
+                     mean: list[float], std: list[float], device: torch.device, dtype: torch.dtype | None, *,
+                     bs: int, workers: int, cache: ImageCache | None = None, k: int = 20) -> float | None:
+    """`knn_accuracy` on the val split with the train split's features as the
+    memory; None without single-label classes or a val split."""
+    if not index.labelled or index.multilabel or not parts["val"] or not parts["train"]:
+        return None
+    train, val = (features(model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache),
+                                              bs, workers=workers), mean, std, device, dtype)
+                  for name in ("train", "val"))
+    return knn_accuracy(train, val, len(index.classes), k)

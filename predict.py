@@ -14,21 +14,22 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from cli import new_parser, non_negative_int, positive_int, run_cli
-from data import ImageDataset, index_data, make_loader
+import runtime as rt
+from data import index_data
+from errors import UserError
 from models import collect, from_checkpoint
-from runtime import UserError, pick_device
+from pixels import ImageDataset, eval_loader
 
 THRESHOLD = 0.5  # multi-label decision threshold, as in fine-tuning's metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
+    p = rt.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True, help="fine-tuned checkpoint(s) (model_seed<N>.pt)")
     p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
-    p.add_argument("--bs", type=positive_int, default=32, help="batch size")
-    p.add_argument("--workers", type=non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--bs", type=rt.positive_int, default=32, help="batch size")
+    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -49,18 +50,17 @@ def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int) -> tor
     multi-label models, softmax over classes otherwise (the argmax of the logits
     either way)."""
     model = from_checkpoint(ckpt).to(device).eval()
-    loader = make_loader(dataset_for(ckpt["img_size"]), bs, shuffle=False, seed=0, workers=workers, shard=False)
+    loader = eval_loader(dataset_for(ckpt["img_size"]), bs, workers=workers)
     logits, _ = collect(model, loader, ckpt["mean"], ckpt["std"], device, None)
     return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
 
 
 def main(args: argparse.Namespace) -> Path:
     ckpts = load_models(args.ckpt)
-    device = pick_device(args.device)
+    device = rt.pick_device(args.device)
     index = index_data(args.images, workers=args.workers)
-    everything = list(range(len(index.paths)))
-    probs = torch.stack([probabilities(c, lambda size: ImageDataset(index, everything, size), device, args.bs,
-                                       args.workers) for c in ckpts]).mean(0)
+    probs = torch.stack([probabilities(c, lambda size: ImageDataset(index.root, index.paths, index.targets, size),
+                                       device, args.bs, args.workers) for c in ckpts]).mean(0)
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,4 +78,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

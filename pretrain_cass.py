@@ -17,36 +17,38 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
-import demo
-import pretraining
-from cli import add_common_args, add_norm_arg, new_parser, positive_float, run_cli
-from data import select, train_augment
-from knn import knn_accuracy
+import runtime as rt
+from data import DataIndex, index_data, make_splits, select
+from errors import UserError
 from losses import cass_loss
-from models import (check_arch, create_model, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training)
-from runtime import UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main
+from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
+    val_knn_accuracy
+from pixels import ImageDataset, train_augment, train_loader
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
 COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the output is one shared direction
 COLLAPSE_COS = 0.9
+COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
+                 "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
+DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
-    add_common_args(p, epochs=100, bs=16, epochs_source="App. C.5.3")
-    pretraining.add_run_args(p)
+    p = rt.new_parser(__doc__)
+    rt.add_common_args(p, epochs=100, epochs_source="App. C.5.3")
+    rt.add_pretraining_args(p)
     p.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
     p.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
     p.add_argument("--cnn-weights", help="local file of ImageNet weights for --cnn (offline machines)")
     p.add_argument("--vit-weights", help="local file of ImageNet weights for --vit (offline machines)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate, both arms (App. C.5.3)")
+    p.add_argument("--lr", type=rt.positive_float, default=1e-3, help="Adam learning rate, both arms (App. C.5.3)")
     p.add_argument("--cnn-opt", choices=("adam", "sgd"), default="adam",
                    help="optimiser of the CNN arm (Table 10 ablation: SGD, momentum 0.9)")
     p.add_argument("--t-max", type=int, default=16, help="cosine annealing T_max (App. C.5.3)")
@@ -58,8 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swa-start", type=int, help="first epoch (1-based) averaged; default: last quarter")
     p.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
                    help="activation on the logits before the loss (Table 11 ablation)")
-    add_norm_arg(p)
-    return pretraining.parse(p, argv, demo.CASS_MODELS)
+    return rt.parse_pretraining(p, argv, DEMO_MODELS)
 
 
 def validate(cfg: argparse.Namespace) -> None:
@@ -72,7 +73,7 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UserError(f"--eta-min must be 0 or more, got {cfg.eta_min}")
     if cfg.t_max < 1:
         raise UserError(f"--t-max must be at least 1, got {cfg.t_max}")
-    pretraining.check_out(cfg)
+    rt.check_run(cfg)
 
 
 @dataclass
@@ -81,19 +82,23 @@ class Arm:
     name: str
     arch: str
     model: nn.Module  # what is averaged and saved
-    net: nn.Module  # what the training step calls (same parameters; maybe compiled)
+    net: nn.Module  # what the training step calls (same parameters; maybe DDP-wrapped or compiled)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     swa: SWA | None
     mean: list[float]
     std: list[float]
 
+    def parts(self) -> dict:
+        """What last.pt keeps of this arm."""
+        return {"model": self.model, "opt": self.opt, "sched": self.sched, "swa": self.swa}
+
 
 def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace, device: torch.device) -> Arm:
     model = create_model(arch, img_size=cfg.img_size, pretrained=cfg.pretrained, weights=weights,
                          weights_flag=f"--{name}-weights").to(device)
     prepare_for_training(model, arch, device, cfg.grad_ckpt)
-    net = ddp(model, device)
+    net = rt.ddp(model, device)
     net = torch.compile(net) if cfg.compile else net
     if name == "cnn" and cfg.cnn_opt == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
@@ -105,13 +110,13 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     return Arm(name, arch, model, net, opt, sched, swa, *model_norm(model, cfg.norm))
 
 
-def collapse_signals(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[std_r, std_t, cos] for one batch (B >= 2): std across the batch of the
-    L2-normalised outputs averaged over dimensions (about 1/sqrt(D) when
-    healthy, about 0 when every image maps to one direction), and the mean
-    cosine between the arms."""
+def collapse_signals(r: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For one batch (B >= 2) of outputs (B, D) of each arm: the std across the
+    batch of the L2-normalised outputs averaged over dimensions (about
+    1/sqrt(D) when healthy, about 0 when every image maps to one direction),
+    and the mean cosine between the arms."""
     rn, tn = F.normalize(r, dim=1), F.normalize(t, dim=1)
-    return torch.stack([rn.std(0).mean(), tn.std(0).mean(), (rn * tn).sum(1).mean()])
+    return {"cnn_std": rn.std(0).mean(), "vit_std": tn.std(0).mean(), "cos": (rn * tn).sum(1).mean()}
 
 
 def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool:
@@ -121,28 +126,31 @@ def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool
     return max(std_r, std_t) < COLLAPSE_RATIO * healthy and cos > COLLAPSE_COS
 
 
-def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: int) -> dict:
+def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
+                    device: torch.device, dtype: torch.dtype | None, epoch: int) -> dict:
+    """One pass over the train split (Alg. 1); the epoch's log record. Sums stay
+    on the device until the end of the epoch, so the loop never waits for them."""
     cnn, vit = arms
     act = HEAD_ACTS[cfg.head_act]
     loader.sampler.set_epoch(epoch)
     for arm in arms:
         arm.model.train()
-    sums = torch.zeros(6, device=device)  # loss, images, std_r, std_t, cos, images with signals
-    nonfinite = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main())
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos", "spread")}
+    skipped, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (x, _) in enumerate(bar):
         x = x.to(device, non_blocking=True)
-        with autocast(device, dtype):
+        with rt.autocast(device, dtype):
             r = cnn.net(normalise(x, cnn.mean, cnn.std))
             t = vit.net(normalise(x, vit.mean, vit.std))
         r, t = act(r.float()), act(t.float())
         loss = cass_loss(r, t)
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
-        nonfinite = pretraining.nonfinite_streak(loss, scaler, nonfinite, epoch, step)
-        if nonfinite:
+        if not rt.finite_everywhere(loss):
+            skipped = rt.count_skip(skipped, scaler, epoch, step)
             continue
+        skipped = 0
         scaler.scale(loss).backward()
         for arm in arms:
             scaler.step(arm.opt)
@@ -151,103 +159,112 @@ def train_one_epoch(arms: list[Arm], loader, scaler, cfg, device, dtype, epoch: 
             for arm in arms:
                 arm.sched.step()
         n = len(x)
-        with torch.no_grad():
-            sums[0] += loss.detach() * n
-            sums[1] += n
-            if n > 1:  # a batch of one has no spread
-                sums[2:5] += collapse_signals(r, t) * n
-                sums[5] += n
+        sums["loss"] += loss.detach() * n
+        sums["images"] += n
+        if n > 1:  # a batch of one has no spread
+            with torch.no_grad():
+                for key, value in collapse_signals(r, t).items():
+                    sums[key] += value * n
+            sums["spread"] += n
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     if cfg.sched_step == "epoch":
         for arm in arms:
             arm.sched.step()
-    loss_sum, seen, *signal_sum, signal_seen = all_reduce_sum(sums).tolist()  # waits for the device
+    total = dict(zip(sums, rt.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # waits for the device
     seconds = time.perf_counter() - start
-    std_r, std_t, cos = (v / max(signal_seen, 1) for v in signal_sum)
+    seen, spread = int(total["images"]), max(total["spread"], 1)
+    rt.require_progress(seen, epoch)
+    std_r, std_t, cos = total["cnn_std"] / spread, total["vit_std"] / spread, total["cos"] / spread
     healthy = 1 / math.sqrt(cnn.model.num_classes)
-    seen = int(seen)
-    pretraining.require_progress(seen, epoch)
-    return {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
-            "lr": cnn.opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
-            "images": seen, "images_per_s": round(seen / seconds, 2), "cnn_std": std_r, "vit_std": std_t,
-            "healthy_std": healthy, "cos": cos, "collapse": is_collapsed(std_r, std_t, cos, healthy)}
+    return {"epoch": epoch + 1, "loss": total["loss"] / seen, "lr": cnn.opt.param_groups[0]["lr"],
+            "seconds": round(seconds, 3), "images": seen, "images_per_s": round(seen / seconds, 2),
+            "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
+            "collapse": is_collapsed(std_r, std_t, cos, healthy)}
 
 
-def resume_state(arms: list[Arm], scaler, cfg, splits: dict, epoch: int) -> dict:
-    """Everything needed to continue after `epoch` (0-based, complete). The data
-    order and augmentations are a function of (seed, epoch), so no RNG state is needed."""
-    arm_states = {arm.name: {"model": checkpoint.plain_state_dict(arm.model), "opt": arm.opt.state_dict(),
-                             "sched": arm.sched.state_dict(),
-                             "swa": arm.swa.state_dict() if arm.swa else None} for arm in arms}
-    return {"kind": "resume", "method": "cass", "epoch": epoch + 1, "args": vars(cfg), "splits": splits,
-            "scaler": scaler.state_dict(), **arm_states}
-
-
-def restore(arms: list[Arm], scaler, state: dict) -> int:
-    for arm in arms:
-        saved = state[arm.name]
-        arm.model.load_state_dict(saved["model"])
-        arm.opt.load_state_dict(saved["opt"])
-        arm.sched.load_state_dict(saved["sched"])
-        if arm.swa:
-            arm.swa.load_state_dict(saved["swa"])
-    scaler.load_state_dict(state["scaler"])
-    return state["epoch"]
-
-
-def save_models(arms: list[Arm], loader, cfg, index, splits: dict, out: Path, device) -> None:
+def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, index: DataIndex, splits: dict,
+                out: Path, device: torch.device) -> None:
     """cnn.pt and vit.pt: the SWA-averaged networks (BatchNorm refreshed on the
     training data), each loadable on its own by finetune.py."""
     loader.sampler.set_epoch(cfg.epochs)
     for arm in arms:
         batches = (normalise(x.to(device), arm.mean, arm.std) for x, _ in loader)
         model = arm.swa.finalize(arm.model, batches) if arm.swa else arm.model  # every process (SyncBatchNorm)
-        if is_main():
-            record = pretraining.backbone_record(model, cfg, index, splits, arch=arm.arch, role=arm.name,
-                                                 method="cass", mean=arm.mean, std=arm.std,
-                                                 swa_averaged=arm.swa.count if arm.swa else 0)
-            checkpoint.save(record, out / f"{arm.name}.pt")
-
-
-def describe(stats: dict) -> str:
-    return (f"loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn {stats['cnn_std']:.4f} "
-            f"vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), cos {stats['cos']:.3f}")
+        if rt.is_main():
+            checkpoint.save(checkpoint.model_record(
+                model, arch=arm.arch, img_size=cfg.img_size, mean=arm.mean, std=arm.std, method="cass",
+                role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
+                multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs,
+                swa_averaged=arm.swa.count if arm.swa else 0), out / f"{arm.name}.pt")
 
 
 def main(args: argparse.Namespace) -> Path:
-    device, cfg, state = pretraining.start(args, "cass")
+    # ---- settings, device, run folder
+    device = rt.start_distributed(args.device)
+    cfg, state = rt.run_settings(args, "cass")
     validate(cfg)
-    out, dtype = pretraining.setup(cfg, device)
-    # models first: a missing weights file fails in seconds, not after indexing the data
+    rt.print_args(cfg)
+    out = checkpoint.prepare_out_dir(Path(cfg.out)) if rt.is_main() else Path(cfg.out)
+    rt.seed_everything(cfg.seed)
+    dtype = rt.amp_dtype(cfg.amp, device)
+
+    # ---- models first: a missing weights file fails in seconds, not after indexing the data
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
-    if is_main():  # weights, Adam's two moments and the SWA average
-        pretraining.check_disk(out, [arm.model for arm in arms], copies=4)
-    index, splits, loader = pretraining.train_data(cfg, state, out, cfg.img_size,
-                                                   train_augment(cfg.img_size, cfg.aug), device,
-                                                   cache_spec=("square", cfg.img_size))
-    scaler = grad_scaler(device, dtype)
-    start = restore(arms, scaler, state) if state else 0
+    if rt.is_main():  # weights, Adam's two moments and the SWA average
+        rt.check_disk(out, [arm.model for arm in arms], copies=4)
 
-    def train_epoch(epoch: int) -> dict:
-        stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
-        for arm in arms:
-            if arm.swa:
-                arm.swa.update(arm.model, epoch)
-        return stats
-
+    # ---- data: pretraining sees the train split only (Sec. 4.1)
+    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
+    splits = state["splits"] if state else make_splits(index, cfg.seed)
     parts = select(index, splits)
+    cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers) if cfg.cache == "on" else None
+    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
+                                       train_augment(cfg.img_size, cfg.aug), cache),
+                          cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
+                          drop_last=True, pin_memory=device.type == "cuda")
+    if rt.is_main():
+        checkpoint.write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout,
+                                                    "seed": cfg.seed, "classes": index.classes,
+                                                    "skipped": index.skipped, **splits})
+        checkpoint.write_json(out / "args.json", vars(cfg))
 
-    def monitor() -> dict:
-        return {f"knn_{arm.name}": knn_accuracy(arm.model, index, parts, cfg.img_size, arm.mean, arm.std, device,
-                                                dtype, bs=cfg.bs, workers=cfg.workers, cache=loader.dataset.cache)
-                for arm in arms}
+    # ---- resume
+    scaler = rt.grad_scaler(device, dtype)
+    saved = {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}
+    if state:
+        checkpoint.restore(saved, state)
+    start = state["epoch"] if state else 0
+    if rt.is_main():
+        checkpoint.keep_log_until(out / "log.jsonl", start)
 
-    pretraining.run_epochs(
-        cfg, out, start, train_epoch, lambda epoch: resume_state(arms, scaler, cfg, splits, epoch), describe,
-        "both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree on "
-        "it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)", monitor)
+    # ---- the epoch loop
+    with rt.stop_cleanly(out):
+        for epoch in range(start, cfg.epochs):
+            rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same noise and dropout
+            stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
+            for arm in arms:
+                if arm.swa:
+                    arm.swa.update(arm.model, epoch)
+            if not rt.is_main():
+                continue
+            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                stats.update({f"knn_{arm.name}": val_knn_accuracy(arm.model, index, parts, cfg.img_size, arm.mean,
+                                                                  arm.std, device, dtype, bs=cfg.bs,
+                                                                  workers=cfg.workers, cache=cache)
+                              for arm in arms})
+            checkpoint.append_jsonl(out / "log.jsonl", stats)
+            knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
+            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
+                  f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
+                  f"cos {stats['cos']:.3f}{knn}", flush=True)
+            if stats["collapse"]:
+                print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),
+                                out / "last.pt")
+
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"
           + (" --epochs 10" if cfg.demo else ""))
@@ -255,4 +272,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

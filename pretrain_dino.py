@@ -19,22 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
-import demo
-import pretraining
-from cli import add_common_args, add_norm_arg, new_parser, non_negative_int, positive_float, positive_int, \
-    run_cli
-from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
+import runtime as rt
+from data import DataIndex, index_data, make_splits, select
+from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
-from data import select
-from knn import knn_accuracy
-from losses import DINOLoss
+from errors import UserError
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training)
-from runtime import (UserError, all_reduce_sum, autocast, ddp, grad_scaler, is_main,
-                     sync_batchnorm)
+                    prepare_for_training, val_knn_accuracy)
+from pixels import ImageDataset, train_loader
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
@@ -45,45 +41,47 @@ RECIPES = {
 }
 COLLAPSE_KL = 0.1  # nats: student matches teacher ...
 COLLAPSE_FRACTION = 0.1  # ... and the teacher's entropy is within 10% of 0 or of ln K
+COLLAPSE_HINT = ("the loss sits at ln K (uniform outputs) or the teacher's entropy is near 0 (one output "
+                 "dominates); see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp")
+DEMO_MODELS = dict(arch="test_resnet", out_dim=4096)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
-    add_common_args(p, epochs=100, bs=16, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
-                    img_size_help="global crop size; the fine-tuning input size")
-    pretraining.add_run_args(p)
+    p = rt.new_parser(__doc__)
+    rt.add_common_args(p, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
+                       img_size_help="global crop size; the fine-tuning input size", aug=False)
+    rt.add_pretraining_args(p)
     p.add_argument("--arch", default="resnet50", help="timm model name (the paper: resnet50, vit_base_patch16_384)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
     p.add_argument("--weights", help="local file of ImageNet weights for --arch (offline machines)")
-    p.add_argument("--out-dim", type=positive_int, default=65536, help="K, the head's output dimension")
-    p.add_argument("--local-crops", type=non_negative_int, default=8, help="number of local crops")
-    p.add_argument("--local-size", type=positive_int,
+    p.add_argument("--out-dim", type=rt.positive_int, default=65536, help="K, the head's output dimension")
+    p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="number of local crops")
+    p.add_argument("--local-size", type=rt.positive_int,
                    help="local crop size (default: 96 * img-size / 224, a multiple of 16)")
     p.add_argument("--global-scale", type=float, nargs=2, help="global crop scale range (default: by recipe)")
     p.add_argument("--local-scale", type=float, nargs=2, help="local crop scale range (default: by recipe)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: adamw for Transformers, sgd for CNNs")
-    p.add_argument("--lr", type=positive_float, help="base lr at batch 256, scaled by bs/256 "
+    p.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by bs/256 "
                    "(default: 5e-4 AdamW for Transformers, 0.03 SGD for CNNs)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine schedule")
-    p.add_argument("--warmup-epochs", type=non_negative_int, default=10, help="linear lr warm-up (clipped to run)")
+    p.add_argument("--warmup-epochs", type=rt.non_negative_int, default=10, help="linear lr warm-up (clipped to run)")
     p.add_argument("--weight-decay", type=float, help="start of the weight-decay cosine (0.04 ViT, 1e-4 CNN)")
     p.add_argument("--weight-decay-end", type=float, help="end of the weight-decay cosine (0.4 ViT, 1e-4 CNN)")
     p.add_argument("--momentum-teacher", type=float, default=0.996,
                    help="teacher EMA momentum, cosine to 1 (the authors advise 0.9995 for small batches)")
-    p.add_argument("--teacher-temp", type=positive_float, default=0.07, help="final teacher temperature")
-    p.add_argument("--warmup-teacher-temp", type=positive_float, default=0.04, help="initial teacher temperature")
-    p.add_argument("--warmup-teacher-temp-epochs", type=non_negative_int, default=30,
+    p.add_argument("--teacher-temp", type=rt.positive_float, default=0.07, help="final teacher temperature")
+    p.add_argument("--warmup-teacher-temp", type=rt.positive_float, default=0.04, help="initial teacher temperature")
+    p.add_argument("--warmup-teacher-temp-epochs", type=rt.non_negative_int, default=30,
                    help="epochs of linear teacher-temperature warm-up (clipped to the run)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm cap (0: off)")
-    p.add_argument("--freeze-last-layer", type=non_negative_int, default=1,
+    p.add_argument("--freeze-last-layer", type=rt.non_negative_int, default=1,
                    help="epochs during which the head's last layer is not updated")
-    add_norm_arg(p)
-    return pretraining.parse(p, argv, demo.DINO_MODEL)
+    return rt.parse_pretraining(p, argv, DEMO_MODELS)
 
 
 def with_recipe(cfg: argparse.Namespace) -> argparse.Namespace:
-    """Flags left unset take the recipe of the architecture's family."""
+    """Flags left unset take the recipe of the architecture's family (a new namespace)."""
     check_arch(cfg.arch)
     recipe = RECIPES["vit" if is_transformer(cfg.arch) else "cnn"]
     filled = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
@@ -100,7 +98,7 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UserError("--clip-grad and --min-lr must be 0 or more")
     if not 0 <= cfg.momentum_teacher <= 1:
         raise UserError(f"--momentum-teacher must be in [0, 1], got {cfg.momentum_teacher}")
-    pretraining.check_out(cfg)
+    rt.check_run(cfg)
 
 
 def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, MultiCropNet, list, list]:
@@ -150,117 +148,157 @@ def collapse_kind(loss: float, entropy: float, out_dim: int) -> str | None:
 
 
 @dataclass
-class Nets:
-    """Student and teacher, and what the step calls for each (DDP-wrapped, compiled or themselves)."""
+class Training:
+    """Everything a DINO step reads or updates."""
     student: MultiCropNet
     teacher: MultiCropNet
-    student_step: nn.Module
+    student_step: nn.Module  # what the step calls: the student, DDP-wrapped or compiled
     teacher_step: nn.Module
+    loss_fn: DINOLoss
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedules: dict[str, np.ndarray]  # per global step: lr, wd, momentum
+    mean: list[float]
+    std: list[float]
+
+    def parts(self) -> dict:
+        """What last.pt keeps."""
+        return {"student": self.student, "teacher": self.teacher, "opt": self.opt, "loss": self.loss_fn,
+                "scaler": self.scaler}
 
 
-def train_one_epoch(nets: Nets, loss_fn, loader, opt, scaler, sched, norm, cfg, device, dtype, epoch: int) -> dict:
-    student, teacher = nets.student, nets.teacher
-    student.train()
-    teacher.train()
+def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, device: torch.device,
+                    dtype: torch.dtype | None, epoch: int) -> dict:
+    """One pass over the train split; the epoch's log record."""
+    run.student.train()
+    run.teacher.train()
     loader.sampler.set_epoch(epoch)
-    sums, nonfinite = torch.zeros(3, device=device), 0  # loss, teacher entropy, images
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main())
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "images")}
+    skipped, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (views, _) in enumerate(bar):
         it = epoch * len(loader) + step
-        for i, group in enumerate(opt.param_groups):
-            group["lr"] = float(sched["lr"][it])
+        for i, group in enumerate(run.opt.param_groups):
+            group["lr"] = float(run.schedules["lr"][it])
             if i == 0:  # only the weights are decayed
-                group["weight_decay"] = float(sched["wd"][it])
-        views = [normalise(v.to(device, non_blocking=True), *norm) for v in views]
-        with autocast(device, dtype):
+                group["weight_decay"] = float(run.schedules["wd"][it])
+        views = [normalise(v.to(device, non_blocking=True), run.mean, run.std) for v in views]
+        with rt.autocast(device, dtype):
             with torch.no_grad():
-                t_out = nets.teacher_step(views[:2])  # the teacher sees the global views only
-            s_out = nets.student_step(views)
-        loss = loss_fn(s_out, t_out, epoch)
-        opt.zero_grad(set_to_none=True)
-        nonfinite = pretraining.nonfinite_streak(loss, scaler, nonfinite, epoch, step)
-        if nonfinite:
+                t_out = run.teacher_step(views[:2])  # the teacher sees the global views only
+            s_out = run.student_step(views)
+        loss, entropy = run.loss_fn(s_out, t_out, epoch)
+        run.opt.zero_grad(set_to_none=True)
+        if not rt.finite_everywhere(loss):
+            skipped = rt.count_skip(skipped, run.scaler, epoch, step)
             continue
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
+        skipped = 0
+        run.loss_fn.update_center(t_out)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.opt)
         if cfg.clip_grad:
-            clip_gradients(student, cfg.clip_grad)
-        cancel_last_layer_grad(student, epoch, cfg.freeze_last_layer)
-        scaler.step(opt)
-        scaler.update()
-        ema_update(teacher, student, sched["momentum"][it])
+            clip_gradients(run.student, cfg.clip_grad)
+        cancel_last_layer_grad(run.student, epoch, cfg.freeze_last_layer)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        ema_update(run.teacher, run.student, run.schedules["momentum"][it])
         n = len(views[0])
-        sums += torch.stack([loss.detach() * n, loss_fn.teacher_entropy * n, torch.tensor(float(n), device=device)])
+        sums["loss"] += loss.detach() * n
+        sums["entropy"] += entropy * n
+        sums["images"] += n
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    loss_sum, entropy_sum, seen = all_reduce_sum(sums).tolist()  # waits for the device: timing is honest
+    total = dict(zip(sums, rt.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # waits for the device
     seconds = time.perf_counter() - start
-    loss, entropy, seen = loss_sum / max(seen, 1), entropy_sum / max(seen, 1), int(seen)
-    pretraining.require_progress(seen, epoch)
+    seen = int(total["images"])
+    rt.require_progress(seen, epoch)
+    loss, entropy = total["loss"] / seen, total["entropy"] / seen
     last = epoch * len(loader) + len(loader) - 1
-    return {"epoch": epoch + 1, "loss": loss, "lr": float(sched["lr"][last]), "wd": float(sched["wd"][last]),
-            "momentum": float(sched["momentum"][last]), "teacher_temp": loss_fn.teacher_temps[epoch],
-            "seconds": round(seconds, 3), "images": seen, "images_per_s": round(seen / seconds, 2),
-            "teacher_entropy": entropy, "kl": loss - entropy, "ln_k": math.log(cfg.out_dim),
-            "collapse": collapse_kind(loss, entropy, cfg.out_dim)}
-
-
-def describe(stats: dict) -> str:
-    return (f"loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy {stats['teacher_entropy']:.3f}, "
-            f"KL {stats['kl']:.3f}, {stats['images_per_s']} img/s")
+    return {"epoch": epoch + 1, "loss": loss, "lr": float(run.schedules["lr"][last]),
+            "wd": float(run.schedules["wd"][last]), "momentum": float(run.schedules["momentum"][last]),
+            "teacher_temp": run.loss_fn.teacher_temps[epoch], "seconds": round(seconds, 3), "images": seen,
+            "images_per_s": round(seen / seconds, 2), "teacher_entropy": entropy, "kl": loss - entropy,
+            "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim)}
 
 
 def main(args: argparse.Namespace) -> Path:
-    device, cfg, state = pretraining.start(args, "dino")
+    # ---- settings, device, run folder
+    device = rt.start_distributed(args.device)
+    cfg, state = rt.run_settings(args, "dino")
     cfg = with_recipe(cfg)
     validate(cfg)
-    out, dtype = pretraining.setup(cfg, device)
+    rt.print_args(cfg)
+    out = checkpoint.prepare_out_dir(Path(cfg.out)) if rt.is_main() else Path(cfg.out)
+    rt.seed_everything(cfg.seed)
+    dtype = rt.amp_dtype(cfg.amp, device)
+
+    # ---- models first: a missing weights file fails in seconds, not after indexing the data
     student, teacher, mean, std = build(cfg, device)
-    if is_main():  # student, teacher and up to two optimiser moments
-        pretraining.check_disk(out, [student], copies=4)
+    if rt.is_main():  # student, teacher and up to two optimiser moments
+        rt.check_disk(out, [student], copies=4)
+
+    # ---- data: the train split only; crops come from the original image, or from a
+    # cached copy whose longer side is 2 x img-size
+    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
+    splits = state["splits"] if state else make_splits(index, cfg.seed)
+    parts = select(index, splits)
+    cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers) \
+        if cfg.cache == "on" else None
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
-    # the crops come from the original image, or from a cached copy whose longer side is 2 x img-size
-    index, splits, loader = pretraining.train_data(cfg, state, out, None, augment, device,
-                                                   cache_spec=("fit", 2 * cfg.img_size))
+    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache), cfg.bs,
+                          seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
+                          drop_last=True, pin_memory=device.type == "cuda")
+    if rt.is_main():
+        checkpoint.write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout,
+                                                    "seed": cfg.seed, "classes": index.classes,
+                                                    "skipped": index.skipped, **splits})
+        checkpoint.write_json(out / "args.json", vars(cfg))
+
+    # ---- optimiser, loss, schedules, resume
     opt, loss_fn = optimizer_and_loss(cfg, student, device)
-    scaler = grad_scaler(device, dtype)
-    sched = schedules(cfg, len(loader))
-    start = 0
+    student_step, teacher_step = rt.ddp(student, device), rt.sync_batchnorm(teacher, device)
+    if cfg.compile:
+        student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
+    run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, rt.grad_scaler(device, dtype),
+                   schedules(cfg, len(loader)), mean, std)
     if state:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["opt"])
-        loss_fn.load_state_dict(state["loss"])
-        scaler.load_state_dict(state["scaler"])
-        start = state["epoch"]
-    student_step, teacher_step = ddp(student, device), sync_batchnorm(teacher, device)
-    nets = Nets(student, teacher, *(torch.compile(n) if cfg.compile else n for n in (student_step, teacher_step)))
+        checkpoint.restore(run.parts(), state)
+    start = state["epoch"] if state else 0
+    if rt.is_main():
+        checkpoint.keep_log_until(out / "log.jsonl", start)
 
-    def resume_state(epoch: int) -> dict:
-        return {"kind": "resume", "method": "dino", "epoch": epoch + 1, "args": vars(cfg), "splits": splits,
-                "student": checkpoint.plain_state_dict(student), "teacher": checkpoint.plain_state_dict(teacher),
-                "opt": opt.state_dict(), "loss": loss_fn.state_dict(), "scaler": scaler.state_dict()}
+    # ---- the epoch loop
+    with rt.stop_cleanly(out):
+        for epoch in range(start, cfg.epochs):
+            rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same dropout
+            stats = train_one_epoch(run, loader, cfg, device, dtype, epoch)  # the teacher's EMA is per step
+            if not rt.is_main():
+                continue
+            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                stats["knn_teacher"] = val_knn_accuracy(teacher.backbone, index, parts, cfg.img_size, mean, std,
+                                                        device, dtype, bs=cfg.bs, workers=cfg.workers)
+            checkpoint.append_jsonl(out / "log.jsonl", stats)
+            knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
+            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
+                  f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}",
+                  flush=True)
+            if stats["collapse"]:
+                print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                checkpoint.save(checkpoint.resume_record("dino", epoch + 1, vars(cfg), splits, run.parts()),
+                                out / "last.pt")
 
-    pretraining.run_epochs(
-        cfg, out, start,
-        lambda epoch: train_one_epoch(nets, loss_fn, loader, opt, scaler, sched, (mean, std), cfg, device, dtype,
-                                      epoch),
-        resume_state, describe,
-        "the loss sits at ln K (uniform outputs) or the teacher's entropy is near 0 (one output dominates); "
-        "see 'collapse' in log.jsonl, and try --momentum-teacher 0.9995 or another --teacher-temp",
-        lambda: {"knn_teacher": knn_accuracy(teacher.backbone, index, select(index, splits), cfg.img_size, mean,
-                                             std, device, dtype, bs=cfg.bs, workers=cfg.workers)})
     role = "vit" if is_transformer(cfg.arch) else "cnn"
-    if is_main():
-        record = pretraining.backbone_record(teacher.backbone, cfg, index, splits, arch=cfg.arch, role=role,
-                                             method="dino", mean=mean, std=std)
-        checkpoint.save(record, out / f"{role}.pt")
+    if rt.is_main():
+        checkpoint.save(checkpoint.model_record(
+            teacher.backbone, arch=cfg.arch, img_size=cfg.img_size, mean=mean, std=std, method="dino", role=role,
+            data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel,
+            args=vars(cfg), epoch=cfg.epochs), out / f"{role}.pt")
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
           f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 10" if cfg.demo else ""))
     return out
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 import plots
-from cli import new_parser, run_cli
-from runtime import UserError, prepare_out_dir
+import runtime as rt
+from checkpoint import prepare_out_dir
+from errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = new_parser(__doc__)
+    p = rt.new_parser(__doc__)
     p.add_argument("runs", nargs="+", help="folders searched (recursively) for run outputs")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the plots")
     return p.parse_args(argv)
@@ -119,4 +120,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    rt.run_cli(main, parse_args)

@@ -1,5 +1,7 @@
-"""How a training run is run: user-facing errors, device and precision, seeding,
-the run folder and its JSON-lines log. Shared by every script of the project."""
+"""How a stage script starts and runs: its flags, the device, precision and
+torchrun process group, seeding, the settings of a pretraining run (fresh,
+demo or resumed) and the guards around its epoch loop. The loops themselves
+live in the stage scripts."""
 from __future__ import annotations
 
 import argparse
@@ -7,25 +9,112 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Callable, ContextManager, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import checkpoint
+from data import DataIndex, drop_stale, keyed_path, make_demo_dataset
+from errors import UserError
+from pixels import AUGMENTATIONS, ImageCache, open_cache
 
 T = TypeVar("T")
+# What --demo puts in place of the paper's defaults (explicit flags still win);
+# each pretraining script adds its tiny timm models.
+DEMO_SETTINGS = dict(img_size=64, epochs=5, bs=16, pretrained=False, knn_every=1)
+MAX_NONFINITE = 10  # consecutive skipped fp16 steps before a run is stopped
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad path, flag, checkpoint): printed as one
-    sentence, exit code 2, no traceback."""
+# ---------------------------------------------------------------------- flags
+def run_cli(main: Callable[[argparse.Namespace], object],
+            parse_args: Callable[[list[str] | None], argparse.Namespace]) -> None:
+    """The entry point of every script: a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(parse_args(None))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
+def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
+positive_float = _checked(float, lambda v: v > 0, "positive")
+fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: str, img_size: int | None = 384,
+                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True) -> None:
+    """Flags with the same meaning in pretraining and fine-tuning."""
+    p.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
+    p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
+    p.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
+    p.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)
+    if aug:
+        p.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
+                       help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
+    p.add_argument("--norm", choices=("model", "imagenet"), default="model",
+                   help="input normalisation: what each model's weights expect, or ImageNet "
+                        "statistics for every model as in App. C.5.2")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
+    p.add_argument("--cache", choices=("on", "off"), default="on",
+                   help="decode and resize every image once into a memory-mapped cache (same pixels)")
+    p.add_argument("--cache-dir", default="runs/cache", help="where image caches live")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (slow start, faster steps)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="gradient checkpointing (timm): less GPU memory for some extra compute")
+
+
+def add_pretraining_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small image set and default to tiny models (no data, GPU or internet needed)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                   "(its own settings are used; only --workers and --device may change)")
+    p.add_argument("--save-every", type=positive_int, default=1,
+                   help="write last.pt every N epochs (and after the last one)")
+    p.add_argument("--knn-every", type=non_negative_int, default=10,
+                   help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the val "
+                        "split, for labelled single-label data (0: never)")
+
+
+def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's settings become defaults, so explicit flags still win
+        p.set_defaults(**DEMO_SETTINGS, **demo_models)
+        args = p.parse_args(argv)
+    return args
+
+
+def print_args(args: argparse.Namespace) -> None:
+    print("config: " + json.dumps(vars(args), default=str, sort_keys=True), flush=True)
+
+
+# ------------------------------------------------- device, torchrun, precision
 def pick_device(name: str) -> torch.device:
     """--device auto|cpu|cuda; under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
@@ -107,8 +196,8 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -122,33 +211,82 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_out(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+# --------------------------------------------------------- pretraining runs
+def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:
+    """The run's effective settings (a new namespace; `args` is never changed)
+    and, when resuming, the saved state."""
+    if args.resume:
+        state = checkpoint.load(Path(args.resume) / "last.pt", kind="resume")
+        if state.get("method") != method:
+            raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
+        print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
+        return argparse.Namespace(**dict(state["args"], workers=args.workers, device=args.device,
+                                         resume=args.resume)), state
+    if args.demo:
+        out = args.out or f"runs/demo-{method}"
+        data = main_first(lambda: make_demo_dataset(Path(out) / "data", seed=args.seed))
+        return argparse.Namespace(**{**vars(args), "data": str(data), "out": out}), None
+    if not args.data:
+        raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
+    return argparse.Namespace(**{**vars(args), "out": args.out or str(checkpoint.default_out(method))}), None
 
 
-def prepare_out_dir(out: Path) -> Path:
-    """Create the run folder and prove it is writable before any model is built."""
+def check_run(cfg: argparse.Namespace) -> None:
+    if cfg.bs < 2:
+        raise UserError("--bs must be at least 2: BatchNorm and the batch statistics need two images per batch")
+    if not cfg.resume and not cfg.demo and (Path(cfg.out) / "last.pt").exists():
+        raise UserError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+
+
+def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
+    """Stop before training, not at the first save, when the disk cannot hold
+    `copies` of the models' weights twice over (last.pt and its temporary file)."""
+    need = 2 * copies * sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
+
+
+def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int) -> ImageCache:
+    """The decode-once cache of every image of `index` (pixels.open_cache),
+    keyed by the files' state; caches of older states of the data are removed."""
+    folder = keyed_path(cache_dir, index.root, index.paths, f"{mode}{size}")
+    cache = main_first(lambda: open_cache(folder, index.root, index.paths, mode, size, workers))
+    if is_main():
+        drop_stale(folder)
+    return cache
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite in every process, so that all of them step or
+    all skip. Reading the answer waits for the forward pass: one host sync per
+    step, paid on purpose so that a NaN never reaches the weights."""
+    return all_reduce_sum((~torch.isfinite(loss)).float()).item() == 0
+
+
+def count_skip(skipped: int, scaler: torch.amp.GradScaler, epoch: int, step: int) -> int:
+    """One more step skipped in a row for a non-finite loss. fp16 loss scaling
+    may recover; without scaling, or after MAX_NONFINITE in a row, the run
+    stops with last.pt still holding the last complete epoch."""
+    if not scaler.is_enabled() or skipped + 1 > MAX_NONFINITE:
+        raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; last.pt holds the last "
+                        "complete epoch (try a lower --lr or --amp off)")
+    return skipped + 1
+
+
+def require_progress(images: int, epoch: int) -> None:
+    """An epoch in which every step was skipped for a non-finite loss stops the run."""
+    if images == 0:
+        raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss; last.pt holds the last complete "
+                        "epoch (try a lower --lr or --amp off)")
+
+
+@contextlib.contextmanager
+def stop_cleanly(out: Path) -> Iterator[None]:
+    """Ctrl-C ends the run with exit code 130 and last.pt holding the last saved epoch."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {out}: {err.strerror}") from None
-    return out
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Whole-file JSON, written to a temporary file and renamed so it is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-
-
-def print_args(args: argparse.Namespace) -> None:
-    print("config: " + json.dumps(vars(args), default=str, sort_keys=True), flush=True)
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}",
+              flush=True)
+        raise SystemExit(130) from None

@@ -9,12 +9,13 @@ import torch
 
 import finetune
 import knn
+from models import knn_accuracy
 import maps
 import predict
 import pretrain_cass
 import report
 from conftest import TINY
-from runtime import UserError
+from errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,12 @@ def test_knn_votes_by_hand():
     train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1])
     query = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.05]]), dim=1)
-    scores = knn.knn_predict(train, labels, query, num_classes=2, k=2, temperature=0.5)
-    sims = query @ train.T
-    top = sims[0].topk(2)
-    expected0 = torch.zeros(2).index_add_(0, labels[top.indices], (top.values / 0.5).exp())
-    assert torch.allclose(scores[0], expected0)
-    assert scores.argmax(1).tolist() == [1, 0]
+    # query 0: its 2 nearest are [0, 1] (cos 0.98, class 1) and [0.9, 0.1] (cos 0.30, class 0); the
+    # votes e^(0.98 / 0.5) = 7.1 against e^(0.30 / 0.5) = 1.8 say class 1. Query 1 sits by the class-0 images
+    assert knn_accuracy((train, labels), (query, torch.tensor([1, 0])), num_classes=2, k=2, temperature=0.5) == 1.0
+    assert knn_accuracy((train, labels), (query, torch.tensor([0, 0])), num_classes=2, k=2, temperature=0.5) == 0.5
+    # k = 3 at T = 100: every vote weighs about 1, and class 0 has two of the three
+    assert knn_accuracy((train, labels), (query, torch.tensor([0, 0])), num_classes=2, k=3, temperature=100) == 1.0
 
 
 def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):

@@ -13,8 +13,9 @@ import data
 import finetune
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
-from data import index_data, label_fraction, load_image, make_splits, select
-from runtime import UserError
+from data import index_data, label_fraction, make_splits, select
+from pixels import load_image
+from errors import UserError
 
 
 def messy_dataset(root):

@@ -13,7 +13,7 @@ import finetune
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
 from models import create_model
-from runtime import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

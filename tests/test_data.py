@@ -3,10 +3,12 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader
+
 from conftest import class_folders, write_image
-from data import (ImageDataset, index_data, label_fraction, load_resized, make_loader, make_splits, select,
-                  train_augment)
-from runtime import UserError
+from data import index_data, label_fraction, make_splits, select
+from errors import UserError
+from pixels import ImageDataset, SeededSampler, load_resized, train_augment, train_loader
 
 
 def test_class_folder_layout(tmp_path):
@@ -152,8 +154,8 @@ def test_loader_order_and_augmentations_depend_only_on_seed_and_epoch(demo_data)
     ids = list(range(12))
 
     def batches(workers, epoch):
-        ds = ImageDataset(index, ids, 32, train_augment(32, "blur+solarize"))
-        loader = make_loader(ds, 4, shuffle=True, seed=5, workers=workers)
+        ds = ImageDataset(index.root, *index.part(ids), 32, train_augment(32, "blur+solarize"))
+        loader = train_loader(ds, 4, seed=5, workers=workers)
         loader.sampler.set_epoch(epoch)
         return torch.cat([x for x, _ in loader])
 
@@ -161,5 +163,22 @@ def test_loader_order_and_augmentations_depend_only_on_seed_and_epoch(demo_data)
     assert torch.equal(first, batches(0, 0))
     assert torch.equal(first, batches(2, 0))  # worker processes give the same pixels
     assert not torch.equal(first, batches(0, 1))
-    plain = torch.stack([ImageDataset(index, ids, 32)[(i, 0)][0] for i in ids])
+    plain = torch.stack([ImageDataset(index.root, *index.part(ids), 32)[i][0] for i in ids])
     assert not torch.equal(first.sort(0).values, plain.sort(0).values)  # augmentations did something
+
+
+def test_image_dataset_works_with_a_plain_int_index_in_any_dataloader(demo_data):
+    index = index_data(demo_data, workers=1)
+    ds = ImageDataset(index.root, *index.part([0, 1, 2, 40]), 24, train_augment(24))
+    x, y = next(iter(DataLoader(ds, batch_size=4, shuffle=True, num_workers=0)))
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.uint8
+    assert sorted(y.tolist()) == sorted(index.targets[[0, 1, 2, 40]].tolist())
+
+
+def test_sampler_shards_only_when_asked_and_the_shards_make_up_the_whole_order():
+    whole = list(SeededSampler(10, seed=3))
+    assert len(whole) == 10 and sorted(i for i, _ in whole) == list(range(10))
+    shards = [list(SeededSampler(10, seed=3, rank=r, world=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]  # the tail that does not divide by 3 is dropped
+    interleaved = [shards[r][k] for k in range(3) for r in range(3)]
+    assert interleaved == whole[:9]  # rank r takes positions r, r + 3, ... with the same seeds

@@ -13,10 +13,9 @@ import finetune
 import pretrain_cass
 import pretrain_dino
 from conftest import interrupted_run, same_weights
-from dino import (DINOHead, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
+from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
-from losses import DINOLoss
-from runtime import UserError
+from errors import UserError
 
 TINY_DINO = ["--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0", "--out-dim", "64",
              "--local-crops", "2"]
@@ -34,12 +33,17 @@ def test_dino_loss_by_hand_with_centering_over_two_calls():
         pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]  # (teacher view, student view), views differ
         return sum(-(q[a] * logp[b]).sum() for a, b in pairs) / 4
 
-    first = loss_fn(s, t, epoch=0)
+    first, entropy = loss_fn(s, t, epoch=0)
     assert first.item() == pytest.approx(expected(torch.zeros(3)).item(), rel=1e-6)
-    center = 0.1 * t.mean(0)  # 0.9 * 0 + 0.1 * batch mean, updated after the loss
+    q = F.softmax(t / 0.5, dim=1)
+    assert entropy.item() == pytest.approx(-(q * q.log()).sum(1).mean().item(), rel=1e-6)
+    assert torch.equal(loss_fn.center, torch.zeros(1, 3))  # the loss itself leaves the centre alone
+    loss_fn.update_center(t)
+    center = 0.1 * t.mean(0)  # 0.9 * 0 + 0.1 * batch mean
     assert torch.allclose(loss_fn.center[0], center)
-    second = loss_fn(s, t, epoch=1)
+    second, _ = loss_fn(s, t, epoch=1)
     assert second.item() == pytest.approx(expected(center).item(), rel=1e-6)
+    loss_fn.update_center(t)
     assert torch.allclose(loss_fn.center[0], 0.9 * center + 0.1 * t.mean(0))
 
 
@@ -48,7 +52,7 @@ def test_row_constant_student_gives_ln_k():
     loss_fn = DINOLoss(k, ncrops=4, epochs=1)
     teacher = torch.randn(2 * 3, k)
     student = torch.full((4 * 3, k), 7.0)  # every row constant: uniform student
-    assert loss_fn(student, teacher, 0).item() == pytest.approx(math.log(k), rel=1e-5)
+    assert loss_fn(student, teacher, 0)[0].item() == pytest.approx(math.log(k), rel=1e-5)
 
 
 def test_loss_averages_the_18_pairs_of_2_plus_8_crops():
@@ -60,7 +64,7 @@ def test_loss_averages_the_18_pairs_of_2_plus_8_crops():
     logp = F.log_softmax(s / 0.1, dim=-1).chunk(ncrops)
     terms = [(-(q[a] * logp[v]).sum(-1)).mean() for a in range(2) for v in range(ncrops) if v != a]
     assert len(terms) == 18
-    assert loss_fn(s, t, 0).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    assert loss_fn(s, t, 0)[0].item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
 
 
 def test_teacher_temperature_warms_up_and_is_clipped_to_the_run():

@@ -13,9 +13,9 @@ import torch
 import checkpoint
 import losses
 import pretrain_cass
-import pretraining
+import runtime
 from conftest import TINY, interrupted_run, same_weights
-from runtime import UserError
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_fp16_skips_non_finite_steps_and_stops_when_an_epoch_makes_no_step(demo_
 
 
 def test_full_disk_is_detected_before_training(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretraining.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(UserError, match="GiB free but checkpoints need"):
         pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "1")))
     assert not (tmp_path / "r" / "log.jsonl").exists()

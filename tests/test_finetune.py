@@ -35,8 +35,9 @@ def test_pretrained_checkpoint_fine_tunes_on_the_pretraining_split(cass_run, tmp
 
 def test_backbone_weights_are_loaded_not_random(cass_run):
     ckpt = torch.load(cass_run / "cnn.pt", weights_only=True)
-    model, _ = finetune.load_source(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt")]))
-    for key, value in model.state_dict().items():
+    source = finetune.load_source(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt")]))
+    assert (source.arch, source.method, source.role) == ("test_resnet", "cass", "cnn")
+    for key, value in source.model.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key
 
 

@@ -8,7 +8,7 @@ import checkpoint
 import pretrain_cass
 from conftest import TINY, class_folders, interrupted_run, same_weights, write_image
 from data import index_data, make_splits
-from runtime import UserError
+from errors import UserError
 
 
 def read_log(run):

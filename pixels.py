@@ -1,0 +1,223 @@
+"""How pixels reach a model: decoding any image to RGB, the paper's
+augmentations (App. C.5.2), a decode-once cache, the dataset, and loaders whose
+order and augmentations depend only on (seed, epoch, image).
+
+Every pipeline starts with a deterministic resize, so the resized uint8 pixels
+can be computed once and memory-mapped by every later epoch, run and loader
+worker without changing a single sample (`open_cache`). Batches leave the
+loader as uint8; normalisation happens on the device (models.normalise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+AUGMENTATIONS = ("paper", "blur", "solarize", "blur+solarize")  # Table 9
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB. 16-bit and float grayscale are min-max rescaled to
+    0..255 (a plain convert would clip them); palette/alpha go through RGBA."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.rint(arr).astype(np.uint8))
+    elif img.mode == "P" or img.mode == "LA":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def load_resized(path: Path, size: int | None) -> np.ndarray:
+    """The deterministic first step of every pipeline: (size, size, 3) uint8
+    pixels, bilinear resize as in App. C.5.2; size None keeps the original
+    (DINO crops it). This is what the cache stores in `square` mode."""
+    img = load_image(path)
+    if size is not None:
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def load_fitted(path: Path, max_side: int) -> np.ndarray:
+    """The image with its aspect ratio kept and its longer side shrunk to at
+    most `max_side`: the cache's `fit` mode, for DINO, which crops the image itself."""
+    img = load_image(path)
+    scale = max_side / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def to_chw(pixels: np.ndarray | Image.Image) -> torch.Tensor:
+    """(H, W, 3) pixels or an RGB image -> a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def train_augment(size: int, variant: str = "paper") -> v2.Compose:
+    """App. C.5.2 on a resized RGB image; `variant` adds Table 9's solarize
+    and/or Gaussian blur (BYOL-like settings; the paper gives none). Applied to
+    PIL images, as the published code did: Pillow's kernels are also about
+    2.5x faster on the CPU than torchvision's tensor kernels at 384 px."""
+    ops = [
+        v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomPerspective(0.2, p=1.0)], p=0.3),
+        v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomAffine(degrees=10)], p=0.3),
+        v2.RandomVerticalFlip(0.3),
+        v2.RandomHorizontalFlip(0.3),
+    ]
+    if "blur" in variant:
+        ops.append(v2.RandomApply([v2.GaussianBlur(2 * int(0.05 * size) + 1, sigma=(0.1, 2.0))], p=0.5))
+    if "solarize" in variant:
+        ops.append(v2.RandomSolarize(threshold=128, p=0.2))
+    return v2.Compose(ops)
+
+
+# --------------------------------------------------------------------- cache
+class ImageCache:
+    """cache[relative path] -> (H, W, 3) uint8 pixels, from a folder holding
+    `pixels.u8` (all images back to back) and `index.json` (paths, shapes,
+    offsets). The memory map is opened lazily in each process, so loader
+    workers share the page cache instead of pickled copies."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "index.json").read_text())
+        self.rows = {p: i for i, p in enumerate(meta["paths"])}
+        self.shapes, self.offsets = meta["shapes"], meta["offsets"]
+        self._pixels = None
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
+        i = self.rows[path]
+        h, w, c = self.shapes[i]
+        start = self.offsets[i]
+        return np.array(self._pixels[start:start + h * w * c]).reshape(h, w, c)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}
+
+
+def open_cache(folder: Path, root: Path, paths: list[str], mode: str, size: int, workers: int) -> ImageCache:
+    """The cache of `paths` (relative to `root`) at `folder`, built with a
+    progress bar if missing: `square` mode stores load_resized(path, size),
+    exactly what the plain path computes; `fit` stores load_fitted(path, size).
+    Built in a temporary folder and renamed, so a killed build leaves nothing."""
+    folder = Path(folder)
+    if (folder / "index.json").is_file():
+        return ImageCache(folder)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    load = (lambda p: load_resized(p, size)) if mode == "square" else (lambda p: load_fitted(p, size))
+    shapes, offsets, offset = [], [], 0
+    with open(tmp / "pixels.u8", "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
+        images = pool.map(load, (root / p for p in paths))
+        for x in tqdm(images, total=len(paths), desc=f"caching images ({mode} {size})"):
+            f.write(x.tobytes())
+            shapes.append(list(x.shape))
+            offsets.append(offset)
+            offset += x.size
+    (tmp / "index.json").write_text(json.dumps({"paths": paths, "shapes": shapes, "offsets": offsets}))
+    os.replace(tmp, folder)
+    return ImageCache(folder)
+
+
+# ------------------------------------------------------- dataset and loaders
+class ImageDataset(Dataset):
+    """dataset[i] = (uint8 image (3, size, size), target): image i of `paths`
+    (relative to `root`), read from `cache` when one is given, and passed
+    through `augment` (PIL image in, PIL image or a list of them out: DINO's
+    multi-crop) if one is given. Unlabelled targets (None) are -1."""
+
+    def __init__(self, root: Path, paths: list[str], targets: np.ndarray | None, size: int | None,
+                 augment: Callable | None = None, cache: ImageCache | None = None):
+        self.root, self.paths, self.size, self.augment, self.cache = Path(root), list(paths), size, augment, cache
+        self.targets = torch.full((len(paths),), -1) if targets is None else torch.from_numpy(targets)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        pixels = self.cache[path] if self.cache is not None else load_resized(self.root / path, self.size)
+        if self.augment is None:
+            return to_chw(pixels), self.targets[i]
+        views = self.augment(Image.fromarray(pixels))
+        x = [to_chw(v) for v in views] if isinstance(views, list) else to_chw(views)
+        return x, self.targets[i]
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item (i, seed) is dataset[i] drawn under its own
+    torch seed: an image's augmentation no longer depends on which worker
+    loads it or what that worker loaded before."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[i]
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs for SeededItems: the order and every image's
+    seed are a function of (seed, epoch, index) only, whatever the worker count,
+    so a resumed run sees exactly the samples an uninterrupted one would. With
+    `world` > 1, process `rank` takes positions rank, rank + world, ... of the
+    same global order (the tail that does not divide is dropped), so W processes
+    at batch B see, step by step, the images one process sees at batch W * B."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(2**62, (self.n,), generator=g)
+        mine = order[: len(self) * self.world][self.rank::self.world]
+        return iter([(int(i), int(seeds[i])) for i in mine])
+
+
+def train_loader(dataset: Dataset, bs: int, *, seed: int, workers: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    """Shuffled, seeded batches of `dataset`; call `loader.sampler.set_epoch(epoch)` before each epoch."""
+    return DataLoader(SeededItems(dataset), batch_size=bs, sampler=SeededSampler(len(dataset), seed, rank, world),
+                      num_workers=workers, drop_last=drop_last and len(dataset) >= bs, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
+
+
+def eval_loader(dataset: Dataset, bs: int, *, workers: int, pin_memory: bool = False) -> DataLoader:
+    """Every image of `dataset` once, in order."""
+    return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
