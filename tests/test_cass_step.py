@@ -1,0 +1,174 @@
+"""The CASS step as a specification: its loss, updates, schedule, collapse
+signals, precision and resume state, and what each ablation switch changes.
+Built from the script's own pieces on a fixed batch, no run folder needed."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN
+from torchvision.transforms import v2
+
+import checkpoint
+import pretrain_cass
+import runtime
+from bench import Batches
+from conftest import TINY
+from losses import cass_loss
+from models import normalise
+from pixels import train_augment
+
+CPU = torch.device("cpu")
+
+
+def setup(*flags, steps: int = 1, seed: int = 0):
+    """Arms built as main() builds them, a loader of `steps` copies of one batch of 8 images, a scaler."""
+    cfg = pretrain_cass.parse_args(["--data", "-", *TINY, "--epochs", "4", *flags])
+    torch.manual_seed(seed)
+    arms = [pretrain_cass.build_arm("cnn", cfg.cnn, None, cfg, CPU),
+            pretrain_cass.build_arm("vit", cfg.vit, None, cfg, CPU)]
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return cfg, arms, Batches((x, None), steps), x
+
+
+def outputs(arms, x):
+    """Both arms' logits on x, as the step computes them (train mode), without touching the arms."""
+    with torch.no_grad():
+        return [copy.deepcopy(arm.model).train()(normalise(x, arm.mean, arm.std)) for arm in arms]
+
+
+def test_step_loss_is_eq1_on_the_batch_and_both_arms_and_schedules_move():
+    cfg, arms, loader, x = setup()
+    r, t = outputs(arms, x)
+    before = [copy.deepcopy(arm.model.state_dict()) for arm in arms]
+    stats = pretrain_cass.train_one_epoch(arms, loader, runtime.grad_scaler(CPU, None), cfg, CPU, None, 0)
+    expected = (2 - 2 * F.cosine_similarity(r, t, dim=1)).mean()
+    assert stats["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    for arm, old in zip(arms, before):
+        assert any(not torch.equal(v, old[k]) for k, v in arm.model.state_dict().items()), arm.name
+        # one batch stepped the cosine once (T_max 16, eta_min 1e-6, App. C.5.3)
+        assert arm.opt.param_groups[0]["lr"] == pytest.approx(1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi / 16)) / 2)
+    signals = pretrain_cass.collapse_signals(r, t)
+    assert stats["cnn_std"] == pytest.approx(signals["cnn_std"].item(), rel=1e-5)
+    assert stats["cos"] == pytest.approx(F.cosine_similarity(r, t, dim=1).mean().item(), rel=1e-5)
+    assert stats["images"] == 8 and stats["healthy_std"] == pytest.approx(1000 ** -0.5)
+
+
+def test_collapse_signals_by_hand():
+    same = torch.ones(4, 9)  # every image to one direction: no spread
+    signals = pretrain_cass.collapse_signals(same, same)
+    assert signals["cnn_std"] == 0 and signals["cos"] == pytest.approx(1.0)
+    spread = torch.randn(2000, 100, generator=torch.Generator().manual_seed(0))
+    signals = pretrain_cass.collapse_signals(spread, -spread)
+    assert signals["vit_std"].item() == pytest.approx(0.1, rel=0.05)  # 1 / sqrt(D) for random directions
+    assert signals["cos"] == pytest.approx(-1.0)
+    assert pretrain_cass.is_collapsed(0.001, 0.002, 0.95, 0.1) and not pretrain_cass.is_collapsed(0.001, 0.002, 0.5, 0.1)
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_runs_the_models_in_half_and_the_loss_in_float32(monkeypatch, amp, dtype):
+    cfg, arms, loader, _ = setup("--amp", amp)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+        return hook
+
+    for arm in arms:
+        arm.model.register_forward_hook(record(arm.name))
+
+    def recording_loss(r, t):
+        loss = cass_loss(r, t)
+        seen["loss_inputs"], seen["loss"] = (r.dtype, t.dtype), loss.dtype
+        return loss
+
+    monkeypatch.setattr(pretrain_cass, "cass_loss", recording_loss)
+    scaler = runtime.grad_scaler(CPU, runtime.amp_dtype(amp, CPU))
+    stats = pretrain_cass.train_one_epoch(arms, loader, scaler, cfg, CPU, runtime.amp_dtype(amp, CPU), 0)
+    assert seen == {"cnn": dtype, "vit": dtype, "loss_inputs": (torch.float32, torch.float32),
+                    "loss": torch.float32}
+    assert scaler.is_enabled() == (amp == "fp16") and math.isfinite(stats["loss"])
+
+
+def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_path):
+    cfg, arms, loader, _ = setup("--swa-start", "1", steps=2)
+    scaler = runtime.grad_scaler(CPU, None)
+
+    def epoch(arms, e):
+        runtime.seed_everything(cfg.seed * 100_003 + e)
+        pretrain_cass.train_one_epoch(arms, loader, scaler, cfg, CPU, None, e)
+        for arm in arms:
+            arm.swa.update(arm.model, e)
+
+    epoch(arms, 0)
+    parts = {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}
+    checkpoint.save(checkpoint.resume_record("cass", 1, vars(cfg), {"train": []}, parts), tmp_path / "last.pt")
+    state = checkpoint.load(tmp_path / "last.pt", kind="resume")
+    assert set(state) == {"format", "kind", "method", "epoch", "args", "splits", "cnn", "vit", "scaler"}
+    assert set(state["cnn"]) == {"model", "opt", "sched", "swa"}
+
+    _, fresh, _, _ = setup("--swa-start", "1", steps=2, seed=123)  # other initial weights
+    checkpoint.restore({**{arm.name: arm.parts() for arm in fresh}, "scaler": scaler}, state)
+    epoch(arms, 1)
+    epoch(fresh, 1)
+    for a, b in zip(arms, fresh):
+        for k, v in a.model.state_dict().items():
+            assert torch.equal(v, b.model.state_dict()[k]), (a.name, k)
+        assert a.sched.last_epoch == b.sched.last_epoch == 4 and a.swa.count == b.swa.count == 2
+        assert a.opt.state_dict()["state"][0]["step"] == b.opt.state_dict()["state"][0]["step"]
+
+
+def test_each_ablation_switch_changes_what_it_names():
+    def lr_after(cfg, arms, loader):
+        pretrain_cass.train_one_epoch(arms, loader, runtime.grad_scaler(CPU, None), cfg, CPU, None, 0)
+        return arms[0].opt.param_groups[0]["lr"]
+
+    cfg, arms, loader, x = setup("--head-act", "softmax")  # Table 11
+    r, t = outputs(arms, x)
+    stats = pretrain_cass.train_one_epoch(arms, loader, runtime.grad_scaler(CPU, None), cfg, CPU, None, 0)
+    assert stats["loss"] == pytest.approx(cass_loss(r.softmax(1), t.softmax(1)).item(), rel=1e-5)
+    assert stats["loss"] != pytest.approx(cass_loss(r, t).item(), rel=1e-3)
+
+    _, arms, _, _ = setup("--cnn-opt", "sgd")  # Table 10: SGD on the CNN arm only
+    assert type(arms[0].opt) is torch.optim.SGD and arms[0].opt.defaults["momentum"] == 0.9
+    assert type(arms[1].opt) is torch.optim.Adam
+
+    by_batch = lr_after(*setup(steps=2)[:3])
+    by_epoch = lr_after(*setup("--sched-step", "epoch", steps=2)[:3])
+    cosine = [1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * k / 16)) / 2 for k in (1, 2)]
+    assert (by_epoch, by_batch) == (pytest.approx(cosine[0]), pytest.approx(cosine[1]))
+
+    cfg, arms, _, _ = setup("--t-max", "4", "--eta-min", "0.0001", "--lr", "0.01")
+    assert (arms[1].sched.T_max, arms[1].sched.eta_min, arms[1].sched.base_lrs) == (4, 1e-4, [0.01])
+
+    assert setup("--no-swa")[1][0].swa is None
+    assert setup("--swa-start", "2")[1][0].swa.start_epoch == 1 and setup()[1][0].swa.start_epoch == 3
+
+    assert setup()[1][0].mean == pytest.approx([0.5] * 3)  # what test_resnet's weights expect
+    assert setup("--norm", "imagenet")[1][0].mean == pytest.approx(IMAGENET_DEFAULT_MEAN)
+
+    _, arms, _, _ = setup("--cnn", "test_vit")  # a Transformer-Transformer pair
+    assert arms[0].arch == "test_vit" and type(arms[0].model) is type(arms[1].model)
+
+    assert all(arm.model.grad_checkpointing for arm in setup("--grad-ckpt")[1])
+    assert not any(arm.model.grad_checkpointing for arm in setup()[1])
+
+
+def test_table_9_augmentations_add_blur_and_solarize():
+    def kinds(variant):
+        ops = train_augment(32, variant).transforms
+        return {type(op).__name__ for op in ops} | {type(inner).__name__ for op in ops
+                                                     for inner in getattr(op, "transforms", [])}
+
+    assert not {"GaussianBlur", "RandomSolarize"} & kinds("paper")
+    assert {"GaussianBlur", "RandomSolarize"} <= kinds("blur+solarize")
+    assert "GaussianBlur" in kinds("blur") and "RandomSolarize" not in kinds("blur")
+    bright = v2.functional.to_pil_image(torch.full((3, 32, 32), 200, dtype=torch.uint8))
+    solarized = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        solarized.append(np.asarray(train_augment(32, "solarize")(bright)).max() < 128)
+    assert any(solarized) and not all(solarized)  # p = 0.2: 255 - 200 = 55 on some draws
