@@ -26,8 +26,8 @@ def check_arch(name: str) -> None:
 
 def is_transformer(arch: str) -> bool:
     """timm marks Transformers (ViT, DeiT, Swin, ...) as fixed-input-size models."""
-    cfg = timm.get_pretrained_cfg(arch)
-    return bool(cfg is not None and cfg.fixed_input_size)
+    pretrained = timm.get_pretrained_cfg(arch)
+    return bool(pretrained is not None and pretrained.fixed_input_size)
 
 
 def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pretrained: bool = False,
@@ -77,8 +77,8 @@ def model_norm(model: nn.Module, norm: str) -> tuple[list[float], list[float]]:
     `imagenet`: the paper's App. C.5.2 ImageNet statistics for every model."""
     if norm == "imagenet":
         return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    cfg = model.pretrained_cfg
-    return list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), list(cfg.get("std", IMAGENET_DEFAULT_STD))
+    expected = model.pretrained_cfg
+    return list(expected.get("mean", IMAGENET_DEFAULT_MEAN)), list(expected.get("std", IMAGENET_DEFAULT_STD))
 
 
 @functools.lru_cache(maxsize=16)

@@ -225,10 +225,7 @@ def main(args: argparse.Namespace) -> Path:
                           cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():
-        checkpoint.write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout,
-                                                    "seed": cfg.seed, "classes": index.classes,
-                                                    "skipped": index.skipped, **splits})
-        checkpoint.write_json(out / "args.json", vars(cfg))
+        rt.write_run_files(out, cfg, index, splits)
 
     # ---- resume
     scaler = rt.grad_scaler(device, dtype)

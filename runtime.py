@@ -247,6 +247,13 @@ def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
         raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
 
 
+def write_run_files(out: Path, cfg: argparse.Namespace, index: DataIndex, splits: dict[str, list[str]]) -> None:
+    """splits.json (the split as relative paths, the classes, the skipped files) and args.json (the settings)."""
+    checkpoint.write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
+                                                "classes": index.classes, "skipped": index.skipped, **splits})
+    checkpoint.write_json(out / "args.json", vars(cfg))
+
+
 def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int) -> ImageCache:
     """The decode-once cache of every image of `index` (pixels.open_cache),
     keyed by the files' state; caches of older states of the data are removed."""
