@@ -50,8 +50,9 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 1.
     """Focal loss (Lin et al. 2017), alpha 1 and gamma 2 as in App. C.6.2.
 
     logits: (B, C). targets: (B,) class ids or (B, C) multi-hot. weights: (C,).
-    sigmoid (the paper's): per class, on one-hot / multi-hot targets, summed over
-    classes and averaged over the batch. softmax: multi-class only.
+    sigmoid (the paper's): per class, on one-hot / multi-hot targets, averaged over
+    batch and classes as the published code does (a sum over classes is C times
+    larger, so logged losses would not compare with it). softmax: multi-class only.
     `alpha` scales the loss; unlike torchvision's sigmoid_focal_loss it does not
     weight positives against negatives, which at alpha=1 would zero the negatives.
     """
@@ -65,7 +66,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 1.
         loss = alpha * (1 - p_t) ** gamma * ce
         if weights is not None:
             loss = loss * weights.to(loss.device)
-        return loss.sum(dim=1).mean()
+        return loss.mean()
     if form == "softmax":
         if targets.dim() != 1:
             raise ValueError("the softmax focal loss needs single-label targets")

@@ -1,10 +1,11 @@
 """Turn run folders into the paper's tables and per-epoch plots.
 
 Collects every results.json (fine-tuning) and every pretraining run (args.json
-+ log.jsonl) under the given folders and writes report.md: method x backbone x
-label fraction, mean +- std over all seeds found (Tables 1, 3-5), pretraining
-time per run (Table 2), and PNG plots of loss, kNN accuracy and collapse
-signals per epoch.
++ log.jsonl) under the given folders and writes report.md: one table per data
+set and headline metric, a row per experiment (method, backbone, pretraining
+run, fine-tuning settings), a column per label fraction, mean +- std over all
+seeds found (Tables 1, 3-5); pretraining time per run (Table 2); and PNG plots
+of loss, kNN accuracy and collapse signals per epoch.
 
     python report.py runs/ --out runs/report
 """
@@ -35,22 +36,74 @@ def mean_std(values: list[float]) -> str:
     return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f} (n={len(v)})"
 
 
-def finetune_table(results: list[dict]) -> list[str]:
-    """Rows method (backbone), columns label fractions, cells mean +- std of the headline metric over seeds."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    metrics = set()
-    for r in results:
-        metrics.add(r["metric"])
-        cells[(r["method"], r["arch"], r["frac"])] += [run["test"][r["metric"]] for run in r["runs"]]
-    fracs = sorted({k[2] for k in cells})
-    rows = sorted({k[:2] for k in cells})
-    lines = [f"Test {' / '.join(sorted(metrics))}, mean +- std over seeds.", "",
-             "| method (backbone) | " + " | ".join(f"{f:.0%} labels" for f in fracs) + " |",
-             "|---|" + "---|" * len(fracs)]
-    for method, arch in rows:
-        lines.append(f"| {method} ({arch}) | " + " | ".join(
-            mean_std(cells[(method, arch, f)]) if cells.get((method, arch, f)) else "" for f in fracs) + " |")
+# results.json config entries that do not tell experiments apart: the seed list
+# (seeds pool into one cell), where and how fast the run went, and flags that
+# another part of the key already carries (data set, checkpoint, backbone,
+# label fraction, metric). "seed" is a common flag finetune.py does not use.
+NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
+                          "grad_ckpt", "data", "ckpt", "arch", "frac", "metric"})
+
+
+def data_set(folder: Path, result: dict) -> str:
+    """The data set a results.json was measured on: finetune.py writes its resolved
+    path into splits.json next to it, while config["data"] is None whenever the
+    checkpoint brought the data, so the config is only the fallback."""
+    splits = folder / "splits.json"
+    if splits.is_file():
+        return json.loads(splits.read_text())["data"]
+    return result["config"].get("data") or "unknown data set"
+
+
+def load_results(folders: list[Path]) -> list[dict]:
+    """Every results.json under the folders once (folders may nest), with its data set."""
+    results = []
+    for path in sorted({p.resolve() for f in folders for p in f.rglob("results.json")}):
+        r = json.loads(path.read_text())
+        results.append({**r, "data_set": data_set(path.parent, r)})
+    return results
+
+
+def pretraining_run(source: str) -> str:
+    """The folder of the fine-tuned checkpoint (one pretraining run); "-" for a timm backbone."""
+    return str(Path(source).parent) if source.endswith(".pt") else "-"
+
+
+def experiment(result: dict) -> tuple:
+    """What a row stands for: method, backbone, checkpoint, and the fine-tuning
+    settings as sorted (flag, JSON value) pairs; seeds of equal experiments pool."""
+    settings = tuple(sorted((k, json.dumps(v)) for k, v in result["config"].items() if k not in NOT_SETTINGS))
+    return result["method"], result["arch"], str(Path(result["source"])), settings
+
+
+def experiment_table(cells: dict[tuple, list[float]]) -> list[str]:
+    """cells: (experiment, label fraction) -> scores. A settings column names the
+    flags whose values differ between the rows, so every row says what it is."""
+    rows, fracs = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    flags = [dict(row[3]) for row in rows]
+    varying = sorted(k for k in set().union(*flags) if len({f.get(k) for f in flags}) > 1)
+    extra = ["settings"] if varying else []
+    lines = ["| " + " | ".join(["method (backbone)", "pretraining run", *extra, *(f"{f:.0%} labels" for f in fracs)])
+             + " |", "|---|---|" + "---|" * (len(extra) + len(fracs))]
+    for row, flag in zip(rows, flags):
+        method, arch, source, _ = row
+        shown = [", ".join(f"{k}={json.loads(flag[k]) if k in flag else '-'}" for k in varying)] if varying else []
+        scores = [mean_std(cells[(row, f)]) if (row, f) in cells else "" for f in fracs]
+        lines.append("| " + " | ".join([f"{method} ({arch})", pretraining_run(source), *shown, *scores]) + " |")
     return lines
+
+
+def finetune_table(results: list[dict]) -> list[str]:
+    """One table per data set and headline metric, cells mean +- std over every
+    seed of one experiment (also when split over several results.json files).
+    Anything else that tells runs apart makes another row or table, never one cell."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        cells[(r["data_set"], r["metric"], experiment(r), r["frac"])] += [run["test"][r["metric"]] for run in r["runs"]]
+    lines = []
+    for data, metric in sorted({k[:2] for k in cells}):
+        table = {k[2:]: v for k, v in cells.items() if k[:2] == (data, metric)}
+        lines += [f"### {data}", "", f"Test {metric}, mean +- std over seeds.", "", *experiment_table(table), ""]
+    return lines[:-1]
 
 
 def pretraining_runs(folders: list[Path]) -> list[dict]:
@@ -105,7 +158,7 @@ def main(args: argparse.Namespace) -> Path:
     if missing:
         raise UserError(f"{missing[0]} is not a folder")
     out = prepare_out_dir(Path(args.out))
-    results = [json.loads(p.read_text()) for f in folders for p in sorted(f.rglob("results.json"))]
+    results = load_results(folders)
     runs = pretraining_runs(folders)
     lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
     lines += finetune_table(results) if results else ["No results.json found."]

@@ -51,13 +51,30 @@ def test_sigmoid_focal_loss_by_hand():
     logits = torch.tensor([[2.0, -1.0]])
     target = torch.tensor([0])
     p = torch.sigmoid(logits)[0]
-    # class 0 positive: (1-p0)^2 * -log p0; class 1 negative: p1^2 * -log(1-p1)
-    expected = (1 - p[0]) ** 2 * -torch.log(p[0]) + p[1] ** 2 * -torch.log(1 - p[1])
+    # class 0 positive: (1-p0)^2 * -log p0; class 1 negative: p1^2 * -log(1-p1); mean over the 2 classes
+    expected = ((1 - p[0]) ** 2 * -torch.log(p[0]) + p[1] ** 2 * -torch.log(1 - p[1])) / 2
     assert focal_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
     w = torch.tensor([0.2, 1.0])
-    weighted = 0.2 * (1 - p[0]) ** 2 * -torch.log(p[0]) + 1.0 * p[1] ** 2 * -torch.log(1 - p[1])
+    weighted = (0.2 * (1 - p[0]) ** 2 * -torch.log(p[0]) + 1.0 * p[1] ** 2 * -torch.log(1 - p[1])) / 2
     assert focal_loss(logits, target, weights=w).item() == pytest.approx(weighted.item(), rel=1e-5)
     assert focal_loss(logits, target, alpha=3.0).item() == pytest.approx(3 * expected.item(), rel=1e-5)
+
+
+def test_sigmoid_focal_loss_is_the_mean_over_batch_and_classes():
+    """The published code's torch.mean over the (B, C) terms, not their sum over classes."""
+    logits = torch.tensor([[1.0, 0.0, -2.0], [-1.0, 3.0, 0.5]])
+    target = torch.tensor([2, 1])
+    terms = [[0.0] * 3 for _ in range(2)]
+    for i in range(2):
+        for c in range(3):
+            p = 1 / (1 + math.exp(-logits[i, c].item()))
+            p_t = p if c == target[i].item() else 1 - p
+            terms[i][c] = (1 - p_t) ** 2 * -math.log(p_t)
+    expected = sum(map(sum, terms)) / 6
+    assert focal_loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
+    w = [0.2, 1.0, 0.6]
+    weighted = sum(w[c] * terms[i][c] for i in range(2) for c in range(3)) / 6
+    assert focal_loss(logits, target, weights=torch.tensor(w)).item() == pytest.approx(weighted, rel=1e-5)
 
 
 def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero():
@@ -65,7 +82,7 @@ def test_focal_loss_reduces_to_cross_entropy_at_gamma_zero():
     ce = F.cross_entropy(logits, y)
     assert focal_loss(logits, y, gamma=0.0, form="softmax").item() == pytest.approx(ce.item(), rel=1e-5)
     hot = F.one_hot(y, 4).float()
-    bce = F.binary_cross_entropy_with_logits(logits, hot, reduction="none").sum(1).mean()
+    bce = F.binary_cross_entropy_with_logits(logits, hot)  # mean over batch and classes
     assert focal_loss(logits, y, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-5)
     # multi-hot targets use the same sigmoid form
     assert focal_loss(logits, hot, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-5)
