@@ -136,7 +136,7 @@ def dino_speed(args, arch: str, device, dtype) -> float:
     opt, loss_fn = pretrain_dino.optimizer_and_loss(cfg, student, device)
     loader = Batches((views, None), args.steps)
     run = pretrain_dino.Training(student, teacher, student, teacher, loss_fn, opt, rt.grad_scaler(device, dtype),
-                                 pretrain_dino.schedules(cfg, len(loader)), mean, std)
+                                 pretrain_dino.schedules(cfg, len(loader), 1), mean, std)
     for epoch in (0, 1):
         stats = pretrain_dino.train_one_epoch(run, loader, cfg, device, dtype, epoch)
     return stats["images_per_s"]

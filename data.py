@@ -162,6 +162,13 @@ def _index_csv(csv_path: Path) -> DataIndex:
                         "must hold 0/1 values, one column per class") from None
     if not classes or not np.isin(hot, (0.0, 1.0)).all():
         raise UserError(f"{csv_path}: expected a 'label' column or 0/1 class columns")
+    empty = [c for c, column in zip(classes, hot.T) if not column.any()]
+    if empty:  # e.g. ISIC-2019's UNK: a class no image has would get a head and shift the class weights
+        print(f"note: dropped the class column(s) {', '.join(empty)} of {csv_path.name}: no image has them")
+        hot = hot[:, [c not in empty for c in classes]]
+        classes = [c for c in classes if c not in empty]
+        if not classes:
+            raise UserError(f"{csv_path}: no class column has a positive")
     if (hot.sum(1) == 1).all():  # one-hot columns (ISIC-2019) are really multi-class
         return DataIndex(csv_path, root, "CSV with one-hot class columns", paths,
                          hot.argmax(1).astype(np.int64), classes, skipped=skipped)

@@ -34,7 +34,8 @@ from pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_l
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
     rt.add_common_args(p, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
-                       img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own")
+                       img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
+                       seed=False)  # --seeds and --split-seed
     p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
                    "architecture, image size, normalisation, data and split come from it")
     p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
@@ -48,10 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=rt.non_negative_int, default=0,
                    help="seed of a new 70/10/20 split when the checkpoint brings none")
     p.add_argument("--lr", type=rt.positive_float, default=3e-4, help="Adam learning rate (App. C.6.2)")
+    p.add_argument("--schedule", choices=("run", "published"), default="run",
+                   help="cosine annealing to 1e-6 (App. C.6.2): run = one half-cosine over --epochs, stepped per "
+                        "epoch; published = the published code's T_max 16 stepped every batch (cycles every 32)")
     p.add_argument("--patience", type=rt.positive_int, default=5,
                    help="early stopping patience on validation loss (App. C.6.2)")
     p.add_argument("--focal", choices=FOCAL_FORMS, default="sigmoid",
                    help="focal loss form: sigmoid on one-hot targets (published code) or softmax")
+    p.add_argument("--class-weights-from", choices=("train", "labelled"), default="train",
+                   help="class counts the weights come from: the whole train split (the published code: the "
+                        "data's class distribution) or only the labelled fraction")
     p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="minmax",
                    help="focal class weights: counts min-max scaled into [0.2, 1] (App. C.6.2)")
     p.add_argument("--alpha", type=rt.positive_float, default=1.0, help="focal alpha (App. C.6.2)")
@@ -109,8 +116,10 @@ def choose_splits(source: Source, index: DataIndex, split_seed: int) -> dict[str
 
 
 def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, source: Source, device: torch.device,
-                    dtype: torch.dtype | None, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
-    """One training pass; the mean loss over every process's images."""
+                    dtype: torch.dtype | None, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    batch_sched: torch.optim.lr_scheduler.LRScheduler | None) -> float:
+    """One training pass (stepping `batch_sched` after every batch, if given);
+    the mean loss over every process's images."""
     net.train()
     total, seen = torch.zeros((), device=device), 0
     for x, y in tqdm(loader, leave=False, desc="train", disable=not rt.is_main()):
@@ -122,6 +131,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, source: Source,
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if batch_sched:
+            batch_sched.step()
         total += loss.detach() * len(x)
         seen += len(x)
     total, seen = rt.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)])).tolist()
@@ -142,14 +153,18 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     rt.seed_everything(seed)
     start = time.perf_counter()
     labelled = label_fraction(index, parts["train"], args.frac, seed)
-    model = copy.deepcopy(source.model)
+    # a random-init baseline draws its own random network per seed; a pretrained one starts from its weights
+    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" \
+        else copy.deepcopy(source.model)
     model.reset_classifier(len(index.classes))
     model.to(device)
     prepare_for_training(model, source.arch, device, args.grad_ckpt)
     net = rt.ddp(model, device)
     net = torch.compile(net) if args.compile else net
+    counted = parts["train"] if args.class_weights_from == "train" else labelled
+    weights = class_weights(index.class_counts(counted), args.class_weights)
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
-                      weights=class_weights(index.class_counts(labelled), args.class_weights))
+                      weights=weights)
     size, pin = source.img_size, device.type == "cuda"
     train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache),
                          args.bs, seed=seed, workers=args.workers, rank=rt.rank(), world=rt.world_size(),
@@ -158,15 +173,18 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache), args.bs,
                              workers=args.workers, pin_memory=pin) for name in ("val", "test"))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs, eta_min=1e-6)
+    per_batch = args.schedule == "published"
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16 if per_batch else args.epochs, eta_min=1e-6)
     scaler = rt.grad_scaler(device, dtype)
     best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
     for epoch in range(args.epochs):
         train.sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(net, train, loss_fn, source, device, dtype, opt, scaler)
+        train_loss = train_one_epoch(net, train, loss_fn, source, device, dtype, opt, scaler,
+                                     sched if per_batch else None)
         val_loss, _, _ = evaluate(net, val, loss_fn, source, device, dtype)
         val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
-        sched.step()
+        if not per_batch:
+            sched.step()
         if not math.isfinite(val_loss):
             raise UserError(f"the validation loss became non-finite at epoch {epoch + 1} (seed {seed}); "
                             "try a lower --lr or --amp off")
@@ -187,12 +205,14 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
         checkpoint.save(checkpoint.model_record(
             model, arch=source.arch, img_size=size, mean=source.mean, std=source.std, method=source.method,
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
-            data=str(index.source), seed=seed, frac=args.frac, epoch=best_epoch), out / f"model_seed{seed}.pt")
+            data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
+            seed=seed, frac=args.frac, epoch=best_epoch), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
     return {"seed": seed, "best_epoch": best_epoch, "epochs_run": epoch + 1, "val_loss": best_loss,
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
+            "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
 
 

@@ -14,6 +14,7 @@ import argparse
 import checkpoint
 import runtime as rt
 from data import index_data, select
+from errors import UserError
 from models import from_checkpoint, val_knn_accuracy
 
 
@@ -32,6 +33,8 @@ def main(args: argparse.Namespace) -> float | None:
     ckpt = checkpoint.load(args.ckpt, kind="model")
     device = rt.pick_device(args.device)
     model = from_checkpoint(ckpt).to(device)
+    if not ckpt.get("splits"):  # every checkpoint written since fine-tuned ones carry their split has one
+        raise UserError(f"{args.ckpt} carries no train/val split to evaluate on")
     index = index_data(args.data or ckpt["data"], workers=args.workers)
     parts = select(index, ckpt["splits"])
     acc = val_knn_accuracy(model, index, parts, ckpt["img_size"], ckpt["mean"], ckpt["std"], device, None,

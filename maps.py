@@ -22,7 +22,7 @@ from torch import nn
 import checkpoint
 import plots
 import runtime as rt
-from data import index_data, select
+from data import DataIndex, index_data, select
 from errors import UserError
 from models import from_checkpoint, is_transformer, normalise
 from pixels import ImageDataset
@@ -105,11 +105,30 @@ def channel_grid(maps: torch.Tensor, count: int = 16) -> Image.Image:
     return Image.fromarray(np.concatenate(rows, axis=0)).resize((256, 64 * len(rows)), Image.NEAREST)
 
 
+def draw_images(index: DataIndex, ids: list[int], n: int, seed: int) -> list[int]:
+    """`n` of `ids` drawn at random (seeded), as App. C.4 does; for single-label
+    data each class gets its share of the draw (largest remainders), so the
+    maps follow the split's class distribution."""
+    if len(ids) <= n:
+        return sorted(ids)
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(ids)
+    if not index.labelled or index.multilabel:
+        return sorted(rng.choice(ids, n, replace=False).tolist())
+    labels = index.targets[ids]
+    share = n * np.bincount(labels, minlength=len(index.classes)) / len(ids)
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share)[: n - quota.sum()]] += 1  # the largest remainders get the leftover images
+    return sorted(x for c, q in enumerate(quota) for x in rng.choice(ids[labels == c], q, replace=False).tolist())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint, or two to compare side by side")
     p.add_argument("--images", help="a folder of images (default: the first checkpoint's test split)")
-    p.add_argument("--n", type=rt.positive_int, default=30, help="images to map and average (Figs. 7-10: 30; ISIC 100)")
+    p.add_argument("--n", type=rt.positive_int, default=30,
+                   help="images drawn at random to map and average (App. C.4: 30; ISIC 100)")
+    p.add_argument("--seed", type=rt.non_negative_int, default=0, help="seed of the random draw")
     p.add_argument("--rollout", action="store_true", help="attention rollout instead of the last block's attention")
     p.add_argument("--out", default="runs/maps", help="folder for the PNG files")
     p.add_argument("--workers", type=rt.non_negative_int, default=2, help="workers for checking the images")
@@ -147,10 +166,14 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
     device = rt.pick_device(args.device)
     index = index_data(args.images or ckpts[0]["data"], workers=args.workers)
     ids = list(range(len(index.paths)))
-    if not args.images and ckpts[0].get("splits"):
+    if not args.images:
+        if not ckpts[0].get("splits"):
+            raise UserError(f"{args.ckpt[0]} carries no split; pass --images FOLDER to choose the images")
         ids = select(index, ckpts[0]["splits"])["test"] or ids
-    ids = ids[: args.n]
+    ids = draw_images(index, ids, args.n, args.seed)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images.txt").write_text("".join(index.paths[i] + "\n" for i in ids))  # what the averages are of
     names = [f"{i}_{Path(p).parent.name}_{Path(p).stem}" for i, p in enumerate(args.ckpt)]
     averages = {name: map_checkpoint(c, name, index, ids, args, out, device) for name, c in zip(names, ckpts)}
     if len(averages) == 2:

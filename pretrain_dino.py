@@ -10,7 +10,6 @@ run, as in the CASS paper; the teacher backbone is saved for finetune.py.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ from pixels import ImageDataset, train_loader
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
     "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4,
-                global_scale=[0.4, 1.0], local_scale=[0.05, 0.4]),
+                global_scale=[0.4, 1.0], local_scale=[0.05, 0.4], drop_path=0.1),
     "cnn": dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
-                global_scale=[0.14, 1.0], local_scale=[0.05, 0.14]),
+                global_scale=[0.14, 1.0], local_scale=[0.05, 0.14], drop_path=0.0),
 }
 COLLAPSE_KL = 0.1  # nats: student matches teacher ...
 COLLAPSE_FRACTION = 0.1  # ... and the teacher's entropy is within 10% of 0 or of ln K
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-scale", type=float, nargs=2, help="global crop scale range (default: by recipe)")
     p.add_argument("--local-scale", type=float, nargs=2, help="local crop scale range (default: by recipe)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: adamw for Transformers, sgd for CNNs")
-    p.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by bs/256 "
+    p.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by the global batch / 256 "
                    "(default: 5e-4 AdamW for Transformers, 0.03 SGD for CNNs)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine schedule")
     p.add_argument("--warmup-epochs", type=rt.non_negative_int, default=10, help="linear lr warm-up (clipped to run)")
@@ -74,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-teacher-temp", type=rt.positive_float, default=0.04, help="initial teacher temperature")
     p.add_argument("--warmup-teacher-temp-epochs", type=rt.non_negative_int, default=30,
                    help="epochs of linear teacher-temperature warm-up (clipped to the run)")
+    p.add_argument("--drop-path", type=float,
+                   help="the student's stochastic depth; the teacher has none (0.1 for Transformers, 0 for CNNs)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm cap (0: off)")
     p.add_argument("--freeze-last-layer", type=rt.non_negative_int, default=1,
                    help="epochs during which the head's last layer is not updated")
@@ -84,7 +85,7 @@ def with_recipe(cfg: argparse.Namespace) -> argparse.Namespace:
     """Flags left unset take the recipe of the architecture's family (a new namespace)."""
     check_arch(cfg.arch)
     recipe = RECIPES["vit" if is_transformer(cfg.arch) else "cnn"]
-    filled = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
+    filled = {k: v for k, v in recipe.items() if getattr(cfg, k, None) is None}  # runs saved before a flag existed
     local_size = cfg.local_size or local_size_for(cfg.img_size)
     return argparse.Namespace(**{**vars(cfg), **filled, "local_size": local_size})
 
@@ -94,24 +95,28 @@ def validate(cfg: argparse.Namespace) -> None:
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be two numbers with 0 < low <= high <= 1")
-    if cfg.clip_grad < 0 or cfg.min_lr < 0:
-        raise UserError("--clip-grad and --min-lr must be 0 or more")
+    if cfg.clip_grad < 0 or cfg.min_lr < 0 or not 0 <= cfg.drop_path < 1:
+        raise UserError("--clip-grad and --min-lr must be 0 or more, --drop-path in [0, 1)")
     if not 0 <= cfg.momentum_teacher <= 1:
         raise UserError(f"--momentum-teacher must be in [0, 1], got {cfg.momentum_teacher}")
     rt.check_run(cfg)
 
 
 def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, MultiCropNet, list, list]:
-    """Student and teacher (same start, no gradient for the teacher), input mean and std."""
+    """Student and teacher (same start, no gradient for the teacher, no
+    stochastic depth in the teacher, as in the official code), input mean and std."""
     extra = {"dynamic_img_size": True} if is_transformer(cfg.arch) else {}  # local crops are smaller
-    backbone = create_model(cfg.arch, img_size=cfg.img_size, num_classes=0, pretrained=cfg.pretrained,
-                            weights=cfg.weights, **extra)
-    prepare_for_training(backbone, cfg.arch, device, cfg.grad_ckpt)
-    student = MultiCropNet(backbone, DINOHead(backbone.num_features, cfg.out_dim)).to(device)
-    teacher = copy.deepcopy(student)
+    nets = []
+    for drop_path in (cfg.drop_path, 0.0):
+        backbone = create_model(cfg.arch, img_size=cfg.img_size, num_classes=0, pretrained=cfg.pretrained,
+                                weights=cfg.weights, **extra, **({"drop_path_rate": drop_path} if drop_path else {}))
+        prepare_for_training(backbone, cfg.arch, device, cfg.grad_ckpt)
+        nets.append(MultiCropNet(backbone, DINOHead(backbone.num_features, cfg.out_dim)).to(device))
+    student, teacher = nets
+    teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    return student, teacher, *model_norm(backbone, cfg.norm)
+    return student, teacher, *model_norm(student.backbone, cfg.norm)
 
 
 def optimizer_and_loss(cfg: argparse.Namespace, student: MultiCropNet,
@@ -127,10 +132,11 @@ def optimizer_and_loss(cfg: argparse.Namespace, student: MultiCropNet,
     return opt, loss_fn
 
 
-def schedules(cfg: argparse.Namespace, steps_per_epoch: int) -> dict[str, np.ndarray]:
+def schedules(cfg: argparse.Namespace, steps_per_epoch: int, world: int) -> dict[str, np.ndarray]:
     """Per-step lr, weight decay and teacher momentum, indexed by global step
-    (so resuming needs no scheduler state)."""
-    return {"lr": cosine_schedule(cfg.lr * cfg.bs / 256, cfg.min_lr, cfg.epochs, steps_per_epoch,
+    (so resuming needs no scheduler state). The lr scales with the global
+    batch, --bs times the `world` processes, as in the official code."""
+    return {"lr": cosine_schedule(cfg.lr * cfg.bs * world / 256, cfg.min_lr, cfg.epochs, steps_per_epoch,
                                   warmup_epochs=min(cfg.warmup_epochs, cfg.epochs)),
             "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
             "momentum": cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)}
@@ -246,6 +252,9 @@ def main(args: argparse.Namespace) -> Path:
         if cfg.cache == "on" else None
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
+    # the kNN monitor reads square images at img-size: a cache of its own
+    knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers) \
+        if cfg.cache == "on" and cfg.knn_every and index.labelled and not index.multilabel else None
     loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache), cfg.bs,
                           seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
@@ -258,7 +267,7 @@ def main(args: argparse.Namespace) -> Path:
     if cfg.compile:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
     run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, rt.grad_scaler(device, dtype),
-                   schedules(cfg, len(loader)), mean, std)
+                   schedules(cfg, len(loader), rt.world_size()), mean, std)
     if state:
         checkpoint.restore(run.parts(), state)
     start = state["epoch"] if state else 0
@@ -274,7 +283,8 @@ def main(args: argparse.Namespace) -> Path:
                 continue
             if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
                 stats["knn_teacher"] = val_knn_accuracy(teacher.backbone, index, parts, cfg.img_size, mean, std,
-                                                        device, dtype, bs=cfg.bs, workers=cfg.workers)
+                                                        device, dtype, bs=cfg.bs, workers=cfg.workers,
+                                                        cache=knn_cache)
             checkpoint.append_jsonl(out / "log.jsonl", stats)
             knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
             print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "

@@ -63,8 +63,9 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: str, img_size: int | None = 384,
-                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True) -> None:
-    """Flags with the same meaning in pretraining and fine-tuning."""
+                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True,
+                    seed: bool = True) -> None:
+    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something)."""
     p.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
     p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
@@ -76,7 +77,8 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: s
     p.add_argument("--norm", choices=("model", "imagenet"), default="model",
                    help="input normalisation: what each model's weights expect, or ImageNet "
                         "statistics for every model as in App. C.5.2")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    if seed:
+        p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")

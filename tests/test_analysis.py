@@ -1,6 +1,7 @@
 """predict.py, kNN monitor, attention / feature maps, report.py."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import predict
 import pretrain_cass
 import report
 from conftest import TINY
+from data import DataIndex
 from errors import UserError
 
 
@@ -45,6 +47,13 @@ def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
     assert "knn_cnn" not in log[0] and 0 <= log[1]["knn_cnn"] <= 1 and 0 <= log[1]["knn_vit"] <= 1
     acc = knn.main(knn.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--workers", "0"]))
     assert 0.25 < acc <= 1  # better than chance on the four learnable demo classes
+
+
+def test_knn_works_on_fine_tuned_checkpoints_which_carry_their_split(finetuned, cass_run):
+    ckpt = torch.load(finetuned[0], weights_only=True)
+    pretrained = torch.load(cass_run / "cnn.pt", weights_only=True)
+    assert ckpt["splits"] == pretrained["splits"]  # fine-tuning kept the pretraining split
+    assert 0 <= knn.main(knn.parse_args(["--ckpt", str(finetuned[0]), "--workers", "0"])) <= 1
 
 
 def test_predict_writes_probabilities_and_ensembles_by_averaging(finetuned, demo_data, tmp_path):
@@ -115,6 +124,20 @@ def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_pa
     assert len(list((tmp_path / vit_name).glob("*.png"))) == 4
     for png in (f"{vit_name}_mean.png", f"{cnn_name}_mean.png", f"{cnn_name}_first_conv.png", "compare.png"):
         assert (tmp_path / png).stat().st_size > 0, png
+    drawn = (tmp_path / "images.txt").read_text().split()
+    test = torch.load(finetuned[1], weights_only=True)["splits"]["test"]
+    assert len(drawn) == 4 and set(drawn) <= set(test)  # test images only, listed next to the PNGs
+    assert drawn != sorted(test)[:4]  # a random draw, not the first files of one class
+
+
+def test_maps_draw_follows_the_class_distribution_and_the_seed():
+    index = DataIndex(Path("."), Path("."), "class folders", [f"{i}.png" for i in range(100)],
+                      np.array([0] * 60 + [1] * 30 + [2] * 10), ["a", "b", "c"])
+    ids = list(range(100))
+    drawn = maps.draw_images(index, ids, 30, seed=0)
+    assert np.bincount(index.targets[drawn]).tolist() == [18, 9, 3] and len(set(drawn)) == 30
+    assert drawn == maps.draw_images(index, ids, 30, seed=0) != maps.draw_images(index, ids, 30, seed=1)
+    assert np.bincount(index.targets[maps.draw_images(index, ids, 7, seed=0)], minlength=3).tolist() == [4, 2, 1]
 
 
 def test_report_tables_and_plots(cass_run, finetuned, tmp_path):

@@ -34,7 +34,7 @@ def test_split_folder_layout_keeps_the_curator_split_and_carves_val_from_train(t
     assert not set(splits["val"]) & set(splits["train"])
 
 
-def test_csv_layouts(tmp_path):
+def test_csv_layouts(tmp_path, capsys):
     for i in range(6):
         write_image(tmp_path / "img" / f"{i}.jpg", seed=i)
     (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"img/{i}.jpg,{'ab'[i % 2]}\n" for i in range(6)))
@@ -43,16 +43,19 @@ def test_csv_layouts(tmp_path):
     assert index.targets.tolist() == [0, 1, 0, 1, 0, 1]
 
     multi = tmp_path / "multi.csv"  # multi-label, one 0/1 column per class
-    multi.write_text("file,x,y,z\nimg/0.jpg,1,1,0\nimg/1.jpg,0,1,0\nimg/2.jpg,0,0,0\nimg/1.jpg,0,1,0\n")
+    multi.write_text("file,x,y,z\nimg/0.jpg,1,1,0\nimg/1.jpg,0,1,0\nimg/2.jpg,0,0,0\nimg/1.jpg,0,1,0\n"
+                     "img/3.jpg,0,0,1\n")
     index = index_data(multi, workers=1)
     assert index.multilabel and index.classes == ["x", "y", "z"]
-    assert index.targets.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
+    assert index.targets.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1]]
     assert index.skipped == [{"path": "img/1.jpg", "reason": "duplicate row in CSV"}]
 
-    onehot = tmp_path / "isic.csv"  # ISIC-2019 style: one-hot columns, names without extension
-    onehot.write_text("image,MEL,NV\nimg/0,1,0\nimg/1,0,1\n")
+    onehot = tmp_path / "isic.csv"  # ISIC-2019 style: one-hot columns, names without extension, an empty UNK
+    onehot.write_text("image,MEL,NV,UNK\nimg/0,1,0,0\nimg/1,0,1,0\n")
     index = index_data(onehot, workers=1)
     assert not index.multilabel and index.targets.tolist() == [0, 1] and index.paths[0] == "img/0.jpg"
+    assert index.classes == ["MEL", "NV"]  # no head and no class weight for a class without an image
+    assert "dropped the class column(s) UNK of isic.csv" in capsys.readouterr().out
 
 
 def test_unlabelled_folder_is_all_train(tmp_path):

@@ -184,3 +184,33 @@ def test_recipe_defaults_follow_the_architecture():
     vit = pretrain_dino.with_recipe(pretrain_dino.parse_args(["--data", "x", "--arch", "test_vit", "--lr", "1e-4"]))
     assert (cnn.optimizer, cnn.lr, cnn.global_scale, cnn.local_size) == ("sgd", 0.03, [0.14, 1.0], 160)
     assert (vit.optimizer, vit.lr, vit.weight_decay_end, vit.local_scale) == ("adamw", 1e-4, 0.4, [0.05, 0.4])
+    assert (cnn.drop_path, vit.drop_path) == (0.0, 0.1)  # the official ViT student's stochastic depth
+
+
+def test_only_the_student_has_stochastic_depth():
+    cfg = pretrain_dino.with_recipe(pretrain_dino.parse_args(["--data", "x", *TINY_DINO, "--arch", "test_vit"]))
+    student, teacher, _, _ = pretrain_dino.build(cfg, torch.device("cpu"))
+    rates = [[blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0
+              for blk in net.backbone.blocks] for net in (student, teacher)]
+    assert max(rates[0]) == pytest.approx(0.1) and max(rates[1]) == 0.0
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())  # same start
+
+
+def test_a_non_finite_teacher_batch_never_reaches_the_centre(demo_data, tmp_path, monkeypatch):
+    """fp16 skips the step; the centre must skip it too, or every later batch is NaN as well."""
+    real, calls = MultiCropNet.forward, [0]
+
+    def forward(self, views):
+        out = real(self, views)
+        if not torch.is_grad_enabled():  # the teacher's forward
+            calls[0] += 1
+            out = out * float("nan") if calls[0] == 3 else out
+        return out
+
+    monkeypatch.setattr(MultiCropNet, "forward", forward)
+    out = pretrain_dino.main(pretrain_dino.parse_args(
+        ["--data", str(demo_data), "--out", str(tmp_path / "r"), "--arch", "test_resnet", "--epochs", "2",
+         "--amp", "fp16", *TINY_DINO]))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in log] == [32, 40] and all(math.isfinite(r["loss"]) for r in log)
+    assert torch.isfinite(checkpoint.load(out / "last.pt", kind="resume")["loss"]["center"]).all()

@@ -1,11 +1,12 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import finetune
-from conftest import write_image
+from conftest import class_folders, write_image
 from models import from_checkpoint, normalise
 from pixels import load_resized, to_chw
 
@@ -92,3 +93,36 @@ def test_multilabel_csv_fine_tunes_with_sigmoid_focal_loss(tmp_path):
     either = truth.sum(1) + predicted.sum(1)
     assert test["samples_f1"] == pytest.approx(np.mean([2 * b / e if e else 0.0 for b, e in zip(both, either)]))
     assert test["exact_match"] == pytest.approx((truth == predicted).all(1).mean())
+
+
+def test_published_schedule_steps_the_cosine_every_batch(cass_run, tmp_path):
+    def first_lr(*flags):
+        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--workers", "0", "--epochs", "2",
+                                           "--patience", "2", "--out", str(tmp_path / flags[-1]), *flags]))
+        return json.loads((tmp_path / flags[-1] / "log.jsonl").read_text().splitlines()[0])["lr"]
+
+    steps = math.ceil(len(json.loads((cass_run / "splits.json").read_text())["train"]) / 16)
+    assert first_lr("--schedule", "published") == \
+        pytest.approx(1e-6 + (3e-4 - 1e-6) * (1 + math.cos(math.pi * steps / 16)) / 2)  # T_max 16, per batch
+    assert first_lr("--schedule", "run") == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)  # T_max = --epochs, per epoch
+
+
+def test_class_weights_come_from_the_train_split_and_are_recorded(tmp_path):
+    class_folders(tmp_path / "d", {"a": 40, "b": 20, "c": 10})
+    common = ["--arch", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "d"), "--img-size", "32",
+              "--workers", "0", "--epochs", "1", "--frac", "0.1"]
+    whole = finetune.main(finetune.parse_args([*common, "--out", str(tmp_path / "train")]))["runs"][0]
+    # train split 28 / 14 / 7 images: min-max into [0.2, 1] (App. C.6.2), whatever the 10 % drawn
+    assert whole["class_weights"] == pytest.approx([1.0, 0.2 + 0.8 * 7 / 21, 0.2])
+    few = finetune.main(finetune.parse_args([*common, "--class-weights-from", "labelled",
+                                             "--out", str(tmp_path / "labelled")]))["runs"][0]
+    assert few["class_weights"] == pytest.approx([1.0, 0.2, 0.2])  # 3 / 1 / 1 labelled images
+
+
+def test_every_random_init_seed_draws_its_own_network(demo_data, tmp_path):
+    finetune.main(finetune.parse_args(
+        ["--arch", "test_resnet", "--no-pretrained", "--data", str(demo_data), "--img-size", "32", "--workers", "0",
+         "--epochs", "1", "--lr", "1e-12", "--seeds", "0", "1", "--out", str(tmp_path)]))
+    first, second = (torch.load(tmp_path / f"model_seed{s}.pt", weights_only=True)["state_dict"]["conv1.0.weight"]
+                     for s in (0, 1))
+    assert (first - second).abs().max() > 1e-3  # an lr of 1e-12 leaves each seed's own initial weights
