@@ -5,7 +5,10 @@
    architecture, and CASS time / (DINO-CNN + DINO-ViT time) for the same images
    (the paper's Table 2 claim as one number);
 3. achieved model FLOP/s (torch.utils.flop_counter) over the matmul peak measured here;
-4. on CUDA: peak memory with and without AMP and gradient checkpointing, and the largest batch.
+4. on CUDA: peak memory with and without AMP and gradient checkpointing, and the largest batch;
+5. with --side-by-side: seconds per epoch of a pretrain_cass.py run alone and of
+   each of two runs side by side on the CPU, with the default threads and with
+   PyTorch's own (--threads 0).
 
     python bench.py                       # tiny models, a few minutes on 2 CPU cores
     python bench.py --cnn resnet50 --vit vit_base_patch16_384 --img-size 384 --bs 16   # the paper's setting
@@ -13,6 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    p.add_argument("--side-by-side", type=rt.non_negative_int, default=0, metavar="IMAGES",
+                   help="time pretrain_cass.py alone and two at once on this many generated 64 px images (0: skip)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
     return p.parse_args(argv)
 
@@ -191,6 +200,29 @@ def cuda_memory(args, device) -> dict:
     return out
 
 
+def side_by_side(args, folder: Path) -> dict:
+    """Seconds of the second epoch (cache built, workers warm) of CPU runs of
+    pretrain_cass.py: one alone, then two started together (their mean), with
+    the default --threads and with PyTorch's own thread count."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = {}
+    for threads in ("default", "0"):
+        for n in (1, 2):
+            outs = [Path(args.out) / "side-by-side" / f"threads-{threads}-{n}-{i}" for i in range(n)]
+            procs = [subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("pretrain_cass.py")), "--data", str(folder),
+                 "--cnn", args.cnn, "--vit", args.vit, "--no-pretrained", "--img-size", "48", "--bs", str(args.bs),
+                 "--epochs", "2", "--knn-every", "0", "--device", "cpu", "--workers", str(args.workers),
+                 "--cache-dir", str(Path(args.out) / "cache"), "--out", str(out)]
+                + ([] if threads == "default" else ["--threads", threads]),
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for out in outs]
+            if any(p.wait() for p in procs):
+                raise RuntimeError("a side-by-side pretraining run failed")
+            seconds = [json.loads((out / "log.jsonl").read_text().splitlines()[-1])["seconds"] for out in outs]
+            result[f"epoch_s_{'alone' if n == 1 else 'each_of_two'}_threads_{threads}"] = float(np.mean(seconds))
+    return result
+
+
 def main(args: argparse.Namespace) -> dict:
     out = prepare_out_dir(Path(args.out))
     device = rt.pick_device(args.device)
@@ -209,6 +241,8 @@ def main(args: argparse.Namespace) -> dict:
                    "matmul_peak_tflops": peak / 1e12, "fraction_of_peak": flops * cass["ips"] / peak})
     if device.type == "cuda":
         result.update(cuda_memory(args, device))
+    if args.side_by_side:
+        result.update(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
     write_json(out / "bench.json", result)
     width = max(len(k) for k in result)
     for key, value in result.items():

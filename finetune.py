@@ -226,6 +226,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     device = rt.start_distributed(args.device)
+    rt.set_threads(args.threads, args.workers)
     source = load_source(args)
     stem = f"{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
     out = (Path(args.out) if args.out else Path(args.ckpt).parent / f"finetune-{stem}" if args.ckpt else

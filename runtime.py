@@ -82,6 +82,9 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: s
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    p.add_argument("--threads", type=non_negative_int,
+                   help="CPU threads of the training process (default: the cores left beside the loader "
+                        "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: see README")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
     p.add_argument("--cache", choices=("on", "off"), default="on",
@@ -96,7 +99,7 @@ def add_pretraining_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true",
                    help="generate a small image set and default to tiny models (no data, GPU or internet needed)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
-                   "(its own settings are used; only --workers and --device may change)")
+                   "(its own settings are used; only --workers, --threads and --device may change)")
     p.add_argument("--save-every", type=positive_int, default=1,
                    help="write last.pt every N epochs (and after the last one)")
     p.add_argument("--knn-every", type=non_negative_int, default=10,
@@ -129,6 +132,18 @@ def pick_device(name: str) -> torch.device:
     torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     return device
+
+
+def set_threads(threads: int | None, workers: int) -> None:
+    """Intra-op CPU threads. PyTorch takes every core by default, and so does
+    each other run on the machine: OpenMP threads then spin against each other
+    and two runs on two cores each take many times their share. By default a
+    process takes the cores its torchrun share leaves beside its loader
+    workers; OMP_NUM_THREADS, when set, is respected."""
+    if threads == 0 or (threads is None and "OMP_NUM_THREADS" in os.environ):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores // int(os.environ.get("WORLD_SIZE", 1)) - workers))
 
 
 def start_distributed(device_name: str) -> torch.device:
@@ -223,7 +238,7 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
             raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
         print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
         return argparse.Namespace(**dict(state["args"], workers=args.workers, device=args.device,
-                                         resume=args.resume)), state
+                                         threads=args.threads, resume=args.resume)), state
     if args.demo:
         out = args.out or f"runs/demo-{method}"
         data = main_first(lambda: make_demo_dataset(Path(out) / "data", seed=args.seed))

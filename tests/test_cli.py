@@ -11,6 +11,7 @@ import torch
 import checkpoint
 import finetune
 import pretrain_cass
+import runtime
 from conftest import TINY, class_folders, write_image
 from models import create_model
 from errors import UserError
@@ -117,3 +118,23 @@ def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, 
     code, err = cli(script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0", *argv)
     assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    try:
+        runtime.set_threads(None, workers=2)
+        assert torch.get_num_threads() == 4
+        runtime.set_threads(None, workers=8)
+        assert torch.get_num_threads() == 1  # never fewer than one
+        runtime.set_threads(3, workers=2)
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(5)
+        runtime.set_threads(0, workers=2)  # 0: PyTorch's own choice, left alone
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        runtime.set_threads(None, workers=2)  # the user's OMP_NUM_THREADS wins
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)

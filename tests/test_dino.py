@@ -147,7 +147,10 @@ def test_collapse_kinds():
 @pytest.mark.parametrize("arch,role", [("test_resnet", "cnn"), ("test_vit", "vit")])
 def test_one_epoch_run_saves_a_teacher_backbone_that_fine_tunes(demo_data, tmp_path, arch, role):
     out = pretrain_dino.main(pretrain_dino.parse_args(
-        ["--data", str(demo_data), "--out", str(tmp_path / "dino"), "--arch", arch, "--epochs", "1", *TINY_DINO]))
+        ["--data", str(demo_data), "--out", str(tmp_path / "dino"), "--arch", arch, "--epochs", "1", *TINY_DINO,
+         "--knn-every", "1", "--cache-dir", str(tmp_path / "cache")]))
+    # crops come from a cache of aspect-kept copies, the kNN monitor's square images from one of their own
+    assert {p.name.split("-")[2] for p in (tmp_path / "cache").glob("data-*")} == {"fit64", "square32", "checked"}
     ckpt = torch.load(out / f"{role}.pt", map_location="cpu", weights_only=True)
     assert ckpt["method"] == "dino" and ckpt["arch"] == arch and ckpt["role"] == role and ckpt["num_classes"] == 0
     state = checkpoint.load(out / "last.pt", kind="resume")
@@ -159,7 +162,7 @@ def test_one_epoch_run_saves_a_teacher_backbone_that_fine_tunes(demo_data, tmp_p
     assert torch.allclose(state["student"]["head.last_layer.weight"], state["teacher"]["head.last_layer.weight"])
     assert not torch.equal(state["student"]["head.mlp.0.weight"], state["teacher"]["head.mlp.0.weight"])
     log = json.loads((out / "log.jsonl").read_text())
-    assert log["ln_k"] == pytest.approx(math.log(64)) and log["teacher_temp"] == 0.04
+    assert log["ln_k"] == pytest.approx(math.log(64)) and log["teacher_temp"] == 0.04 and 0 <= log["knn_teacher"] <= 1
     assert {"loss", "lr", "momentum", "teacher_entropy", "kl", "collapse", "images_per_s"} <= set(log)
     results = finetune.main(finetune.parse_args(["--ckpt", str(out / f"{role}.pt"), "--epochs", "1",
                                                  "--workers", "0", "--out", str(tmp_path / "ft")]))
