@@ -204,11 +204,7 @@ def main(args: argparse.Namespace) -> Path:
     device = rt.start_distributed(args.device)
     cfg, state = rt.run_settings(args, "cass")
     validate(cfg)
-    rt.print_args(cfg)
-    rt.set_threads(cfg.threads, cfg.workers)
-    out = checkpoint.prepare_out_dir(Path(cfg.out)) if rt.is_main() else Path(cfg.out)
-    rt.seed_everything(cfg.seed)
-    dtype = rt.amp_dtype(cfg.amp, device)
+    out, dtype = rt.prepare_run(cfg, device)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),

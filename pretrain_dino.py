@@ -233,11 +233,7 @@ def main(args: argparse.Namespace) -> Path:
     cfg, state = rt.run_settings(args, "dino")
     cfg = with_recipe(cfg)
     validate(cfg)
-    rt.print_args(cfg)
-    rt.set_threads(cfg.threads, cfg.workers)
-    out = checkpoint.prepare_out_dir(Path(cfg.out)) if rt.is_main() else Path(cfg.out)
-    rt.seed_everything(cfg.seed)
-    dtype = rt.amp_dtype(cfg.amp, device)
+    out, dtype = rt.prepare_run(cfg, device)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     student, teacher, mean, std = build(cfg, device)

@@ -248,6 +248,16 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
     return argparse.Namespace(**{**vars(args), "out": args.out or str(checkpoint.default_out(method))}), None
 
 
+def prepare_run(cfg: argparse.Namespace, device: torch.device) -> tuple[Path, torch.dtype | None]:
+    """Print the settings, set the CPU threads, create the run folder (rank 0),
+    seed; the run folder and the autocast dtype."""
+    print_args(cfg)
+    set_threads(cfg.threads, cfg.workers)
+    out = checkpoint.prepare_out_dir(Path(cfg.out)) if is_main() else Path(cfg.out)
+    seed_everything(cfg.seed)
+    return out, amp_dtype(cfg.amp, device)
+
+
 def check_run(cfg: argparse.Namespace) -> None:
     if cfg.bs < 2:
         raise UserError("--bs must be at least 2: BatchNorm and the batch statistics need two images per batch")
