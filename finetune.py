@@ -11,13 +11,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import checkpoint
@@ -31,6 +32,9 @@ from models import (check_arch, collect, create_model, from_checkpoint, model_no
 from pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
 
 
+PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
     rt.add_common_args(p, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
@@ -42,13 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="--arch only: start from timm's ImageNet weights")
     p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
+    p.add_argument("--linear", action="store_true",
+                   help="linear probe: the backbone frozen, its features extracted once, only a new linear head "
+                        "trained (same fractions, seeds, loss, early stopping and metrics)")
     p.add_argument("--frac", type=rt.fraction, default=1.0,
                    help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
     p.add_argument("--seeds", type=rt.non_negative_int, nargs="+", default=[0],
                    help="one fine-tuning run per seed (the paper: five)")
     p.add_argument("--split-seed", type=rt.non_negative_int, default=0,
                    help="seed of a new 70/10/20 split when the checkpoint brings none")
-    p.add_argument("--lr", type=rt.positive_float, default=3e-4, help="Adam learning rate (App. C.6.2)")
+    p.add_argument("--lr", type=rt.positive_float,
+                   help="Adam learning rate (default: 3e-4 as in App. C.6.2; 1e-3 for --linear, ours: a lone "
+                        "linear head on few labels needs larger steps to converge within --epochs)")
     p.add_argument("--schedule", choices=("run", "published"), default="run",
                    help="cosine annealing to 1e-6 (App. C.6.2): run = one half-cosine over --epochs, stepped per "
                         "epoch; published = the published code's T_max 16 stepped every batch (cycles every 32)")
@@ -115,17 +124,30 @@ def choose_splits(source: Source, index: DataIndex, split_seed: int) -> dict[str
     return make_splits(index, split_seed)
 
 
-def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, source: Source, device: torch.device,
-                    dtype: torch.dtype | None, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    batch_sched: torch.optim.lr_scheduler.LRScheduler | None) -> float:
-    """One training pass (stepping `batch_sched` after every batch, if given);
-    the mean loss over every process's images."""
+def frozen_features(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
+                    args: argparse.Namespace, device: torch.device,
+                    dtype: torch.dtype | None) -> dict[str, TensorDataset]:
+    """--linear: the frozen backbone's pre-logit features (N, D) and targets of
+    every split, extracted once (no augmentation) for all seeds."""
+    model = source.model.to(device).eval()
+    return {name: TensorDataset(*collect(
+        lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
+        eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache), args.bs,
+                    workers=args.workers), source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
+
+
+def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, inputs: Callable[[torch.Tensor], torch.Tensor],
+                    device: torch.device, dtype: torch.dtype | None, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, batch_sched: torch.optim.lr_scheduler.LRScheduler | None) -> float:
+    """One training pass, `inputs` turning a batch into the network's input
+    (normalising images, or nothing for features), stepping `batch_sched` after
+    every batch if given; the mean loss over every process's images."""
     net.train()
     total, seen = torch.zeros((), device=device), 0
     for x, y in tqdm(loader, leave=False, desc="train", disable=not rt.is_main()):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
-            logits = net(normalise(x, source.mean, source.std))
+            logits = net(inputs(x))
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -139,47 +161,66 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, source: Source,
     return total / max(seen, 1)
 
 
-def evaluate(net: nn.Module, loader: DataLoader, loss_fn, source: Source, device: torch.device,
+def evaluate(net: nn.Module, split: DataLoader | TensorDataset, loss_fn, source: Source, device: torch.device,
              dtype: torch.dtype | None) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean loss, logits (N, C), targets) over a whole split."""
+    """(mean loss, logits (N, C), targets) over a whole split: its images
+    (a loader) or, for --linear, its features (a TensorDataset)."""
     net.eval()
-    logits, targets = collect(net, loader, source.mean, source.std, device, dtype)
+    if isinstance(split, TensorDataset):
+        with torch.no_grad():
+            logits, targets = net(split.tensors[0].to(device)).float().cpu(), split.tensors[1]
+    else:
+        logits, targets = collect(net, split, source.mean, source.std, device, dtype)
     return loss_fn(logits, targets).item(), logits.numpy(), targets.numpy()
 
 
 def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
-             args: argparse.Namespace, seed: int, out: Path, device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Fine-tune one copy of the source network end to end; the best-validation weights are tested once."""
+             features: dict[str, TensorDataset] | None, args: argparse.Namespace, seed: int, out: Path,
+             device: torch.device, dtype: torch.dtype | None) -> dict:
+    """Fine-tune one copy of the source network end to end, or with `features`
+    (--linear) train only its new linear head on them; the best-validation
+    weights are tested once."""
     rt.seed_everything(seed)
     start = time.perf_counter()
     labelled = label_fraction(index, parts["train"], args.frac, seed)
     # a random-init baseline draws its own random network per seed; a pretrained one starts from its weights
-    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" \
+    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" and not features \
         else copy.deepcopy(source.model)
     model.reset_classifier(len(index.classes))
     model.to(device)
-    prepare_for_training(model, source.arch, device, args.grad_ckpt)
-    net = rt.ddp(model, device)
+    trained = model.get_classifier() if features else model  # the head is the same module inside `model`
+    if not features:
+        prepare_for_training(model, source.arch, device, args.grad_ckpt)
+    net = rt.ddp(trained, device)
     net = torch.compile(net) if args.compile else net
     counted = parts["train"] if args.class_weights_from == "train" else labelled
     weights = class_weights(index.class_counts(counted), args.class_weights)
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
                       weights=weights)
-    size, pin = source.img_size, device.type == "cuda"
-    train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache),
-                         args.bs, seed=seed, workers=args.workers, rank=rt.rank(), world=rt.world_size(),
-                         pin_memory=pin)
+    size, pin, rank, world = source.img_size, device.type == "cuda", rt.rank(), rt.world_size()
     # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
-    val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache), args.bs,
-                             workers=args.workers, pin_memory=pin) for name in ("val", "test"))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
+    if features:
+        at = {i: k for k, i in enumerate(parts["train"])}
+        rows = [at[i] for i in labelled]
+        train = train_loader(TensorDataset(*(t[rows] for t in features["train"].tensors)), args.bs, seed=seed,
+                             workers=0, rank=rank, world=world)
+        val, test, inputs = features["val"], features["test"], (lambda x: x)
+    else:
+        train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug),
+                                          cache), args.bs, seed=seed, workers=args.workers, rank=rank, world=world,
+                             pin_memory=pin)
+        val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache), args.bs,
+                                 workers=args.workers, pin_memory=pin) for name in ("val", "test"))
+        inputs = partial(normalise, mean=source.mean, std=source.std)
+    lr = args.lr or (1e-3 if features else 3e-4)
+    opt = torch.optim.Adam(trained.parameters(), lr=lr, **optimizer_kwargs(device))
     per_batch = args.schedule == "published"
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16 if per_batch else args.epochs, eta_min=1e-6)
     scaler = rt.grad_scaler(device, dtype)
     best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
     for epoch in range(args.epochs):
         train.sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(net, train, loss_fn, source, device, dtype, opt, scaler,
+        train_loss = train_one_epoch(net, train, loss_fn, inputs, device, dtype, opt, scaler,
                                      sched if per_batch else None)
         val_loss, _, _ = evaluate(net, val, loss_fn, source, device, dtype)
         val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
@@ -206,7 +247,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             model, arch=source.arch, img_size=size, mean=source.mean, std=source.std, method=source.method,
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
             data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
-            seed=seed, frac=args.frac, epoch=best_epoch), out / f"model_seed{seed}.pt")
+            seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear]), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
@@ -228,9 +269,9 @@ def main(args: argparse.Namespace) -> dict:
     device = rt.start_distributed(args.device)
     rt.set_threads(args.threads, args.workers)
     source = load_source(args)
-    stem = f"{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
-    out = (Path(args.out) if args.out else Path(args.ckpt).parent / f"finetune-{stem}" if args.ckpt else
-           checkpoint.default_out(f"{source.method}-{args.arch}-frac{args.frac:g}"))
+    stem = f"{PROTOCOL[args.linear]}-{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
+    out = (Path(args.out) if args.out else Path(args.ckpt).parent / stem if args.ckpt else
+           checkpoint.default_out(f"{source.method}-{args.arch}-{PROTOCOL[args.linear]}-frac{args.frac:g}"))
     if rt.is_main():
         checkpoint.prepare_out_dir(out)
     rt.print_args(args)
@@ -254,10 +295,12 @@ def main(args: argparse.Namespace) -> dict:
 
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers) \
         if args.cache == "on" else None
-    runs = [run_seed(source, index, parts, cache, args, seed, out, device, dtype) for seed in args.seeds]
+    features = frozen_features(source, index, parts, cache, args, device, dtype) if args.linear else None
+    runs = [run_seed(source, index, parts, cache, features, args, seed, out, device, dtype) for seed in args.seeds]
     summary = summarise(runs)
     headline = HEADLINES[args.metric]
-    results = {"method": source.method, "arch": source.arch, "role": source.role, "frac": args.frac,
+    results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
+               "frac": args.frac,
                "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch}
     if rt.is_main():

@@ -41,7 +41,7 @@ def mean_std(values: list[float]) -> str:
 # another part of the key already carries (data set, checkpoint, backbone,
 # label fraction, metric). "seed" is a common flag finetune.py does not use.
 NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
-                          "grad_ckpt", "data", "ckpt", "arch", "frac", "metric"})
+                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear"})
 
 
 def data_set(folder: Path, result: dict) -> str:
@@ -69,26 +69,29 @@ def pretraining_run(source: str) -> str:
 
 
 def experiment(result: dict) -> tuple:
-    """What a row stands for: method, backbone, checkpoint, and the fine-tuning
-    settings as sorted (flag, JSON value) pairs; seeds of equal experiments pool."""
+    """What a row stands for: method, backbone, protocol (fine-tuning or linear
+    probe), checkpoint, and the remaining settings as sorted (flag, JSON value)
+    pairs; seeds of equal experiments pool."""
     settings = tuple(sorted((k, json.dumps(v)) for k, v in result["config"].items() if k not in NOT_SETTINGS))
-    return result["method"], result["arch"], str(Path(result["source"])), settings
+    return result["method"], result["arch"], result.get("protocol", "finetune"), str(Path(result["source"])), settings
 
 
 def experiment_table(cells: dict[tuple, list[float]]) -> list[str]:
     """cells: (experiment, label fraction) -> scores. A settings column names the
     flags whose values differ between the rows, so every row says what it is."""
     rows, fracs = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
-    flags = [dict(row[3]) for row in rows]
+    flags = [dict(row[4]) for row in rows]
     varying = sorted(k for k in set().union(*flags) if len({f.get(k) for f in flags}) > 1)
     extra = ["settings"] if varying else []
-    lines = ["| " + " | ".join(["method (backbone)", "pretraining run", *extra, *(f"{f:.0%} labels" for f in fracs)])
-             + " |", "|---|---|" + "---|" * (len(extra) + len(fracs))]
+    lines = ["| " + " | ".join(["method (backbone)", "protocol", "pretraining run", *extra,
+                                *(f"{f:.0%} labels" for f in fracs)])
+             + " |", "|---|---|---|" + "---|" * (len(extra) + len(fracs))]
     for row, flag in zip(rows, flags):
-        method, arch, source, _ = row
+        method, arch, protocol, source, _ = row
         shown = [", ".join(f"{k}={json.loads(flag[k]) if k in flag else '-'}" for k in varying)] if varying else []
         scores = [mean_std(cells[(row, f)]) if (row, f) in cells else "" for f in fracs]
-        lines.append("| " + " | ".join([f"{method} ({arch})", pretraining_run(source), *shown, *scores]) + " |")
+        lines.append("| " + " | ".join([f"{method} ({arch})", protocol, pretraining_run(source), *shown, *scores])
+                     + " |")
     return lines
 
 
@@ -123,13 +126,22 @@ def pretraining_runs(folders: list[Path]) -> list[dict]:
     return found
 
 
+def last_knn(log: list[dict]) -> str:
+    """The last logged kNN accuracy of each network of a run (the frozen-feature
+    column next to fine-tuning and linear probes)."""
+    found = {k: e[k] for e in log for k in e if k.startswith("knn_") and e[k] is not None}
+    return ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(found.items())) or "-"
+
+
 def time_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | method | models | epochs | time | images/s |", "|---|---|---|---|---|---|"]
+    lines = ["| run | method | models | epochs | time | images/s | last kNN accuracy (val) |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         seconds = sum(e["seconds"] for e in r["log"])
         ips = np.mean([e["images_per_s"] for e in r["log"]]) if r["log"] else 0.0
         lines.append(f"| {r['folder'].name} | {r['method']} | {r['models']} | {len(r['log'])} | "
-                     f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{seconds % 60:04.1f}s | {ips:.1f} |")
+                     f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{seconds % 60:04.1f}s | {ips:.1f} | "
+                     f"{last_knn(r['log'])} |")
     return lines
 
 

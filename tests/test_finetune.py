@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,29 @@ def test_every_random_init_seed_draws_its_own_network(demo_data, tmp_path):
     first, second = (torch.load(tmp_path / f"model_seed{s}.pt", weights_only=True)["state_dict"]["conv1.0.weight"]
                      for s in (0, 1))
     assert (first - second).abs().max() > 1e-3  # an lr of 1e-12 leaves each seed's own initial weights
+
+
+def test_linear_probe_trains_only_a_head_on_frozen_features(cass_run, tmp_path):
+    results = finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--linear", "--epochs", "8",
+                                                 "--workers", "0"]))
+    out = cass_run / "linear-cnn-frac1"
+    assert results["protocol"] == "linear" and (out / "results.json").is_file()
+    saved = torch.load(out / "model_seed0.pt", weights_only=True)
+    backbone = torch.load(cass_run / "cnn.pt", weights_only=True)["state_dict"]
+    head = {"fc.weight", "fc.bias"}
+    assert set(saved["state_dict"]) - head == set(backbone) - head and saved["protocol"] == "linear"
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in backbone.items() if k not in head)  # frozen
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]  # the head learned
+    # the saved checkpoint is a whole classifier: on the test images it predicts what the probe was scored on
+    model = from_checkpoint(saved).eval()
+    names = saved["splits"]["test"]
+    x = torch.stack([to_chw(load_resized(demo_root(cass_run) / n, 32)) for n in names])
+    with torch.no_grad():
+        predicted = model(normalise(x, saved["mean"], saved["std"])).argmax(1).numpy()
+    truth = np.array([saved["classes"].index(n.split("/")[0]) for n in names])
+    assert results["runs"][0]["test"]["accuracy"] == pytest.approx((predicted == truth).mean())
+
+
+def demo_root(run):
+    return Path(json.loads((run / "splits.json").read_text())["data"])

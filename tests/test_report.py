@@ -51,8 +51,8 @@ def test_two_data_sets_give_two_tables_and_never_a_pooled_cell(tmp_path):
     write_run(tmp_path / "runs/b", "/data/isic", [0.40, 0.41, 0.42])
     text = make_report(tmp_path, tmp_path / "runs")
     assert "### /data/dermofit" in text and "### /data/isic" in text
-    assert table_rows(text) == ["| cass (resnet50) | runs/cass | 0.8100 +- 0.0100 (n=3) |",
-                                "| cass (resnet50) | runs/cass | 0.4100 +- 0.0100 (n=3) |"]
+    assert table_rows(text) == ["| cass (resnet50) | finetune | runs/cass | 0.8100 +- 0.0100 (n=3) |",
+                                "| cass (resnet50) | finetune | runs/cass | 0.4100 +- 0.0100 (n=3) |"]
     assert "0.6100" not in text and "n=6" not in text
 
 
@@ -71,8 +71,8 @@ def test_two_pretraining_runs_are_two_rows(tmp_path):
     write_run(tmp_path / "runs/x", "/data/dermofit", [0.8, 0.9], ckpt="runs/cass-arms-a/cnn.pt")
     write_run(tmp_path / "runs/y", "/data/dermofit", [0.5, 0.6], ckpt="runs/cass-arms-b/cnn.pt")
     rows = table_rows(make_report(tmp_path, tmp_path / "runs"))
-    assert rows == ["| cass (resnet50) | runs/cass-arms-a | 0.8500 +- 0.0707 (n=2) |",
-                    "| cass (resnet50) | runs/cass-arms-b | 0.5500 +- 0.0707 (n=2) |"]
+    assert rows == ["| cass (resnet50) | finetune | runs/cass-arms-a | 0.8500 +- 0.0707 (n=2) |",
+                    "| cass (resnet50) | finetune | runs/cass-arms-b | 0.5500 +- 0.0707 (n=2) |"]
 
 
 def test_headline_metrics_get_their_own_tables(tmp_path):
@@ -91,7 +91,7 @@ def test_seeds_of_one_experiment_pool_across_results_files(tmp_path):
     write_run(tmp_path / "runs/tenth", "/data/dermofit", [0.5], frac=0.1)
     # the runs folder twice (also nested): a results.json still counts once
     text = make_report(tmp_path, tmp_path / "runs", tmp_path / "runs/first")
-    assert table_rows(text) == ["| cass (resnet50) | runs/cass | 0.5000 +- 0.0000 (n=1) | 0.8400 +- 0.0316 (n=5) |"]
+    assert table_rows(text) == ["| cass (resnet50) | finetune | runs/cass | 0.5000 +- 0.0000 (n=1) | 0.8400 +- 0.0316 (n=5) |"]
     assert "10% labels | 100% labels |" in text
 
 
@@ -99,3 +99,18 @@ def test_data_set_falls_back_to_the_config_without_splits_json(tmp_path):
     folder = write_run(tmp_path / "runs/a", "/data/dermofit", [0.8], data="/data/other")
     (folder / "splits.json").unlink()
     assert "### /data/other" in make_report(tmp_path, tmp_path / "runs")
+
+
+def test_linear_probe_and_fine_tuning_are_rows_side_by_side(tmp_path):
+    for protocol, scores in (("finetune", [0.8, 0.82]), ("linear", [0.6, 0.62])):
+        folder = tmp_path / "runs" / f"{protocol}-cnn-frac1"
+        folder.mkdir(parents=True)
+        result = {"method": "cass", "arch": "resnet50", "role": "cnn", "protocol": protocol, "frac": 1.0,
+                  "metric": "macro_f1", "source": "runs/cass/cnn.pt", "config": {"linear": protocol == "linear"},
+                  "runs": [{"test": {"macro_f1": s}} for s in scores]}
+        (folder / "results.json").write_text(json.dumps(result))
+        (folder / "splits.json").write_text(json.dumps({"data": "/data/dermofit"}))
+    lines = report.finetune_table(report.load_results([tmp_path / "runs"]))
+    assert [row for row in lines if row.startswith("| cass")] == [
+        "| cass (resnet50) | finetune | runs/cass | 0.8100 +- 0.0141 (n=2) |",
+        "| cass (resnet50) | linear | runs/cass | 0.6100 +- 0.0141 (n=2) |"]
