@@ -24,7 +24,7 @@ import checkpoint
 import runtime as rt
 from data import DataIndex, index_data, make_splits, select
 from errors import UserError
-from losses import cass_loss
+from losses import cass_loss, spread_terms
 from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
     val_knn_accuracy
 from pixels import ImageDataset, train_augment, train_loader
@@ -35,6 +35,7 @@ COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the ou
 COLLAPSE_COS = 0.9
 COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
                  "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
+ANTI_COLLAPSE = ("none", "variance", "vicreg", "predictor")  # ours, beyond the paper: see README
 DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
@@ -60,6 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swa-start", type=int, help="first epoch (1-based) averaged; default: last quarter")
     p.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
                    help="activation on the logits before the loss (Table 11 ablation)")
+    p.add_argument("--anti-collapse", choices=ANTI_COLLAPSE, default="none",
+                   help="ours, beyond the paper (none = the paper): add VICReg's variance hinge (variance) and "
+                        "covariance term (vicreg) on each arm's outputs, or give each arm a SimSiam predictor "
+                        "that predicts the other arm's stopped output (predictor)")
+    p.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
+    p.add_argument("--covariance-weight", type=float, default=0.04,
+                   help="weight of each arm's covariance term (vicreg; VICReg's 1:25 ratio to the variance)")
+    p.add_argument("--predictor-dim", type=rt.positive_int, default=512,
+                   help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
     return rt.parse_pretraining(p, argv, DEMO_MODELS)
 
 
@@ -88,10 +98,13 @@ class Arm:
     swa: SWA | None
     mean: list[float]
     std: list[float]
+    predictor: nn.Module | None = None  # --anti-collapse predictor: trained, never saved with the network
+    pred_net: nn.Module | None = None  # what the step calls (DDP-wrapped)
 
     def parts(self) -> dict:
         """What last.pt keeps of this arm."""
-        return {"model": self.model, "opt": self.opt, "sched": self.sched, "swa": self.swa}
+        return {"model": self.model, "opt": self.opt, "sched": self.sched, "swa": self.swa,
+                "predictor": self.predictor}
 
 
 def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace, device: torch.device) -> Arm:
@@ -100,14 +113,21 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     prepare_for_training(model, arch, device, cfg.grad_ckpt)
     net = rt.ddp(model, device)
     net = torch.compile(net) if cfg.compile else net
+    predictor = None
+    if getattr(cfg, "anti_collapse", "none") == "predictor":  # runs saved before the flag existed have none
+        d, h = model.num_classes, cfg.predictor_dim
+        predictor = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+                                  nn.Linear(h, d)).to(device)
+    params = [*model.parameters(), *(predictor.parameters() if predictor else [])]
     if name == "cnn" and cfg.cnn_opt == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **optimizer_kwargs(device))
+        opt = torch.optim.Adam(params, lr=cfg.lr, **optimizer_kwargs(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.eta_min)
     start = cfg.swa_start - 1 if cfg.swa_start else default_start(cfg.epochs)
     swa = SWA(model, start) if cfg.swa else None
-    return Arm(name, arch, model, net, opt, sched, swa, *model_norm(model, cfg.norm))
+    return Arm(name, arch, model, net, opt, sched, swa, *model_norm(model, cfg.norm), predictor,
+               rt.ddp(predictor, device) if predictor else None)
 
 
 def collapse_signals(r: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,6 +146,24 @@ def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool
     return max(std_r, std_t) < COLLAPSE_RATIO * healthy and cos > COLLAPSE_COS
 
 
+def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.Namespace) -> torch.Tensor:
+    """The loss the step minimises: Eq. 1 for the paper (--anti-collapse none);
+    with `variance` / `vicreg` plus each arm's spread terms (losses.spread_terms);
+    with `predictor`, SimSiam's symmetric form: each arm's predictor output
+    against the other arm's output with its gradient stopped."""
+    mode = getattr(cfg, "anti_collapse", "none")
+    if mode == "predictor":
+        cnn, vit = arms
+        return 0.5 * (cass_loss(cnn.pred_net(r), t.detach()) + cass_loss(vit.pred_net(t), r.detach()))
+    loss = cass_loss(r, t)
+    if mode in ("variance", "vicreg"):
+        (var_r, cov_r), (var_t, cov_t) = spread_terms(r), spread_terms(t)
+        loss = loss + cfg.variance_weight * (var_r + var_t)
+        if mode == "vicreg":
+            loss = loss + cfg.covariance_weight * (cov_r + cov_t)
+    return loss
+
+
 def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
                     device: torch.device, dtype: torch.dtype | None, epoch: int) -> dict:
     """One pass over the train split (Alg. 1); the epoch's log record. Sums stay
@@ -135,7 +173,10 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     loader.sampler.set_epoch(epoch)
     for arm in arms:
         arm.model.train()
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos", "spread")}
+        if arm.predictor:
+            arm.predictor.train()
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos", "spread",
+                                                         "eq1")}
     skipped, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (x, _) in enumerate(bar):
@@ -144,7 +185,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
             r = cnn.net(normalise(x, cnn.mean, cnn.std))
             t = vit.net(normalise(x, vit.mean, vit.std))
         r, t = act(r.float()), act(t.float())
-        loss = cass_loss(r, t)
+        loss = objective(r, t, arms, cfg)
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
         if not rt.finite_everywhere(loss):
@@ -161,6 +202,8 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         n = len(x)
         sums["loss"] += loss.detach() * n
         sums["images"] += n
+        with torch.no_grad():
+            sums["eq1"] += cass_loss(r, t) * n  # the paper's loss, also when the objective adds to it
         if n > 1:  # a batch of one has no spread
             with torch.no_grad():
                 for key, value in collapse_signals(r, t).items():
@@ -179,7 +222,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     healthy = 1 / math.sqrt(cnn.model.num_classes)
     return {"epoch": epoch + 1, "loss": total["loss"] / seen, "lr": cnn.opt.param_groups[0]["lr"],
             "seconds": round(seconds, 3), "images": seen, "images_per_s": round(seen / seconds, 2),
-            "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
+            "eq1_loss": total["eq1"] / seen, "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
             "collapse": is_collapsed(std_r, std_t, cos, healthy)}
 
 
@@ -195,7 +238,7 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
             checkpoint.save(checkpoint.model_record(
                 model, arch=arm.arch, img_size=cfg.img_size, mean=arm.mean, std=arm.std, method="cass",
                 role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
-                multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs,
+                multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, anti_collapse=cfg.anti_collapse,
                 swa_averaged=arm.swa.count if arm.swa else 0), out / f"{arm.name}.pt")
 
 
@@ -254,7 +297,9 @@ def main(args: argparse.Namespace) -> Path:
                   f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
                   f"cos {stats['cos']:.3f}{knn}", flush=True)
             if stats["collapse"]:
-                print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+                remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
+                          "; from random initialisation try --anti-collapse vicreg (ours, beyond the paper)")
+                print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),
                                 out / "last.pt")

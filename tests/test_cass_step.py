@@ -16,7 +16,7 @@ import pretrain_cass
 import runtime
 from bench import Batches
 from conftest import TINY
-from losses import cass_loss
+from losses import cass_loss, spread_terms
 from models import normalise
 from pixels import train_augment
 
@@ -108,7 +108,7 @@ def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_p
     checkpoint.save(checkpoint.resume_record("cass", 1, vars(cfg), {"train": []}, parts), tmp_path / "last.pt")
     state = checkpoint.load(tmp_path / "last.pt", kind="resume")
     assert set(state) == {"format", "kind", "method", "epoch", "args", "splits", "cnn", "vit", "scaler"}
-    assert set(state["cnn"]) == {"model", "opt", "sched", "swa"}
+    assert set(state["cnn"]) == {"model", "opt", "sched", "swa", "predictor"} and state["cnn"]["predictor"] is None
 
     _, fresh, _, _ = setup("--swa-start", "1", steps=2, seed=123)  # other initial weights
     checkpoint.restore({**{arm.name: arm.parts() for arm in fresh}, "scaler": scaler}, state)
@@ -172,3 +172,48 @@ def test_table_9_augmentations_add_blur_and_solarize():
         torch.manual_seed(seed)
         solarized.append(np.asarray(train_augment(32, "solarize")(bright)).max() < 128)
     assert any(solarized) and not all(solarized)  # p = 0.2: 255 - 200 = 55 on some draws
+
+
+def test_spread_terms_by_hand():
+    z = torch.tensor([[3.0, 4.0], [4.0, -3.0], [0.0, 5.0]])  # norms 5: normalised rows (0.6, 0.8), (0.8, -0.6), (0, 1)
+    variance, covariance = spread_terms(z, eps=0.0)
+    u = torch.tensor([[0.6, 0.8], [0.8, -0.6], [0.0, 1.0]]) * 2 ** 0.5  # scaled by sqrt(D)
+    std = u.std(0)  # unbiased, as torch.var
+    assert variance.item() == pytest.approx(torch.relu(1 - std).mean().item(), rel=1e-6)
+    cov = torch.cov(u.T)
+    assert covariance.item() == pytest.approx((2 * cov[0, 1] ** 2 / 2).item(), rel=1e-5)
+    one_direction = spread_terms(torch.ones(4, 5) * torch.tensor([1.0, 2, 3, 4])[:, None])
+    assert one_direction[0].item() == pytest.approx(1 - 1e-2, abs=1e-3) and one_direction[1] == 0  # sqrt(eps) left
+
+
+def test_anti_collapse_objectives_by_hand():
+    r, t = torch.randn(6, 1000), torch.randn(6, 1000)
+    cfg, arms, _, _ = setup("--anti-collapse", "variance", "--variance-weight", "0.5")
+    expected = cass_loss(r, t) + 0.5 * (spread_terms(r)[0] + spread_terms(t)[0])
+    assert pretrain_cass.objective(r, t, arms, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
+    cfg, arms, _, _ = setup("--anti-collapse", "vicreg", "--covariance-weight", "0.1")
+    expected = cass_loss(r, t) + spread_terms(r)[0] + spread_terms(t)[0] + 0.1 * (spread_terms(r)[1] +
+                                                                                  spread_terms(t)[1])
+    assert pretrain_cass.objective(r, t, arms, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
+    cfg, arms, _, _ = setup("--anti-collapse", "predictor", "--predictor-dim", "8")
+    r.requires_grad_(True)
+    loss = pretrain_cass.objective(r, t.requires_grad_(True), arms, cfg)
+    expected = 0.5 * (cass_loss(arms[0].predictor(r), t) + cass_loss(arms[1].predictor(t), r))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()  # stop-gradient: each arm's output gets gradient only through its own predictor
+    grad_r = r.grad.clone()
+    r.grad, t.grad = None, None
+    (0.5 * cass_loss(arms[0].predictor(r), t.detach())).backward()
+    assert torch.allclose(r.grad, grad_r)
+    assert pretrain_cass.objective(r, t, arms, setup()[0]).item() == pytest.approx(cass_loss(r, t).item())
+
+
+def test_predictor_is_trained_and_kept_in_last_pt_but_not_in_the_backbone(tmp_path):
+    cfg, arms, loader, _ = setup("--anti-collapse", "predictor", "--predictor-dim", "8")
+    before = copy.deepcopy(arms[0].predictor.state_dict())
+    pretrain_cass.train_one_epoch(arms, loader, runtime.grad_scaler(CPU, None), cfg, CPU, None, 0)
+    assert not torch.equal(before["0.weight"], arms[0].predictor.state_dict()["0.weight"])
+    parts = {**{arm.name: arm.parts() for arm in arms}, "scaler": runtime.grad_scaler(CPU, None)}
+    record = checkpoint.resume_record("cass", 1, vars(cfg), {}, parts)
+    assert set(record["cnn"]["predictor"]) == set(arms[0].predictor.state_dict())
+    assert not any(k.startswith("predictor") for k in checkpoint.plain_state_dict(arms[0].model))

@@ -105,3 +105,16 @@ def test_per_batch_cosine_schedule_cycles_every_32_steps(tmp_path):
     # past its minimum at step 16 and on the way back up
     expected = 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * 28 / 16)) / 2
     assert state["cnn"]["opt"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_anti_collapse_keeps_the_spread_where_the_faithful_run_loses_it(demo_data, tmp_path):
+    def min_std(*flags):
+        out = pretrain_cass.main(pretrain_cass.parse_args(
+            ["--data", str(demo_data), "--out", str(tmp_path / "-".join(flags or ["none"])), "--epochs", "3", *TINY,
+             "--lr", "0.003", "--knn-every", "0", "--no-swa", *flags]))
+        last = read_log(out)[-1]
+        assert torch.load(out / "cnn.pt", weights_only=True)["anti_collapse"] == (flags[-1] if flags else "none")
+        return min(last["cnn_std"], last["vit_std"]) / last["healthy_std"]
+
+    assert min_std() < pretrain_cass.COLLAPSE_RATIO  # from random init the ViT arm maps every image to one direction
+    assert min_std("--anti-collapse", "variance") > 2 * pretrain_cass.COLLAPSE_RATIO
