@@ -1,0 +1,96 @@
+"""Embeddings of a folder of images (or a labels CSV) from any model checkpoint
+of this project, for retrieval, clustering, UMAP or a classifier of your own.
+
+    python embed.py --ckpt runs/<run>/vit.pt --images ./cases --out embeddings/vit
+
+writes embeddings.npy, (N, D) float32 pre-logit features (what the head sees,
+not L2-normalised unless --normalize), and embeddings.csv, row i describing
+row i of the array: its path (relative to the folder, or to the CSV's folder)
+and, for labelled data, its label (class name; ';'-joined names for
+multi-label data). Images are read as in training (data.index_data): files that
+cannot be decoded are skipped, counted, and have no row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import checkpoint
+import runtime as rt
+from data import DataIndex, index_data
+from models import collect, from_checkpoint
+from pixels import ImageDataset, eval_loader
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = rt.new_parser(__doc__)
+    p.add_argument("--ckpt", required=True, help="a model checkpoint of this project (pretrained or fine-tuned)")
+    p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
+    p.add_argument("--out", required=True, help="folder to write embeddings.npy and embeddings.csv to")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (unit norm: cosine = dot)")
+    p.add_argument("--bs", type=rt.positive_int, default=64, help="batch size")
+    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def pre_logits(model: nn.Module):
+    """(B, 3, H, W) normalised images -> (B, D) pooled features before the
+    classifier (D = model.num_features): the same for a backbone's 1000- or
+    0-output head and a fine-tuned one."""
+    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+
+
+def embed(ckpt: dict, index: DataIndex, device: torch.device, bs: int, workers: int) -> torch.Tensor:
+    """(N, D) float32 features of every image of `index`, in index order, in
+    fp32 (no autocast) so that they do not depend on the GPU's precision."""
+    model = from_checkpoint(ckpt).to(device).eval()
+    loader = eval_loader(ImageDataset(index.root, index.paths, index.targets, ckpt["img_size"]), bs, workers=workers)
+    feats, _ = collect(pre_logits(model), loader, ckpt["mean"], ckpt["std"], device, None)
+    return feats
+
+
+def labels(index: DataIndex) -> list[str] | None:
+    """Each image's label as text; None for unlabelled data."""
+    if not index.labelled:
+        return None
+    if index.multilabel:
+        return [";".join(c for c, on in zip(index.classes, row) if on > 0.5) for row in index.targets]
+    return [index.classes[int(i)] for i in index.targets]
+
+
+def write(out: Path, feats: np.ndarray, index: DataIndex) -> None:
+    """embeddings.npy and embeddings.csv, row for row, each written atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    names = labels(index)
+    writer.writerow(["path"] if names is None else ["path", "label"])
+    writer.writerows([[p] for p in index.paths] if names is None else zip(index.paths, names))
+    checkpoint.atomic_write(out / "embeddings.npy", lambda f: np.save(f, feats))
+    checkpoint.atomic_write(out / "embeddings.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def main(args: argparse.Namespace) -> Path:
+    ckpt = checkpoint.load(args.ckpt, kind="model")
+    device = rt.pick_device(args.device)
+    out = checkpoint.prepare_out_dir(Path(args.out))
+    index = index_data(args.images, workers=args.workers)
+    feats = embed(ckpt, index, device, args.bs, args.workers)
+    if args.normalize:
+        feats = F.normalize(feats, dim=1)
+    write(out, feats.numpy().astype(np.float32), index)
+    kind = "L2-normalised" if args.normalize else "not normalised"
+    print(f"{feats.shape[0]} embeddings of {feats.shape[1]} dims ({kind}), {len(index.skipped)} images skipped: "
+          f"{out}/embeddings.npy + embeddings.csv")
+    return out
+
+
+if __name__ == "__main__":
+    rt.run_cli(main, parse_args)
