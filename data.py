@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from errors import UserError
+from intensity import read_dicom, without_pydicom
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
 # Larger files are skipped with a reason. This is where Pillow's own guard
@@ -122,7 +124,7 @@ def _resolve_csv_path(root: Path, name: str) -> Path | None:
     if path.is_file():
         return path
     if not path.suffix:  # ISIC's ground-truth CSV names images without extension
-        return next((path.with_suffix(ext) for ext in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+        return next((path.with_suffix(ext) for ext in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
                      if path.with_suffix(ext).is_file()), None)
     return None
 
@@ -179,9 +181,9 @@ def _index_csv(csv_path: Path) -> DataIndex:
 def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
                memo_dir: str | Path | None = None) -> DataIndex:
     """Find the layout of `data`, list its images and labels, and drop (and
-    record in `skipped`) every file Pillow cannot fully decode. With `memo_dir`
-    the check's verdicts are kept there (see `keyed_path`), so later runs on
-    unchanged files do not decode them again."""
+    record in `skipped`) every file Pillow or pydicom cannot fully decode (all
+    .dcm files without pydicom). With `memo_dir` the check's verdicts are kept
+    there (see `keyed_path`), so later runs on unchanged files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -191,10 +193,10 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
         index = _index_csv(path)
     elif (path / "labels.csv").is_file():
         index = _index_csv(path / "labels.csv")
-    elif (path / "train").is_dir():
-        index = _index_split_folders(path)
     else:
-        index = _index_folder(path)
+        _report_ignored(path)
+        index = _index_split_folders(path) if (path / "train").is_dir() else _index_folder(path)
+    index = _drop_unreadable(index, without_pydicom(index.paths))
     if check_images:
         index = _drop_unreadable(index, _check(index, workers, memo_dir))
     print(f"data: {index.describe()}", flush=True)
@@ -203,17 +205,27 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
     return index
 
 
+def _report_ignored(root: Path) -> None:
+    """Print how many files under `root` (dot-files aside) a folder layout passes over, by extension:
+    a wrong extension (DICOMs without .dcm, say) never leaves a folder silently empty."""
+    counts = Counter(p.suffix.lower() or "(no extension)" for p in sorted(root.rglob("*"))
+                     if p.suffix.lower() not in IMAGE_EXTS and p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if counts:  # most common first; ties in path order, so the line is the same on every machine
+        print(f"ignored {counts.total()} files: " + ", ".join(f"{ext} {n}" for ext, n in counts.most_common()))
+
+
 # ------------------------------------------------------------- readability
 def unreadable_reason(path: Path) -> str | None:
-    """None if Pillow decodes the whole file, else why not. JPEG decodes in
-    draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
+    """None if the whole file decodes (DICOM: through pydicom), else why not. JPEG decodes
+    in draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
     try:
-        with Image.open(path) as img:
+        with read_dicom(path) if path.suffix.lower() == ".dcm" else Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
             img.draft("RGB", (64, 64))
             img.load()
-    except Exception as err:  # Pillow raises many types for bad files
+    except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
     return None
 
@@ -261,7 +273,7 @@ def _drop_unreadable(index: DataIndex, reasons: list[str | None]) -> DataIndex:
     if len(keep) == len(reasons):
         return index
     if not keep:
-        raise UserError(f"none of the {len(reasons)} images under {index.root} could be read")
+        raise UserError(f"none of the {len(reasons)} images under {index.root} could be read ({reasons[0]})")
     new_pos = {old: new for new, old in enumerate(keep)}
     given = None
     if index.given_split:

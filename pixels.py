@@ -1,4 +1,5 @@
-"""How pixels reach a model: decoding any image to RGB, the paper's
+"""How pixels reach a model: decoding any image to RGB (16-bit, float and
+DICOM pixels under an intensity setting: intensity.py), the paper's
 augmentations (App. C.5.2), a decode-once cache, the dataset, and loaders whose
 order and augmentations depend only on (seed, epoch, image).
 
@@ -23,41 +24,43 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from intensity import AUTO, Intensity, parse_intensity, read_dicom, to_uint8
+
 AUGMENTATIONS = ("paper", "blur", "solarize", "blur+solarize")  # Table 9
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB. 16-bit and float grayscale are min-max rescaled to
-    0..255 (a plain convert would clip them); palette/alpha go through RGBA."""
+def to_rgb(img: Image.Image, intensity: Intensity = AUTO) -> Image.Image:
+    """Any PIL mode to RGB. 16-bit and float grayscale reach 0..255 by
+    `intensity` (a plain convert would clip them); palette/alpha go through RGBA."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.rint(arr).astype(np.uint8))
+        img = Image.fromarray(to_uint8(np.asarray(img), intensity))
     elif img.mode == "P" or img.mode == "LA":
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, intensity: Intensity = AUTO) -> Image.Image:
+    """Any image file, DICOM (.dcm) included, as RGB; `intensity`: see intensity.py."""
+    if Path(path).suffix.lower() == ".dcm":
+        return read_dicom(path, intensity)
     with Image.open(path) as img:
-        return to_rgb(ImageOps.exif_transpose(img))
+        return to_rgb(ImageOps.exif_transpose(img), intensity)
 
 
-def load_resized(path: Path, size: int | None) -> np.ndarray:
+def load_resized(path: Path, size: int | None, intensity: Intensity = AUTO) -> np.ndarray:
     """The deterministic first step of every pipeline: (size, size, 3) uint8
     pixels, bilinear resize as in App. C.5.2; size None keeps the original
     (DINO crops it). This is what the cache stores in `square` mode."""
-    img = load_image(path)
+    img = load_image(path, intensity)
     if size is not None:
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img)
 
 
-def load_fitted(path: Path, max_side: int) -> np.ndarray:
+def load_fitted(path: Path, max_side: int, intensity: Intensity = AUTO) -> np.ndarray:
     """The image with its aspect ratio kept and its longer side shrunk to at
     most `max_side`: the cache's `fit` mode, for DINO, which crops the image itself."""
-    img = load_image(path)
+    img = load_image(path, intensity)
     scale = max_side / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
@@ -91,14 +94,15 @@ def train_augment(size: int, variant: str = "paper") -> v2.Compose:
 class ImageCache:
     """cache[relative path] -> (H, W, 3) uint8 pixels, from a folder holding
     `pixels.u8` (all images back to back) and `index.json` (paths, shapes,
-    offsets). The memory map is opened lazily in each process, so loader
-    workers share the page cache instead of pickled copies."""
+    offsets, the intensity setting). The memory map is opened lazily in each
+    process, so loader workers share the page cache instead of pickled copies."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         meta = json.loads((self.folder / "index.json").read_text())
         self.rows = {p: i for i, p in enumerate(meta["paths"])}
         self.shapes, self.offsets = meta["shapes"], meta["offsets"]
+        self.intensity = parse_intensity(meta.get("intensity", AUTO))  # older caches hold auto's pixels
         self._pixels = None
 
     def __len__(self) -> int:
@@ -116,18 +120,22 @@ class ImageCache:
         return {**self.__dict__, "_pixels": None}
 
 
-def open_cache(folder: Path, root: Path, paths: list[str], mode: str, size: int, workers: int) -> ImageCache:
+def open_cache(folder: Path, root: Path, paths: list[str], mode: str, size: int, workers: int,
+               intensity: Intensity = AUTO) -> ImageCache:
     """The cache of `paths` (relative to `root`) at `folder`, built with a
-    progress bar if missing: `square` mode stores load_resized(path, size),
-    exactly what the plain path computes; `fit` stores load_fitted(path, size).
+    progress bar if missing: `square` mode stores load_resized(path, size,
+    intensity), exactly what the plain path computes; `fit` stores
+    load_fitted(path, size, intensity). The caller names `folder` after the
+    setting too (data.keyed_path tag); a folder made with another is refused.
     Built in a temporary folder and renamed, so a killed build leaves nothing."""
-    folder = Path(folder)
+    folder, intensity = Path(folder), parse_intensity(intensity)
     if (folder / "index.json").is_file():
-        return ImageCache(folder)
+        return _same_intensity(ImageCache(folder), intensity)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    load = (lambda p: load_resized(p, size)) if mode == "square" else (lambda p: load_fitted(p, size))
+    load = (lambda p: load_resized(p, size, intensity)) if mode == "square" else \
+        (lambda p: load_fitted(p, size, intensity))
     shapes, offsets, offset = [], [], 0
     with open(tmp / "pixels.u8", "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
         images = pool.map(load, (root / p for p in paths))
@@ -136,21 +144,33 @@ def open_cache(folder: Path, root: Path, paths: list[str], mode: str, size: int,
             shapes.append(list(x.shape))
             offsets.append(offset)
             offset += x.size
-    (tmp / "index.json").write_text(json.dumps({"paths": paths, "shapes": shapes, "offsets": offsets}))
+    (tmp / "index.json").write_text(json.dumps({"paths": paths, "shapes": shapes, "offsets": offsets,
+                                                "intensity": intensity}))
     os.replace(tmp, folder)
     return ImageCache(folder)
+
+
+def _same_intensity(cache: ImageCache, intensity: Intensity) -> ImageCache:
+    """Guards against a cache tag that does not name the setting: pixels of another would pass unnoticed."""
+    if cache.intensity != intensity:
+        raise ValueError(f"{cache.folder} holds pixels made with intensity {cache.intensity}, not {intensity}")
+    return cache
 
 
 # ------------------------------------------------------- dataset and loaders
 class ImageDataset(Dataset):
     """dataset[i] = (uint8 image (3, size, size), target): image i of `paths`
-    (relative to `root`), read from `cache` when one is given, and passed
-    through `augment` (PIL image in, PIL image or a list of them out: DINO's
-    multi-crop) if one is given. Unlabelled targets (None) are -1."""
+    (relative to `root`) under the `intensity` setting, read from `cache` when
+    one is given (made with the same setting), and passed through `augment`
+    (PIL image in, PIL image or a list of them out: DINO's multi-crop) if one
+    is given. Unlabelled targets (None) are -1."""
 
     def __init__(self, root: Path, paths: list[str], targets: np.ndarray | None, size: int | None,
-                 augment: Callable | None = None, cache: ImageCache | None = None):
+                 augment: Callable | None = None, cache: ImageCache | None = None, intensity: Intensity = AUTO):
         self.root, self.paths, self.size, self.augment, self.cache = Path(root), list(paths), size, augment, cache
+        self.intensity = parse_intensity(intensity)
+        if cache is not None:
+            _same_intensity(cache, self.intensity)
         self.targets = torch.full((len(paths),), -1) if targets is None else torch.from_numpy(targets)
 
     def __len__(self) -> int:
@@ -158,7 +178,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path = self.paths[i]
-        pixels = self.cache[path] if self.cache is not None else load_resized(self.root / path, self.size)
+        pixels = self.cache[path] if self.cache is not None else \
+            load_resized(self.root / path, self.size, self.intensity)
         if self.augment is None:
             return to_chw(pixels), self.targets[i]
         views = self.augment(Image.fromarray(pixels))

@@ -22,6 +22,7 @@ from torch import nn
 import checkpoint
 from data import DataIndex, drop_stale, keyed_path, make_demo_dataset
 from errors import UserError
+from intensity import AUTO, Intensity, IntensityFlag, intensity_tag
 from pixels import AUGMENTATIONS, ImageCache, open_cache
 
 T = TypeVar("T")
@@ -74,6 +75,11 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: s
     if aug:
         p.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
                        help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
+    p.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO,
+                   metavar=("MODE", "LO HI"),
+                   help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
+                        "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
+                        "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (README)")
     p.add_argument("--norm", choices=("model", "imagenet"), default="model",
                    help="input normalisation: what each model's weights expect, or ImageNet "
                         "statistics for every model as in App. C.5.2")
@@ -281,11 +287,12 @@ def write_run_files(out: Path, cfg: argparse.Namespace, index: DataIndex, splits
     checkpoint.write_json(out / "args.json", vars(cfg))
 
 
-def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int) -> ImageCache:
+def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int,
+                intensity: Intensity = AUTO) -> ImageCache:
     """The decode-once cache of every image of `index` (pixels.open_cache),
-    keyed by the files' state; caches of older states of the data are removed."""
-    folder = keyed_path(cache_dir, index.root, index.paths, f"{mode}{size}")
-    cache = main_first(lambda: open_cache(folder, index.root, index.paths, mode, size, workers))
+    keyed by the files' state and the setting; caches of older states of the data are removed."""
+    folder = keyed_path(cache_dir, index.root, index.paths, f"{mode}{size}{intensity_tag(intensity)}")
+    cache = main_first(lambda: open_cache(folder, index.root, index.paths, mode, size, workers, intensity))
     if is_main():
         drop_stale(folder)
     return cache
