@@ -1,6 +1,6 @@
 """What is on disk: the images and labels of a data set, which of them can be
-read, seeded stratified splits and label fractions, and a small generated
-demo set. How pixels then reach a model is pixels.py.
+read, seeded stratified splits and label fractions. How pixels then reach a
+model is pixels.py.
 
 Three layouts are read (see README, "Data layouts"):
   1. DIR/<class>/**/*.jpg             class folders (or a flat folder: unlabelled)
@@ -24,7 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from errors import UserError
-from intensity import read_dicom, without_pydicom
+
+try:  # optional: only .dcm files need it (pixels.py reads them the same way)
+    import pydicom
+except ImportError:
+    pydicom = None
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
@@ -33,6 +37,7 @@ PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
 # against decompression bombs turns from a warning into an error; Pillow's
 # global limit is left as it is.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+NO_PYDICOM = "reading DICOM needs pydicom 3 or later: pip install -U 'pydicom>=3'"
 
 
 @dataclass
@@ -205,6 +210,15 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
     return index
 
 
+def without_pydicom(paths: list[str]) -> list[str | None]:
+    """Why each of `paths` cannot be read for want of pydicom (None: it can);
+    the .dcm files so skipped are announced in one line, not file by file."""
+    reasons = [NO_PYDICOM if pydicom is None and p.lower().endswith(".dcm") else None for p in paths]
+    if any(reasons):
+        print(f"note: {sum(map(bool, reasons))} .dcm files found but skipped: {NO_PYDICOM}", flush=True)
+    return reasons
+
+
 def _report_ignored(root: Path) -> None:
     """Print how many files under `root` (dot-files aside) a folder layout passes over, by extension:
     a wrong extension (DICOMs without .dcm, say) never leaves a folder silently empty."""
@@ -220,7 +234,10 @@ def unreadable_reason(path: Path) -> str | None:
     """None if the whole file decodes (DICOM: through pydicom), else why not. JPEG decodes
     in draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
     try:
-        with read_dicom(path) if path.suffix.lower() == ".dcm" else Image.open(path) as img:
+        if path.suffix.lower() == ".dcm":
+            pydicom.dcmread(path).pixel_array  # decodes every frame: a truncated file raises
+            return None
+        with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
             img.draft("RGB", (64, 64))
@@ -353,47 +370,3 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
             if len(positives) and not index.targets[sorted(chosen), c].any():
                 chosen.add(int(rng.choice(positives)))
     return sorted(chosen)
-
-
-# ------------------------------------------------------------------ the demo
-DEMO_CLASSES = ("stripes", "rings", "checks", "blobs")
-DEMO_HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], dtype=float)
-
-
-def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) float pattern in [0, 1]; position, scale and angle vary per image."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    cx, cy = rng.uniform(0.2, 0.8, 2)
-    freq = rng.uniform(4, 9)
-    if kind == "stripes":
-        angle = rng.uniform(0, np.pi)
-        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-    if kind == "rings":
-        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * np.hypot(xx - cx, yy - cy))
-    if kind == "checks":
-        return ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(float)
-    blobs = np.zeros((size, size))
-    for bx, by, r in rng.uniform([0, 0, 0.05], [1, 1, 0.15], (4, 3)):
-        blobs += np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * r**2))
-    return np.clip(blobs, 0, 1)
-
-
-def make_demo_dataset(root: Path, per_class: int = 40, size: int = 96, seed: int = 0) -> Path:
-    """Write `per_class` images of each of four learnable texture classes to
-    root/<class>/ (PNG and JPEG alternately; a texture in a class tint over a
-    dark random background) and return root. Reuses a complete earlier copy."""
-    root = Path(root)
-    marker = root / ".complete"
-    if marker.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    for kind, hue in zip(DEMO_CLASSES, DEMO_HUES):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            fg, bg = np.clip(hue + rng.normal(0, 30, 3), 0, 255), rng.uniform(0, 90, 3)
-            mix = _pattern(kind, size, rng)[..., None]
-            img = mix * fg + (1 - mix) * bg + rng.normal(0, 12, (size, size, 3))
-            ext = "png" if i % 2 == 0 else "jpg"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / kind / f"{kind}_{i:03d}.{ext}")
-    marker.write_text("demo data set complete\n")
-    return root

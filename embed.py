@@ -26,7 +26,7 @@ import checkpoint
 import runtime as rt
 from data import DataIndex, index_data
 from models import collect, from_checkpoint
-from pixels import ImageDataset, eval_loader
+from pixels import AUTO, ImageDataset, eval_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +52,8 @@ def embed(ckpt: dict, index: DataIndex, device: torch.device, bs: int, workers: 
     """(N, D) float32 features of every image of `index`, in index order, in
     fp32 (no autocast) so that they do not depend on the GPU's precision."""
     model = from_checkpoint(ckpt).to(device).eval()
-    loader = eval_loader(ImageDataset(index.root, index.paths, index.targets, ckpt["img_size"]), bs, workers=workers)
+    loader = eval_loader(ImageDataset(index.root, index.paths, index.targets, ckpt["img_size"],
+                                      intensity=ckpt.get("intensity", AUTO)), bs, workers=workers)
     feats, _ = collect(pre_logits(model), loader, ckpt["mean"], ckpt["std"], device, None)
     return feats
 

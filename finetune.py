@@ -29,7 +29,8 @@ from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate_predictions
 from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
-from pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
+from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
+                    train_loader)
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
@@ -89,6 +90,7 @@ class Source:
     role: str | None  # cnn / vit for a pretraining run's backbone
     data: str | None  # the data set it was pretrained on
     splits: dict[str, list[str]] | None  # the split it was pretrained with
+    intensity: Intensity  # how its images' 16-bit, float or DICOM pixels became 0..255
 
 
 def load_source(args: argparse.Namespace) -> Source:
@@ -101,15 +103,20 @@ def load_source(args: argparse.Namespace) -> Source:
         ckpt = checkpoint.load(args.ckpt, kind="model")
         if args.img_size and args.img_size != ckpt["img_size"]:
             raise UserError(f"--img-size {args.img_size} differs from the checkpoint's {ckpt['img_size']}")
+        intensity = parse_intensity(ckpt.get("intensity", AUTO))  # checkpoints before --intensity: auto
+        if args.intensity not in (AUTO, intensity):
+            raise UserError(f"--intensity {' '.join(map(str, args.intensity))} differs from the checkpoint's "
+                            f"{' '.join(map(str, intensity))}")
         return Source(from_checkpoint(ckpt), ckpt["arch"], ckpt["img_size"], ckpt["mean"], ckpt["std"],
-                      ckpt["method"], ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"))
+                      ckpt["method"], ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"), intensity)
     if not args.data:
         raise UserError("--arch needs --data")
     check_arch(args.arch)
     size = args.img_size or 384
     model = create_model(args.arch, img_size=size, pretrained=args.pretrained, weights=args.weights)
     method = "supervised" if args.pretrained or args.weights else "random-init"
-    return Source(model, args.arch, size, *model_norm(model, args.norm), method, None, args.data, None)
+    return Source(model, args.arch, size, *model_norm(model, args.norm), method, None, args.data, None,
+                  args.intensity)
 
 
 def choose_splits(source: Source, index: DataIndex, split_seed: int) -> dict[str, list[str]]:
@@ -132,8 +139,9 @@ def frozen_features(source: Source, index: DataIndex, parts: dict[str, list[int]
     model = source.model.to(device).eval()
     return {name: TensorDataset(*collect(
         lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
-        eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache), args.bs,
-                    workers=args.workers), source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
+        eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache,
+                                 intensity=source.intensity), args.bs, workers=args.workers),
+        source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
 
 
 def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, inputs: Callable[[torch.Tensor], torch.Tensor],
@@ -207,9 +215,10 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
         val, test, inputs = features["val"], features["test"], (lambda x: x)
     else:
         train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug),
-                                          cache), args.bs, seed=seed, workers=args.workers, rank=rank, world=world,
-                             pin_memory=pin)
-        val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache), args.bs,
+                                          cache, source.intensity), args.bs, seed=seed, workers=args.workers,
+                             rank=rank, world=world, pin_memory=pin)
+        val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
+                                              intensity=source.intensity), args.bs,
                                  workers=args.workers, pin_memory=pin) for name in ("val", "test"))
         inputs = partial(normalise, mean=source.mean, std=source.std)
     lr = args.lr or (1e-3 if features else 3e-4)
@@ -247,7 +256,8 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             model, arch=source.arch, img_size=size, mean=source.mean, std=source.std, method=source.method,
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
             data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
-            seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear]), out / f"model_seed{seed}.pt")
+            seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear],
+            intensity=source.intensity), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
@@ -293,7 +303,7 @@ def main(args: argparse.Namespace) -> dict:
                                                     "skipped": index.skipped, **splits})
         (out / "log.jsonl").unlink(missing_ok=True)
 
-    cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers) \
+    cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
         if args.cache == "on" else None
     features = frozen_features(source, index, parts, cache, args, device, dtype) if args.linear else None
     runs = [run_seed(source, index, parts, cache, features, args, seed, out, device, dtype) for seed in args.seeds]

@@ -16,6 +16,7 @@ import runtime as rt
 from data import index_data, select
 from errors import UserError
 from models import from_checkpoint, val_knn_accuracy
+from pixels import AUTO
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> float | None:
     index = index_data(args.data or ckpt["data"], workers=args.workers)
     parts = select(index, ckpt["splits"])
     acc = val_knn_accuracy(model, index, parts, ckpt["img_size"], ckpt["mean"], ckpt["std"], device, None,
-                           bs=args.bs, workers=args.workers, k=args.k)
+                           bs=args.bs, workers=args.workers, k=args.k, intensity=ckpt.get("intensity", AUTO))
     print(f"kNN (k={args.k}) val accuracy of {args.ckpt}: "
           + ("n/a (needs single-label classes and a val split)" if acc is None else f"{acc:.4f}"))
     return acc

@@ -25,7 +25,7 @@ import runtime as rt
 from data import DataIndex, index_data, select
 from errors import UserError
 from models import from_checkpoint, is_transformer, normalise
-from pixels import ImageDataset
+from pixels import AUTO, ImageDataset
 
 
 def unit_range(maps: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path, device) -> np.ndarray:
     """Write one checkpoint's per-image overlays and averaged heat map; return the (h, w) average."""
     model = from_checkpoint(ckpt).to(device).eval()
-    dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"])
+    dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"], intensity=ckpt.get("intensity", AUTO))
     raw = torch.stack([dataset[i][0] for i in range(len(ids))]).to(device)
     x = normalise(raw, ckpt["mean"], ckpt["std"])
     if is_transformer(ckpt["arch"]):

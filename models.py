@@ -14,7 +14,7 @@ from torch import nn
 
 from data import DataIndex
 from errors import UserError
-from pixels import ImageCache, ImageDataset, eval_loader
+from pixels import AUTO, ImageCache, ImageDataset, Intensity, eval_loader
 
 
 def check_arch(name: str) -> None:
@@ -143,12 +143,14 @@ def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], query: tuple[torch.Te
 
 def val_knn_accuracy(model: nn.Module, index: DataIndex, parts: dict[str, list[int]], size: int,
                      mean: list[float], std: list[float], device: torch.device, dtype: torch.dtype | None, *,
-                     bs: int, workers: int, cache: ImageCache | None = None, k: int = 20) -> float | None:
+                     bs: int, workers: int, cache: ImageCache | None = None, k: int = 20,
+                     intensity: Intensity = AUTO) -> float | None:
     """`knn_accuracy` on the val split with the train split's features as the
     memory; None without single-label classes or a val split."""
     if not index.labelled or index.multilabel or not parts["val"] or not parts["train"]:
         return None
-    train, val = (features(model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache),
+    train, val = (features(model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
+                                                           intensity=intensity),
                                               bs, workers=workers), mean, std, device, dtype)
                   for name in ("train", "val"))
     return knn_accuracy(train, val, len(index.classes), k)

@@ -18,7 +18,7 @@ import runtime as rt
 from data import index_data
 from errors import UserError
 from models import collect, from_checkpoint
-from pixels import ImageDataset, eval_loader
+from pixels import AUTO, ImageDataset, eval_loader
 
 THRESHOLD = 0.5  # multi-label decision threshold, as in fine-tuning's metrics
 
@@ -50,7 +50,7 @@ def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int) -> tor
     multi-label models, softmax over classes otherwise (the argmax of the logits
     either way)."""
     model = from_checkpoint(ckpt).to(device).eval()
-    loader = eval_loader(dataset_for(ckpt["img_size"]), bs, workers=workers)
+    loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
     logits, _ = collect(model, loader, ckpt["mean"], ckpt["std"], device, None)
     return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
 
@@ -59,7 +59,8 @@ def main(args: argparse.Namespace) -> Path:
     ckpts = load_models(args.ckpt)
     device = rt.pick_device(args.device)
     index = index_data(args.images, workers=args.workers)
-    probs = torch.stack([probabilities(c, lambda size: ImageDataset(index.root, index.paths, index.targets, size),
+    probs = torch.stack([probabilities(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets,
+                                                                               size, intensity=intensity),
                                        device, args.bs, args.workers) for c in ckpts]).mean(0)
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
     out = Path(args.out)

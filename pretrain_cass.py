@@ -114,7 +114,7 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     net = rt.ddp(model, device)
     net = torch.compile(net) if cfg.compile else net
     predictor = None
-    if getattr(cfg, "anti_collapse", "none") == "predictor":  # runs saved before the flag existed have none
+    if cfg.anti_collapse == "predictor":
         d, h = model.num_classes, cfg.predictor_dim
         predictor = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
                                   nn.Linear(h, d)).to(device)
@@ -151,7 +151,7 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
     with `variance` / `vicreg` plus each arm's spread terms (losses.spread_terms);
     with `predictor`, SimSiam's symmetric form: each arm's predictor output
     against the other arm's output with its gradient stopped."""
-    mode = getattr(cfg, "anti_collapse", "none")
+    mode = cfg.anti_collapse
     if mode == "predictor":
         cnn, vit = arms
         return 0.5 * (cass_loss(cnn.pred_net(r), t.detach()) + cass_loss(vit.pred_net(t), r.detach()))
@@ -202,8 +202,8 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         n = len(x)
         sums["loss"] += loss.detach() * n
         sums["images"] += n
-        with torch.no_grad():
-            sums["eq1"] += cass_loss(r, t) * n  # the paper's loss, also when the objective adds to it
+        # the paper's loss, also when the objective adds to it
+        sums["eq1"] += (loss if cfg.anti_collapse == "none" else cass_loss(r.detach(), t.detach())).detach() * n
         if n > 1:  # a batch of one has no spread
             with torch.no_grad():
                 for key, value in collapse_signals(r, t).items():
@@ -239,6 +239,7 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
                 model, arch=arm.arch, img_size=cfg.img_size, mean=arm.mean, std=arm.std, method="cass",
                 role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
                 multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, anti_collapse=cfg.anti_collapse,
+                intensity=cfg.intensity,
                 swa_averaged=arm.swa.count if arm.swa else 0), out / f"{arm.name}.pt")
 
 
@@ -259,9 +260,10 @@ def main(args: argparse.Namespace) -> Path:
     index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     parts = select(index, splits)
-    cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers) if cfg.cache == "on" else None
+    cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
+        if cfg.cache == "on" else None
     loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
-                                       train_augment(cfg.img_size, cfg.aug), cache),
+                                       train_augment(cfg.img_size, cfg.aug), cache, cfg.intensity),
                           cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():
@@ -289,7 +291,8 @@ def main(args: argparse.Namespace) -> Path:
             if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
                 stats.update({f"knn_{arm.name}": val_knn_accuracy(arm.model, index, parts, cfg.img_size, arm.mean,
                                                                   arm.std, device, dtype, bs=cfg.bs,
-                                                                  workers=cfg.workers, cache=cache)
+                                                                  workers=cfg.workers, cache=cache,
+                                                                  intensity=cfg.intensity)
                               for arm in arms})
             checkpoint.append_jsonl(out / "log.jsonl", stats)
             knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)

@@ -85,7 +85,7 @@ def with_recipe(cfg: argparse.Namespace) -> argparse.Namespace:
     """Flags left unset take the recipe of the architecture's family (a new namespace)."""
     check_arch(cfg.arch)
     recipe = RECIPES["vit" if is_transformer(cfg.arch) else "cnn"]
-    filled = {k: v for k, v in recipe.items() if getattr(cfg, k, None) is None}  # runs saved before a flag existed
+    filled = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
     local_size = cfg.local_size or local_size_for(cfg.img_size)
     return argparse.Namespace(**{**vars(cfg), **filled, "local_size": local_size})
 
@@ -245,14 +245,15 @@ def main(args: argparse.Namespace) -> Path:
     index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     parts = select(index, splits)
-    cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers) \
+    cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
     # the kNN monitor reads square images at img-size: a cache of its own
-    knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers) \
+    knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" and cfg.knn_every and index.labelled and not index.multilabel else None
-    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache), cfg.bs,
+    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
+                                       cfg.intensity), cfg.bs,
                           seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():
@@ -281,7 +282,7 @@ def main(args: argparse.Namespace) -> Path:
             if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
                 stats["knn_teacher"] = val_knn_accuracy(teacher.backbone, index, parts, cfg.img_size, mean, std,
                                                         device, dtype, bs=cfg.bs, workers=cfg.workers,
-                                                        cache=knn_cache)
+                                                        cache=knn_cache, intensity=cfg.intensity)
             checkpoint.append_jsonl(out / "log.jsonl", stats)
             knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
             print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
@@ -298,7 +299,7 @@ def main(args: argparse.Namespace) -> Path:
         checkpoint.save(checkpoint.model_record(
             teacher.backbone, arch=cfg.arch, img_size=cfg.img_size, mean=mean, std=std, method="dino", role=role,
             data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel,
-            args=vars(cfg), epoch=cfg.epochs), out / f"{role}.pt")
+            args=vars(cfg), epoch=cfg.epochs, intensity=cfg.intensity), out / f"{role}.pt")
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
           f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 10" if cfg.demo else ""))
     return out

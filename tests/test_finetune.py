@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import finetune
-from conftest import class_folders, write_image
+import pretrain_cass
+from conftest import TINY, class_folders, write_image
 from models import from_checkpoint, normalise
 from pixels import load_resized, to_chw
 
@@ -153,3 +154,21 @@ def test_linear_probe_trains_only_a_head_on_frozen_features(cass_run, tmp_path):
 
 def demo_root(run):
     return Path(json.loads((run / "splits.json").read_text())["data"])
+
+
+def test_the_intensity_setting_travels_from_pretraining_to_fine_tuning(tmp_path):
+    for cls, level in (("dark", 500), ("bright", 3500)):
+        for i in range(12):
+            write_image(tmp_path / "d" / cls / f"{i}.png", "I;16", size=(24, 24), seed=level + i)
+    out = pretrain_cass.main(pretrain_cass.parse_args(
+        ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY, "--bs", "4",
+         "--intensity", "window", "0", "4000"]))
+    ckpt = torch.load(out / "cnn.pt", weights_only=True)
+    assert tuple(ckpt["intensity"]) == ("window", 0.0, 4000.0)
+    assert any("window" in p.name for p in Path("runs/cache").glob("d-*"))  # a cache of its own
+    results = finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--workers", "0",
+                                                 "--out", str(tmp_path / "ft")]))
+    assert results["runs"] and tuple(torch.load(tmp_path / "ft" / "model_seed0.pt",
+                                                weights_only=True)["intensity"]) == ("window", 0.0, 4000.0)
+    with pytest.raises(finetune.UserError, match="differs from the checkpoint's window 0.0 4000.0"):
+        finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--intensity", "minmax"]))
