@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -252,6 +254,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
     if rt.is_main():
+        write_predictions(out / f"predictions_seed{seed}.csv", index, parts["test"], logits)
         checkpoint.save(checkpoint.model_record(
             model, arch=source.arch, img_size=size, mean=source.mean, std=source.std, method=source.method,
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
@@ -265,6 +268,22 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
+
+
+def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.ndarray) -> None:
+    """One row per test image: its path, true label(s) (';'-joined for
+    multi-label data) and the probability of every class (softmax, or sigmoid
+    per label), so any metric can be recomputed later from the file alone."""
+    probs = 1 / (1 + np.exp(-logits)) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
+    probs = probs if index.multilabel else probs / probs.sum(1, keepdims=True)
+    rows = [["path", "true", *(f"p_{c}" for c in index.classes)]]
+    for i, p in zip(ids, probs):
+        truth = [index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel \
+            else [index.classes[index.targets[i]]]
+        rows.append([index.paths[i], ";".join(truth), *(f"{v:.6f}" for v in p)])
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    checkpoint.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def summarise(runs: list[dict]) -> dict:

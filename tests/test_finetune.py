@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 from pathlib import Path
@@ -172,3 +173,16 @@ def test_the_intensity_setting_travels_from_pretraining_to_fine_tuning(tmp_path)
                                                 weights_only=True)["intensity"]) == ("window", 0.0, 4000.0)
     with pytest.raises(finetune.UserError, match="differs from the checkpoint's window 0.0 4000.0"):
         finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--intensity", "minmax"]))
+
+
+def test_every_seed_writes_its_test_predictions(cass_run, tmp_path):
+    results = finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--epochs", "1", "--workers",
+                                                 "0", "--seeds", "0", "1", "--out", str(tmp_path)]))
+    splits = json.loads((cass_run / "splits.json").read_text())
+    for seed, run in zip((0, 1), results["runs"]):
+        rows = list(csv.DictReader(open(tmp_path / f"predictions_seed{seed}.csv")))
+        assert [r["path"] for r in rows] == splits["test"] and all(r["true"] == r["path"].split("/")[0] for r in rows)
+        probs = np.array([[float(r[f"p_{c}"]) for c in results["classes"]] for r in rows])
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
+        truth = np.array([results["classes"].index(r["true"]) for r in rows])
+        assert run["test"]["accuracy"] == pytest.approx((probs.argmax(1) == truth).mean())  # the file alone suffices
