@@ -28,7 +28,7 @@ import runtime as rt
 from data import DataIndex, index_data, label_fraction, make_splits, select
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import HEADLINES, evaluate_predictions
+from metrics import HEADLINES, evaluate_predictions, fit_temperature, headline_intervals
 from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
@@ -251,8 +251,11 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             if waited >= args.patience:
                 break
     model.load_state_dict(best_state)
+    _, val_logits, val_targets = evaluate(net, val, loss_fn, source, device, dtype)
+    temperature = fit_temperature(val_logits, val_targets, index.multilabel)  # calibration on the val split
     test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
+    calibrated = evaluate_predictions(targets, logits / temperature, index.multilabel)
     if rt.is_main():
         write_predictions(out / f"predictions_seed{seed}.csv", index, parts["test"], logits)
         checkpoint.save(checkpoint.model_record(
@@ -260,12 +263,14 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
             data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
             seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear],
-            intensity=source.intensity), out / f"model_seed{seed}.pt")
+            intensity=source.intensity, temperature=temperature), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
     return {"seed": seed, "best_epoch": best_epoch, "epochs_run": epoch + 1, "val_loss": best_loss,
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
+            "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed),
+            "calibration": {"temperature": temperature, "brier": calibrated["brier"], "ece": calibrated["ece"]},
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
 
@@ -287,8 +292,9 @@ def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.n
 
 
 def summarise(runs: list[dict]) -> dict:
-    """mean and std (over seeds, ddof 1) of every scalar test metric."""
-    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, float)]
+    """mean and std (over seeds, ddof 1) of every scalar test metric defined in every seed."""
+    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, float)
+            and all(isinstance(r["test"][k], float) for r in runs)]
     values = {k: np.array([r["test"][k] for r in runs]) for k in keys}
     return {k: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
             for k, v in values.items()}

@@ -339,3 +339,21 @@ def evaluate_predictions(targets: np.ndarray, logits: np.ndarray, multilabel: bo
             "auroc_macro": _json(auroc.macro), "auroc_per_class": _json(auroc.per_class),
             "ap_macro": _json(ap.macro), "ap_per_class": _json(ap.per_class),
             "brier": brier(targets, probs), "ece": ece(targets, probs)}
+
+
+def headline_intervals(targets: np.ndarray, logits: np.ndarray, multilabel: bool, headline: str,
+                       groups: np.ndarray | None = None, n: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """95 % percentile bootstrap intervals over the test images (or their
+    groups) of the headline metric and of macro AUROC, as plain dicts
+    (estimate, low, high, n_used; undefined bounds None): how uncertain each
+    figure is on this test set, which the spread over seeds does not measure."""
+    num_classes = logits.shape[1]
+
+    def thresholded(y: np.ndarray, s: np.ndarray) -> float:
+        found = multilabel_metrics(y, s > 0.0) if multilabel else multiclass_metrics(y, s.argmax(1), num_classes)
+        return found[headline]
+
+    ranked = logits if multilabel else _log_softmax(logits)
+    found = {headline: bootstrap_ci(thresholded, targets, logits, groups, n, seed),
+             "auroc_macro": bootstrap_ci(lambda y, s: roc_auc(y, s).macro, targets, ranked, groups, n, seed)}
+    return {key: {k: _json(v) if isinstance(v, float) else v for k, v in vars(i).items()} for key, i in found.items()}

@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--bs", type=rt.positive_int, default=32, help="batch size")
     p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--calibrated", action="store_true",
+                   help="divide each model's logits by the temperature fitted on its validation split "
+                        "(better-calibrated probabilities; the predicted classes do not change)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -45,13 +48,17 @@ def load_models(paths: list[str]) -> list[dict]:
     return ckpts
 
 
-def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int) -> torch.Tensor:
+def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int, calibrated: bool) -> torch.Tensor:
     """(N, C) probabilities of one checkpoint: sigmoid per class for
     multi-label models, softmax over classes otherwise (the argmax of the logits
-    either way)."""
+    either way), of the logits divided by the checkpoint's temperature if `calibrated`."""
     model = from_checkpoint(ckpt).to(device).eval()
     loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
     logits, _ = collect(model, loader, ckpt["mean"], ckpt["std"], device, None)
+    if calibrated:
+        if "temperature" not in ckpt:
+            raise UserError("--calibrated needs checkpoints fine-tuned since the temperature is fitted and saved")
+        logits = logits / ckpt["temperature"]
     return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
 
 
@@ -61,7 +68,7 @@ def main(args: argparse.Namespace) -> Path:
     index = index_data(args.images, workers=args.workers)
     probs = torch.stack([probabilities(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets,
                                                                                size, intensity=intensity),
-                                       device, args.bs, args.workers) for c in ckpts]).mean(0)
+                                       device, args.bs, args.workers, args.calibrated) for c in ckpts]).mean(0)
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

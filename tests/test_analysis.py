@@ -149,3 +149,29 @@ def test_report_tables_and_plots(cass_run, finetuned, tmp_path):
         assert (tmp_path / f"cass_{kind}.png").stat().st_size > 0
     with pytest.raises(UserError, match="not a folder"):
         report.main(report.parse_args([str(tmp_path / "none")]))
+
+
+def test_calibrated_predictions_divide_the_logits_by_the_fitted_temperature(finetuned, demo_data, tmp_path):
+    rows = {}
+    for flag in ([], ["--calibrated"]):
+        out = predict.main(predict.parse_args(["--ckpt", str(finetuned[0]), "--images", str(demo_data / "rings"),
+                                               "--out", str(tmp_path / f"p{len(flag)}.csv"), "--workers", "0", *flag]))
+        rows[bool(flag)] = [r for r in csv.DictReader(open(out))]
+    temperature = torch.load(finetuned[0], weights_only=True)["temperature"]
+    classes = ["blobs", "checks", "rings", "stripes"]
+    raw = np.log(np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows[False]]))  # logits up to a shift
+    scaled = np.exp(raw / temperature)
+    expected = scaled / scaled.sum(1, keepdims=True)
+    got = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows[True]])
+    assert np.allclose(got, expected, atol=1e-4) and temperature > 0
+    assert [r["prediction"] for r in rows[True]] == [r["prediction"] for r in rows[False]]
+
+
+def test_results_carry_intervals_and_calibration(finetuned):
+    results = json.loads((finetuned[0].parent / "results.json").read_text())
+    run = results["runs"][0]
+    ci = run["test_ci95"]["macro_f1"]
+    assert ci["estimate"] == pytest.approx(run["test"]["macro_f1"]) and ci["n_used"] == 1000
+    assert ci["low"] <= ci["estimate"] <= ci["high"]
+    assert set(run["calibration"]) == {"temperature", "brier", "ece"}
+    assert run["test"]["auroc_macro"] is None or 0 <= run["test"]["auroc_macro"] <= 1
