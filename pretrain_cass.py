@@ -24,7 +24,7 @@ import checkpoint
 import runtime as rt
 from data import DataIndex, index_data, make_splits, select
 from errors import UserError
-from losses import cass_loss, spread_terms
+from losses import cass_loss, variance_hinge
 from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
     val_knn_accuracy
 from pixels import ImageDataset, train_augment, train_loader
@@ -35,7 +35,7 @@ COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the ou
 COLLAPSE_COS = 0.9
 COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
                  "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
-ANTI_COLLAPSE = ("none", "variance", "vicreg", "predictor")  # ours, beyond the paper: see README
+ANTI_COLLAPSE = ("none", "variance", "predictor")  # ours, beyond the paper: see README
 DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
@@ -62,12 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
                    help="activation on the logits before the loss (Table 11 ablation)")
     p.add_argument("--anti-collapse", choices=ANTI_COLLAPSE, default="none",
-                   help="ours, beyond the paper (none = the paper): add VICReg's variance hinge (variance) and "
-                        "covariance term (vicreg) on each arm's outputs, or give each arm a SimSiam predictor "
-                        "that predicts the other arm's stopped output (predictor)")
+                   help="ours, beyond the paper (none = the paper): add VICReg's variance hinge on each arm's "
+                        "outputs (variance), or give each arm a SimSiam predictor that predicts the other arm's "
+                        "stopped output (predictor)")
     p.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
-    p.add_argument("--covariance-weight", type=float, default=0.04,
-                   help="weight of each arm's covariance term (vicreg; VICReg's 1:25 ratio to the variance)")
     p.add_argument("--predictor-dim", type=rt.positive_int, default=512,
                    help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
     return rt.parse_pretraining(p, argv, DEMO_MODELS)
@@ -148,7 +146,7 @@ def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool
 
 def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.Namespace) -> torch.Tensor:
     """The loss the step minimises: Eq. 1 for the paper (--anti-collapse none);
-    with `variance` / `vicreg` plus each arm's spread terms (losses.spread_terms);
+    with `variance` plus each arm's variance hinge (losses.variance_hinge);
     with `predictor`, SimSiam's symmetric form: each arm's predictor output
     against the other arm's output with its gradient stopped."""
     mode = cfg.anti_collapse
@@ -156,11 +154,8 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
         cnn, vit = arms
         return 0.5 * (cass_loss(cnn.pred_net(r), t.detach()) + cass_loss(vit.pred_net(t), r.detach()))
     loss = cass_loss(r, t)
-    if mode in ("variance", "vicreg"):
-        (var_r, cov_r), (var_t, cov_t) = spread_terms(r), spread_terms(t)
-        loss = loss + cfg.variance_weight * (var_r + var_t)
-        if mode == "vicreg":
-            loss = loss + cfg.covariance_weight * (cov_r + cov_t)
+    if mode == "variance":
+        loss = loss + cfg.variance_weight * (variance_hinge(r) + variance_hinge(t))
     return loss
 
 
@@ -301,7 +296,7 @@ def main(args: argparse.Namespace) -> Path:
                   f"cos {stats['cos']:.3f}{knn}", flush=True)
             if stats["collapse"]:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
-                          "; from random initialisation try --anti-collapse vicreg (ours, beyond the paper)")
+                          "; from random initialisation try --anti-collapse variance (ours, beyond the paper)")
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),
