@@ -64,3 +64,11 @@ def test_dino_and_finetune_run_under_torchrun(demo_data, tmp_path):
     assert results["method"] == "dino" and len(results["runs"]) == 1
     assert len((tmp_path / "ft" / "log.jsonl").read_text().splitlines()) == results["runs"][0]["epochs_run"]
     assert torch.load(tmp_path / "ft" / "model_seed0.pt", weights_only=True)["num_classes"] == 4
+
+
+def test_anti_collapse_runs_under_torchrun(demo_data, tmp_path):
+    run("pretrain_cass.py", "--data", str(demo_data), "--out", str(tmp_path / "ac"), "--bs", "4", *PAIR,
+        "--anti-collapse", "predictor", "--predictor-dim", "16", procs=2)
+    log = read_log(tmp_path / "ac")
+    assert [r["epoch"] for r in log] == [1, 2] and all(0 < r["eq1_loss"] <= 4 for r in log)
+    assert torch.load(tmp_path / "ac" / "cnn.pt", weights_only=True)["anti_collapse"] == "predictor"

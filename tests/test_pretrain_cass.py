@@ -118,3 +118,13 @@ def test_anti_collapse_keeps_the_spread_where_the_faithful_run_loses_it(demo_dat
 
     assert min_std() < pretrain_cass.COLLAPSE_RATIO  # from random init the ViT arm maps every image to one direction
     assert min_std("--anti-collapse", "variance") > 2 * pretrain_cass.COLLAPSE_RATIO
+
+
+def test_a_killed_anti_collapse_run_resumes_to_identical_weights(demo_data, tmp_path):
+    flags = ["--anti-collapse", "predictor", "--predictor-dim", "16"]
+    full = pretrain_cass.main(run_args(demo_data, tmp_path / "full", *flags))
+    interrupted_run(pretrain_cass, run_args(demo_data, tmp_path / "part", *flags), epoch=2)
+    pretrain_cass.main(pretrain_cass.parse_args(["--resume", str(tmp_path / "part"), "--workers", "0"]))
+    for role in ("cnn", "vit"):
+        assert same_weights(full / f"{role}.pt", tmp_path / "part" / f"{role}.pt"), role
+    assert json.loads((tmp_path / "part" / "args.json").read_text())["anti_collapse"] == "predictor"
