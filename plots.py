@@ -1,5 +1,6 @@
 """PNG figures drawn with Pillow alone (no plotting library): heat maps with a
-colour bar, overlays on images, side-by-side panels, and line charts."""
+colour bar, overlays on images and side-by-side panels, for maps.py (the
+report's charts, which need axes and legends, are in figures.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,6 @@ from PIL import Image, ImageDraw
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
 LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c])
                 for c in range(3)], axis=1).astype(np.uint8)
-SERIES_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -49,43 +49,6 @@ def panels(images: list[tuple[str, Image.Image]]) -> Image.Image:
         draw.text((x + 2, 4), title, fill="black")
         canvas.paste(img, (x, 20))
         x += img.width + 10
-    return canvas
-
-
-def line_chart(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str,
-               size: tuple[int, int] = (480, 300)) -> Image.Image:
-    """Lines (name -> (xs, ys)) on shared axes with min/max tick labels and a legend."""
-    w, h = size
-    left, right, top, bottom = 56, 12, 24, 36
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and np.isfinite(y)]
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((left, 6), title, fill="black")
-    if not points:
-        draw.text((left, h // 2), "no data", fill="black")
-        return canvas
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    draw.text((4, top), f"{y1:.3g}", fill="black")
-    draw.text((4, h - bottom - 10), f"{y0:.3g}", fill="black")
-    draw.text((left, h - bottom + 4), f"{x0:g}", fill="black")
-    draw.text((w - right - 30, h - bottom + 4), f"{x1:g}", fill="black")
-    draw.text(((w - left) // 2, h - 14), xlabel, fill="black")
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-        line = [at(x, y) for x, y in zip(xs, ys) if y is not None and np.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for px, py in line:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((left + 6, top + 4 + 12 * i), name, fill=colour)
     return canvas
 
 

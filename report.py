@@ -1,33 +1,44 @@
-"""Turn run folders into the paper's tables and per-epoch plots.
+"""Turn run folders into the paper's tables and figures.
 
-Collects every results.json (fine-tuning) and every pretraining run (args.json
-+ log.jsonl) under the given folders and writes report.md: one table per data
-set and headline metric, a row per experiment (method, backbone, pretraining
-run, fine-tuning settings), a column per label fraction, mean +- std over all
-seeds found (Tables 1, 3-5); pretraining time per run (Table 2); and PNG plots
-of loss, kNN accuracy and collapse signals per epoch.
+Collects every results.json (fine-tuning, with the predictions_seed<N>.csv
+next to it) and every pretraining run (args.json + log.jsonl) under the given
+folders and writes report.md: one table per data set and headline metric, a
+row per experiment (method, backbone, pretraining run, fine-tuning settings), a
+column per label fraction, mean +- std over all seeds found and a 95 %
+bootstrap interval over the test images (Tables 1, 3-5); paired bootstrap
+differences between the rows; pretraining time per run (Table 2); and PNG
+figures (figures.py): ROC curves, reliability diagrams and confusion matrices
+per experiment, loss, kNN accuracy and collapse signals per pretraining epoch.
 
     python report.py runs/ --out runs/report
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
-from collections import defaultdict
+import re
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-import plots
+import figures
 import runtime as rt
 from checkpoint import prepare_out_dir
 from errors import UserError
+from metrics import Interval, bootstrap_ci, multiclass_metrics, multilabel_metrics, paired_bootstrap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
     p.add_argument("runs", nargs="+", help="folders searched (recursively) for run outputs")
-    p.add_argument("--out", default="runs/report", help="folder for report.md and the plots")
+    p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
+    p.add_argument("--resamples", type=rt.positive_int, default=1000,
+                   help="bootstrap resamples of the test images, for the intervals and the paired differences")
     return p.parse_args(argv)
 
 
@@ -59,7 +70,7 @@ def load_results(folders: list[Path]) -> list[dict]:
     results = []
     for path in sorted({p.resolve() for f in folders for p in f.rglob("results.json")}):
         r = json.loads(path.read_text())
-        results.append({**r, "data_set": data_set(path.parent, r)})
+        results.append({**r, "data_set": data_set(path.parent, r), "folder": path.parent})
     return results
 
 
@@ -76,36 +87,226 @@ def experiment(result: dict) -> tuple:
     return result["method"], result["arch"], result.get("protocol", "finetune"), str(Path(result["source"])), settings
 
 
-def experiment_table(cells: dict[tuple, list[float]]) -> list[str]:
-    """cells: (experiment, label fraction) -> scores. A settings column names the
-    flags whose values differ between the rows, so every row says what it is."""
-    rows, fracs = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+@dataclass
+class Cell:
+    """Every seed of one experiment at one label fraction on one data set: its
+    headline scores, results.json's per-seed intervals (None where absent) and
+    prediction files (None where finetune.py wrote none)."""
+    classes: tuple[str, ...]
+    multilabel: bool
+    scores: list[float] = field(default_factory=list)
+    seed_intervals: list[dict | None] = field(default_factory=list)
+    files: list[Path | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One seed's predictions_seed<N>.csv, rows sorted by path so seeds and rows line up."""
+    paths: tuple[str, ...]
+    targets: np.ndarray  # (N,) class ids, or (N, C) bool for multi-label data
+    probs: np.ndarray  # (N, C) softmax, or sigmoid per label
+
+
+def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
+    """(data set, metric, experiment, label fraction) -> Cell; seeds of one
+    experiment pool also when split over several results.json files."""
+    cells: dict[tuple, Cell] = {}
+    for r in results:
+        key = (r["data_set"], r["metric"], experiment(r), r["frac"])
+        cell = cells.setdefault(key, Cell(tuple(r.get("classes", ())), r.get("multilabel", False)))
+        for run in r["runs"]:
+            cell.scores.append(run["test"][r["metric"]])
+            cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
+            file = r["folder"] / f"predictions_seed{run.get('seed')}.csv"
+            cell.files.append(file if file.is_file() else None)
+    return cells
+
+
+@cache
+def read_predictions(path: Path, classes: tuple[str, ...], multilabel: bool) -> Predictions:
+    """A prediction file in finetune.py's format (cached: tables, pairs and figures all read it)."""
+    with open(path, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
+    at = {c: k for k, c in enumerate(classes)}
+    try:
+        probs = np.array([[float(row[f"p_{c}"]) for c in classes] for row in rows]).reshape(len(rows), len(classes))
+        truth = [[at[c] for c in row["true"].split(";") if c] for row in rows]
+    except KeyError as err:
+        raise UserError(f"{path} does not match the classes of its results.json (no {err})") from None
+    targets = np.array([np.isin(range(len(classes)), t) for t in truth]).reshape(len(rows), len(classes)) \
+        if multilabel else np.array([t[0] for t in truth], dtype=int)
+    return Predictions(tuple(row["path"] for row in rows), targets, probs)
+
+
+def seed_predictions(cell: Cell) -> list[Predictions]:
+    """The predictions of every seed of the cell that has a file."""
+    return [read_predictions(f, cell.classes, cell.multilabel) for f in cell.files if f]
+
+
+def unshared(cell: Cell) -> str | None:
+    """Why the cell's seeds cannot be bootstrapped together, or None when every
+    seed has a prediction file and all cover the same test images."""
+    if not cell.files or None in cell.files:
+        return "has seeds without prediction files"
+    preds = seed_predictions(cell)
+    return None if all(p.paths == preds[0].paths for p in preds) else "has seeds tested on different images"
+
+
+def decisions(preds: list[Predictions], multilabel: bool) -> np.ndarray:
+    """What the headline metric scores, seeds stacked on axis 1 so a bootstrap
+    resample of images (axis 0) applies to every seed at once: (N, S) argmax
+    class ids, or (N, S, C) bool at sigmoid > 0.5 (logit > 0, as finetune.py)."""
+    return np.stack([p.probs > 0.5 if multilabel else p.probs.argmax(1) for p in preds], axis=1)
+
+
+def seed_mean(headline: str, num_classes: int, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+    """metric(targets, decisions): the headline metric of each seed, mean over
+    seeds, i.e. the table's mean computed on one (resampled) set of images."""
+    def metric(y: np.ndarray, d: np.ndarray) -> float:
+        return float(np.mean([(multilabel_metrics(y, d[:, s]) if multilabel else
+                               multiclass_metrics(y, d[:, s], num_classes))[headline] for s in range(d.shape[1])]))
+    return metric
+
+
+def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | None:
+    """95 % percentile bootstrap over the test images of the mean-over-seeds
+    metric: each resample draws the images once and scores every seed on them.
+    It measures test-set luck for the experiment as the table reports it (a
+    mean over seeds); averaging the seeds' probabilities first would instead
+    describe an ensemble nobody trained. None unless the seeds share test images."""
+    if unshared(cell):
+        return None
+    preds = seed_predictions(cell)
+    metric = seed_mean(headline, len(cell.classes), cell.multilabel)
+    return bootstrap_ci(metric, preds[0].targets, decisions(preds, cell.multilabel), n=resamples)
+
+
+def interval_text(cell: Cell, headline: str, resamples: int) -> str:
+    """The cell's interval: pooled when possible, otherwise (marked †) from the
+    lowest to the highest bound of the seeds' own intervals in results.json."""
+    pooled = pooled_interval(cell, headline, resamples)
+    if pooled:
+        return f" [{pooled.low:.4f}, {pooled.high:.4f}]"
+    known = [i for i in cell.seed_intervals if i and i["low"] is not None and i["high"] is not None]
+    if known and len(known) == len(cell.scores):
+        return f" [{min(i['low'] for i in known):.4f}, {max(i['high'] for i in known):.4f}]†"
+    return ""
+
+
+INTERVAL_NOTE = ("In brackets: 95 % percentile bootstrap interval over the test images ({n} resamples) of the "
+                 "mean over seeds (each resample scores every seed on the same images). † : the seeds do not "
+                 "share prediction files of the same test images, so the bracket spans the lowest to the highest "
+                 "bound of the seeds' own intervals. No bracket: neither is available.")
+
+
+def row_columns(rows: list[tuple]) -> tuple[list[str], list[list[str]]]:
+    """The leading column names and each row's values in them. A settings
+    column names the flags whose values differ between the rows, so every row says what it is."""
     flags = [dict(row[4]) for row in rows]
     varying = sorted(k for k in set().union(*flags) if len({f.get(k) for f in flags}) > 1)
-    extra = ["settings"] if varying else []
-    lines = ["| " + " | ".join(["method (backbone)", "protocol", "pretraining run", *extra,
-                                *(f"{f:.0%} labels" for f in fracs)])
-             + " |", "|---|---|---|" + "---|" * (len(extra) + len(fracs))]
-    for row, flag in zip(rows, flags):
-        method, arch, protocol, source, _ = row
-        shown = [", ".join(f"{k}={json.loads(flag[k]) if k in flag else '-'}" for k in varying)] if varying else []
-        scores = [mean_std(cells[(row, f)]) if (row, f) in cells else "" for f in fracs]
-        lines.append("| " + " | ".join([f"{method} ({arch})", protocol, pretraining_run(source), *shown, *scores])
-                     + " |")
+    names = ["method (backbone)", "protocol", "pretraining run", *(["settings"] if varying else [])]
+    values = [[f"{row[0]} ({row[1]})", row[2], pretraining_run(row[3]),
+               *([", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in varying)] if varying else [])]
+              for row, f in zip(rows, flags)]
+    return names, values
+
+
+def experiment_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
+    """cells: (experiment, label fraction) -> Cell; a row per experiment, a column per label fraction."""
+    rows, fracs = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    names, values = row_columns(rows)
+    lines = ["| " + " | ".join([*names, *(f"{f:.0%} labels" for f in fracs)]) + " |",
+             "|" + "---|" * (len(names) + len(fracs))]
+    for row, shown in zip(rows, values):
+        scores = [mean_std(c.scores) + interval_text(c, headline, resamples) if (c := cells.get((row, f))) else ""
+                  for f in fracs]
+        lines.append("| " + " | ".join([*shown, *scores]) + " |")
     return lines
 
 
-def finetune_table(results: list[dict]) -> list[str]:
+def row_names(cells: dict[tuple, Cell]) -> dict[tuple, str]:
+    """Each row of a table as one phrase (its leading columns), for pairs and figures."""
+    rows = sorted({k[0] for k in cells})
+    return dict(zip(rows, (", ".join(v) for v in row_columns(rows)[1])))
+
+
+def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
+    """Every two rows at one label fraction, both scored on the same resampled
+    test images (metrics.paired_bootstrap of the mean-over-seeds metric), so
+    the luck of the shared test set cancels; A is the row with the higher
+    estimate. Rows whose prediction files do not cover the same images are listed, not compared."""
+    name = row_names(cells)
+    rows, lines, notes = list(name), [], []
+    for frac in sorted({k[1] for k in cells}):
+        for a, b in itertools.combinations([r for r in rows if (r, frac) in cells], 2):
+            ca, cb = cells[(a, frac)], cells[(b, frac)]
+            why = next((f"{name[r]} {w}" for r, c in ((a, ca), (b, cb)) if (w := unshared(c))), None)
+            pa, pb = seed_predictions(ca), seed_predictions(cb)
+            if not why and pa[0].paths != pb[0].paths:
+                why = "their prediction files cover different test images"
+            if why:
+                notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
+                continue
+            metric = seed_mean(headline, len(ca.classes), ca.multilabel)
+            y, da, db = pa[0].targets, decisions(pa, ca.multilabel), decisions(pb, cb.multilabel)
+            if metric(y, db) > metric(y, da):
+                (a, da), (b, db) = (b, db), (a, da)
+            d = paired_bootstrap(metric, y, da, db, n=resamples)
+            lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
+                         f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} |")
+    if not lines and not notes:
+        return []
+    head = [f"Paired differences of the mean over seeds of test {headline}, A - B, with their 95 % paired "
+            f"bootstrap interval over the same test images ({resamples} resamples) and the fraction of resamples "
+            "with A - B <= 0 (near 0: A is better beyond test-set luck).", ""]
+    table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 |", "|---|---|---|---|---|---|",
+             *lines] if lines else []
+    return ["#### Paired differences", "", *head, *table, *([""] if table and notes else []), *notes]
+
+
+def tables(results: list[dict]) -> list[tuple[str, str, dict[tuple, Cell]]]:
+    """(data set, headline metric, {(experiment, label fraction): Cell}) of each table, in report order."""
+    cells = collect_cells(results)
+    return [(data, metric, {k[2:]: v for k, v in cells.items() if k[:2] == (data, metric)})
+            for data, metric in sorted({k[:2] for k in cells})]
+
+
+def finetune_table(results: list[dict], resamples: int = 1000) -> list[str]:
     """One table per data set and headline metric, cells mean +- std over every
-    seed of one experiment (also when split over several results.json files).
-    Anything else that tells runs apart makes another row or table, never one cell."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    for r in results:
-        cells[(r["data_set"], r["metric"], experiment(r), r["frac"])] += [run["test"][r["metric"]] for run in r["runs"]]
+    seed of one experiment and a bootstrap interval over test images, then the
+    paired differences between its rows. Anything else that tells runs apart
+    makes another row or table, never one cell."""
     lines = []
-    for data, metric in sorted({k[:2] for k in cells}):
-        table = {k[2:]: v for k, v in cells.items() if k[:2] == (data, metric)}
-        lines += [f"### {data}", "", f"Test {metric}, mean +- std over seeds.", "", *experiment_table(table), ""]
+    for data, metric, table in tables(results):
+        lines += [f"### {data}", "", f"Test {metric}, mean +- std over seeds (n = seeds).",
+                  INTERVAL_NOTE.format(n=resamples), "", *experiment_table(table, metric, resamples), ""]
+        paired = paired_table(table, metric, resamples)
+        lines += [*paired, ""] if paired else []
+    return lines[:-1]
+
+
+def figure_stem(cell: Cell, taken: set[str]) -> str:
+    """A file name for the cell's figures from its first run folder (e.g.
+    cass_finetune-cnn-frac0.1), numbered when another cell already took it."""
+    folder = next(f for f in cell.files if f).parent
+    stem = re.sub(r"[^\w.-]+", "-", f"{folder.parent.name}_{folder.name}")
+    unique = next(s for i in itertools.count() if (s := stem + (f"-{i}" if i else "")) not in taken)
+    taken.add(unique)
+    return unique
+
+
+def finetune_figures(results: list[dict], out: Path) -> list[str]:
+    """ROC curves, reliability diagram and (multi-class) confusion matrix of
+    every cell with prediction files, under a heading naming the cell."""
+    lines, taken = [], set()
+    for data, _, table in tables(results):
+        name = row_names(table)  # as in the table, also where only some rows have files
+        for (row, frac), cell in sorted((k, c) for k, c in table.items() if any(c.files)):
+            title, stem = f"{name[row]}, {frac:.0%} labels", figure_stem(cell, taken)
+            seeds = [(p.targets, p.probs) for p in seed_predictions(cell)]
+            drawn = figures.experiment_figures(seeds, list(cell.classes), cell.multilabel, title, out / stem)
+            lines += [f"**{data}: {title}** ({len(seeds)} seed(s) with prediction files)", "",
+                      " ".join(f"![{p.stem}]({p.name})" for p in drawn), ""]
     return lines[:-1]
 
 
@@ -145,41 +346,26 @@ def time_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def epoch_plots(run: dict, out: Path) -> list[Path]:
-    """Loss, kNN accuracy and collapse signals per epoch of one pretraining run."""
-    epochs = [e["epoch"] for e in run["log"]]
-
-    def series(*keys: str, scale: str | None = None) -> dict:
-        """Logged values per epoch, divided by the entry `scale` (so signals share one axis)."""
-        return {k + (f" / {scale}" if scale else ""):
-                (epochs, [(e[k] / e[scale] if scale else e[k]) if e.get(k) is not None else None for e in run["log"]])
-                for k in keys if any(k in e for e in run["log"])}
-
-    # collapse signals on a common 0..1 scale: batch std relative to the healthy 1/sqrt(D), entropy to ln K
-    collapse = {**series("cnn_std", "vit_std", scale="healthy_std"), **series("cos")} if run["method"] == "CASS" \
-        else {**series("teacher_entropy", "loss", scale="ln_k")}
-    charts = {"loss": series("loss"), "knn": series("knn_cnn", "knn_vit", "knn_teacher"), "collapse": collapse}
-    name = run["folder"].name
-    return [plots.save(plots.line_chart(s, f"{name}: {kind}", "epoch"), out / f"{name}_{kind}.png")
-            for kind, s in charts.items() if s]
-
-
 def main(args: argparse.Namespace) -> Path:
     folders = [Path(r) for r in args.runs]
     missing = [f for f in folders if not f.is_dir()]
     if missing:
         raise UserError(f"{missing[0]} is not a folder")
     out = prepare_out_dir(Path(args.out))
+    read_predictions.cache_clear()  # files may have changed since an earlier call in this process
     results = load_results(folders)
     runs = pretraining_runs(folders)
     lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
-    lines += finetune_table(results) if results else ["No results.json found."]
+    lines += finetune_table(results, args.resamples) if results else ["No results.json found."]
     lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else ["No pretraining runs found."])
-    figures = [p for r in runs for p in epoch_plots(r, out)]
-    lines += ["", "## Per-epoch plots", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    shown = finetune_figures(results, out)
+    lines += ["", "## Fine-tuning figures", ""] + (shown or ["No prediction files found."])
+    drawn = [p for r in runs if (p := figures.pretraining_figure(r["log"], r["method"], r["folder"].name,
+                                                                 out / f"{r['folder'].name}_epochs.png"))]
+    lines += ["", "## Per-epoch plots", ""] + [f"![{p.stem}]({p.name})" for p in drawn]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:-len(figures) or None]))
+    print("\n".join(line for line in lines if not line.startswith("![")))
     print(f"written to {report}")
     return report
 

@@ -1,11 +1,18 @@
-"""report.py's fine-tuning tables: what pools into one cell and what never does.
-The results.json / splits.json files are written by hand in finetune.py's format."""
+"""report.py's fine-tuning tables: what pools into one cell and what never does,
+the intervals over test images, the paired differences and the figures.
+The results.json / splits.json / predictions_seed<N>.csv / log.jsonl files are
+written by hand in the formats finetune.py and the pretraining scripts write."""
+import csv
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import report
+from metrics import multiclass_metrics, multilabel_metrics
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,
@@ -17,7 +24,8 @@ CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "
 
 
 def write_run(folder: Path, data_set: str, scores: list[float], *, seeds: list[int] | None = None,
-              ckpt: str = "runs/cass/cnn.pt", frac: float = 1.0, metric: str = "f1", **flags) -> Path:
+              ckpt: str = "runs/cass/cnn.pt", frac: float = 1.0, metric: str = "f1",
+              classes: tuple[str, ...] = ("a", "b"), multilabel: bool = False, **flags) -> Path:
     """A fine-tuning output folder as finetune.py leaves it: results.json (one run
     per seed, headline scores given) and splits.json naming the data set."""
     folder.mkdir(parents=True)
@@ -28,10 +36,10 @@ def write_run(folder: Path, data_set: str, scores: list[float], *, seeds: list[i
              "test": {"macro_f1": v, "balanced_accuracy": v, "accuracy": v}, "seconds": 1.0,
              "labelled_files": ["a/1.png"]} for s, v in zip(seeds, scores)]
     results = {"method": "cass", "arch": "resnet50", "role": "cnn", "frac": frac, "metric": headline,
-               "classes": ["a", "b"], "multilabel": False, "summary": {}, "runs": runs, "config": config,
+               "classes": list(classes), "multilabel": multilabel, "summary": {}, "runs": runs, "config": config,
                "source": ckpt}
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "splits.json").write_text(json.dumps({"data": data_set, "classes": ["a", "b"], "skipped": [],
+    (folder / "splits.json").write_text(json.dumps({"data": data_set, "classes": list(classes), "skipped": [],
                                                     "train": [], "val": [], "test": []}))
     return folder
 
@@ -114,3 +122,136 @@ def test_linear_probe_and_fine_tuning_are_rows_side_by_side(tmp_path):
     assert [row for row in lines if row.startswith("| cass")] == [
         "| cass (resnet50) | finetune | runs/cass | 0.8100 +- 0.0141 (n=2) |",
         "| cass (resnet50) | linear | runs/cass | 0.6100 +- 0.0141 (n=2) |"]
+
+
+def write_predicted_run(folder: Path, targets: np.ndarray, probs: list[np.ndarray],
+                        classes: tuple[str, ...] = ("a", "b"), paths: list[str] | None = None, **flags) -> Path:
+    """A run whose every seed wrote predictions_seed<N>.csv (probabilities per
+    class, true names ';'-joined for multi-label targets (N, C)); the results.json
+    scores are the macro F1 of those files, as finetune.py computes it."""
+    multilabel = targets.ndim == 2
+    paths = paths or [f"{i % len(classes)}/img{i:04d}.png" for i in range(len(targets))]
+    scores = [(multilabel_metrics(targets, p > 0.5) if multilabel else
+               multiclass_metrics(targets, p.argmax(1), len(classes)))["macro_f1"] for p in probs]
+    folder = write_run(folder, "/data/set", scores, classes=classes, multilabel=multilabel, **flags)
+    for seed, p in enumerate(probs):
+        truth = [";".join(np.array(classes)[t.astype(bool)]) if multilabel else classes[t] for t in targets]
+        with open(folder / f"predictions_seed{seed}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["path", "true", *(f"p_{c}" for c in classes)],
+                                     *([path, t, *(f"{v:.6f}" for v in row)] for path, t, row in zip(paths, truth, p))])
+    return folder
+
+
+def guesses(targets: np.ndarray, accuracy: float, seed: int, num_classes: int = 2) -> np.ndarray:
+    """(N, C) softmax-like probabilities whose argmax is right on about `accuracy` of the images."""
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(len(targets)) > accuracy
+    picked = np.where(wrong, (targets + rng.integers(1, num_classes, len(targets))) % num_classes, targets)
+    probs = rng.random((len(targets), num_classes)) * 0.5
+    probs[np.arange(len(targets)), picked] += 1.0
+    return probs / probs.sum(1, keepdims=True)
+
+
+def paired_rows(text: str) -> list[tuple[str, float, float, float, float]]:
+    """(A, A - B, low, high, fraction <= 0) of every row of the paired-differences tables."""
+    found = re.findall(r"^\| \d+% \| (.+?) \| .+? \| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \|$",
+                       text, re.M)
+    return [(a, *map(float, numbers)) for a, *numbers in found]
+
+
+TARGETS = np.random.default_rng(0).integers(0, 2, 200)
+
+
+def test_a_model_paired_with_itself_differs_by_exactly_zero(tmp_path):
+    probs = [guesses(TARGETS, 0.8, seed) for seed in range(3)]
+    for bs in (16, 32):  # two rows (another batch size) with the very same predictions
+        write_predicted_run(tmp_path / f"runs/bs{bs}", TARGETS, probs, bs=bs)
+    assert paired_rows(make_report(tmp_path, tmp_path / "runs")) == [("cass (resnet50), finetune, runs/cass, bs=16",
+                                                                      0.0, 0.0, 0.0, 1.0)]
+
+
+def test_a_clearly_better_model_has_a_positive_difference_whose_interval_excludes_zero(tmp_path):
+    write_predicted_run(tmp_path / "runs/weak", TARGETS, [guesses(TARGETS, 0.6, s) for s in range(3)], bs=16)
+    write_predicted_run(tmp_path / "runs/strong", TARGETS, [guesses(TARGETS, 0.95, s) for s in (3, 4)], bs=32)
+    [(better, diff, low, high, le_zero)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert better.endswith("bs=32") and diff > 0.2 and 0 < low < diff < high and le_zero == 0.0
+
+
+def test_the_pooled_interval_contains_its_estimate_and_fills_the_cell(tmp_path):
+    targets = np.random.default_rng(1).integers(0, 3, 90)
+    write_predicted_run(tmp_path / "runs/a", targets, [guesses(targets, 0.7, s, 3) for s in range(3)],
+                        classes=("x", "y", "z"))
+    results = report.load_results([tmp_path / "runs"])
+    [cell] = report.collect_cells(results).values()
+    interval = report.pooled_interval(cell, "macro_f1", resamples=1000)  # as report.py by default
+    assert interval.low < interval.estimate < interval.high and interval.n_used == 1000
+    assert interval.estimate == pytest.approx(np.mean(cell.scores))  # the table's mean, on the same images
+    [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert row.endswith(f"(n=3) [{interval.low:.4f}, {interval.high:.4f}] |")
+
+
+def test_seeds_without_prediction_files_span_their_own_intervals(tmp_path):
+    folder = write_run(tmp_path / "runs/a", "/data/set", [0.8, 0.9])
+    results = json.loads((folder / "results.json").read_text())
+    for run, (low, high) in zip(results["runs"], ((0.7, 0.85), (0.75, 0.95))):
+        run["test_ci95"] = {"macro_f1": {"estimate": run["test"]["macro_f1"], "low": low, "high": high, "n_used": 1000}}
+    (folder / "results.json").write_text(json.dumps(results))
+    assert table_rows(make_report(tmp_path, tmp_path / "runs")) == [
+        "| cass (resnet50) | finetune | runs/cass | 0.8500 +- 0.0707 (n=2) [0.7000, 0.9500]† |"]
+
+
+def test_rows_tested_on_different_images_are_not_paired(tmp_path):
+    probs = [guesses(TARGETS, 0.8, 0)]
+    write_predicted_run(tmp_path / "runs/a", TARGETS, probs, bs=16)
+    write_predicted_run(tmp_path / "runs/b", TARGETS, probs, bs=32, paths=[f"other/{i}.png" for i in range(200)])
+    write_run(tmp_path / "runs/c", "/data/set", [0.7], bs=64)  # no prediction files at all
+    text = make_report(tmp_path, tmp_path / "runs")
+    assert paired_rows(text) == []
+    assert "bs=16 vs cass (resnet50), finetune, runs/cass, bs=32: not compared, their prediction files " \
+           "cover different test images." in text
+    assert text.count("bs=64 has seeds without prediction files.") == 2
+
+
+def assert_png(path: Path) -> None:
+    """A valid PNG of a readable size, written at the report's 150 dpi."""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and 400 <= min(img.size) and max(img.size) <= 3000, (path, img.size)
+        assert round(img.info["dpi"][0]) == 150
+        img.verify()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_figures_of_every_experiment_with_prediction_files(tmp_path, multilabel):
+    rng = np.random.default_rng(2)
+    classes = ("naevus", "melanoma", "basal cell carcinoma", "seborrhoeic keratosis")
+    if multilabel:
+        targets = (rng.random((120, 4)) < 0.3).astype(int)
+        probs = [targets * 0.35 + rng.random((120, 4)) * 0.65 for _ in range(2)]  # in [0, 1]
+    else:
+        targets = rng.integers(0, 4, 120)
+        probs = [guesses(targets, 0.7, s, 4) for s in range(2)]
+    write_predicted_run(tmp_path / "runs/a", targets, probs, classes=classes)
+    text = make_report(tmp_path, tmp_path / "runs")
+    kinds = ("roc", "reliability") if multilabel else ("roc", "reliability", "confusion")
+    for kind in kinds:
+        assert_png(tmp_path / "report" / f"runs_a_{kind}.png")
+        assert f"![runs_a_{kind}](runs_a_{kind}.png)" in text
+    assert not (tmp_path / "report/runs_a_confusion.png").exists() if multilabel else True
+
+
+@pytest.mark.parametrize("method", ["CASS", "DINO"])
+def test_per_epoch_figure_of_a_pretraining_log(tmp_path, method):
+    folder = tmp_path / "runs/pre"
+    folder.mkdir(parents=True)
+    args = {"cnn": "resnet50", "vit": "vit_base_patch16_384"} if method == "CASS" \
+        else {"arch": "vit_small", "out_dim": 4096}
+    (folder / "args.json").write_text(json.dumps(args))
+    log = [{"epoch": e, "loss": 2 / e, "seconds": 60.0, "images_per_s": 30.0,
+            **({"cnn_std": 0.03, "vit_std": 0.02 / e, "healthy_std": 0.0442, "cos": 0.5 + e / 40} if method == "CASS"
+               else {"teacher_entropy": 8 - e / 5, "ln_k": 8.318}),
+            **({"knn_cnn" if method == "CASS" else "knn_teacher": 0.4 + e / 50} if e % 5 == 0 else {})}
+           for e in range(1, 21)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    text = make_report(tmp_path, tmp_path / "runs")
+    assert_png(tmp_path / "report/pre_epochs.png")
+    assert "![pre_epochs](pre_epochs.png)" in text and f"| pre | {method} |" in text
