@@ -50,9 +50,9 @@ def mean_std(values: list[float]) -> str:
 # results.json config entries that do not tell experiments apart: the seed list
 # (seeds pool into one cell), where and how fast the run went, and flags that
 # another part of the key already carries (data set, checkpoint, backbone,
-# label fraction, metric). "seed" is a common flag finetune.py does not use.
+# label fraction, metric, protocol; --pretrained through the method).
 NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
-                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear"})
+                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear", "pretrained"})
 
 
 def data_set(folder: Path, result: dict) -> str:
