@@ -37,6 +37,7 @@ def same_outputs(a: torch.nn.Module, b: torch.nn.Module, size: int) -> bool:
 
 def exported(path, tmp_path) -> tuple[dict, torch.nn.Module]:
     export.main(export.parse_args(["--ckpt", str(path), "--out", str(tmp_path / "hf")]))
+    # "local-dir:" reads the exported folder: pretrained=True here needs no network
     return checkpoint.load(path, kind="model"), timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
 
 
