@@ -1,11 +1,11 @@
-"""What is on disk: the images and labels of a data set, which of them can be
-read, seeded stratified splits and label fractions. How pixels then reach a
-model is pixels.py.
+"""What is on disk: the images and labels of a data set, which of them can be read,
+seeded stratified splits and label fractions. How pixels then reach a model is pixels.py.
 
 Three layouts are read (see README, "Data layouts"):
   1. DIR/<class>/**/*.jpg             class folders (or a flat folder: unlabelled)
   2. DIR/{train,val,test}/<class>/... the curator's split is kept
   3. labels.csv (or DIR/labels.csv)   a path column + `label`, or one 0/1 column per class
+Groups (patient, lesion: a CSV's `group_col`, or groups.csv in a folder) are split whole.
 """
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ except ImportError:
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
-# Larger files are skipped with a reason. This is where Pillow's own guard
-# against decompression bombs turns from a warning into an error; Pillow's
-# global limit is left as it is.
+# Larger files are skipped with a reason. This is where Pillow's own guard against decompression
+# bombs turns from a warning into an error; Pillow's global limit is left as it is.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 NO_PYDICOM = "reading DICOM needs pydicom 3 or later: pip install -U 'pydicom>=3'"
 
@@ -43,7 +42,7 @@ NO_PYDICOM = "reading DICOM needs pydicom 3 or later: pip install -U 'pydicom>=3
 @dataclass
 class DataIndex:
     """Every usable image of a data set. `paths` are relative to `root` (posix);
-    `targets` is (N,) int64 class ids, (N, C) float32 multi-hot, or None."""
+    `targets` (N,) int64 class ids, (N, C) float32 multi-hot, or None; `groups` one id per image or None."""
     source: Path
     root: Path
     layout: str
@@ -53,6 +52,7 @@ class DataIndex:
     multilabel: bool = False
     given_split: dict[str, list[int]] | None = None
     skipped: list[dict] = field(default_factory=list)
+    groups: list[str] | None = None
 
     @property
     def labelled(self) -> bool:
@@ -134,7 +134,7 @@ def _resolve_csv_path(root: Path, name: str) -> Path | None:
     return None
 
 
-def _index_csv(csv_path: Path) -> DataIndex:
+def _index_csv(csv_path: Path, group_col: str | None) -> DataIndex:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -142,6 +142,8 @@ def _index_csv(csv_path: Path) -> DataIndex:
     columns = list(rows[0])
     lower = {c.lower(): c for c in columns}
     path_col = next((lower[c] for c in PATH_COLUMNS if c in lower), columns[0])
+    if group_col is not None and group_col not in columns:
+        raise UserError(f"--group-col {group_col}: {csv_path} has no such column (it has {', '.join(columns)})")
     root = csv_path.parent
     resolved = [_resolve_csv_path(root, row[path_col].strip()) for row in rows]
     missing = [row[path_col] for row, p in zip(rows, resolved) if p is None]
@@ -156,12 +158,14 @@ def _index_csv(csv_path: Path) -> DataIndex:
             seen.add(p)
             keep.append(i)
     paths = [resolved[i].relative_to(root).as_posix() for i in keep]
+    more = {"skipped": skipped, "groups": [rows[i][group_col].strip() or p for i, p in zip(keep, paths)]
+            if group_col else None}
     if "label" in lower:
         names = [rows[i][lower["label"]].strip() for i in keep]
         classes = sorted(set(names))
         targets = np.array([classes.index(n) for n in names], dtype=np.int64)
-        return DataIndex(csv_path, root, "CSV with a label column", paths, targets, classes, skipped=skipped)
-    classes = [c for c in columns if c != path_col]
+        return DataIndex(csv_path, root, "CSV with a label column", paths, targets, classes, **more)
+    classes = [c for c in columns if c not in (path_col, group_col)]
     try:
         hot = np.array([[float(rows[i][c] or 0) for c in classes] for i in keep], dtype=np.float32)
     except ValueError:
@@ -178,29 +182,30 @@ def _index_csv(csv_path: Path) -> DataIndex:
             raise UserError(f"{csv_path}: no class column has a positive")
     if (hot.sum(1) == 1).all():  # one-hot columns (ISIC-2019) are really multi-class
         return DataIndex(csv_path, root, "CSV with one-hot class columns", paths,
-                         hot.argmax(1).astype(np.int64), classes, skipped=skipped)
+                         hot.argmax(1).astype(np.int64), classes, **more)
     return DataIndex(csv_path, root, "CSV with 0/1 class columns", paths, hot, classes,
-                     multilabel=True, skipped=skipped)
+                     multilabel=True, **more)
 
 
 def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
-               memo_dir: str | Path | None = None) -> DataIndex:
-    """Find the layout of `data`, list its images and labels, and drop (and
-    record in `skipped`) every file Pillow or pydicom cannot fully decode (all
-    .dcm files without pydicom). With `memo_dir` the check's verdicts are kept
-    there (see `keyed_path`), so later runs on unchanged files do not decode them again."""
+               memo_dir: str | Path | None = None, group_col: str | None = None) -> DataIndex:
+    """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
+    folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
+    decode (all .dcm files without pydicom). With `memo_dir` the check's verdicts are kept there
+    (see `keyed_path`), so later runs on unchanged files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise UserError(f"--data {data} is a file but not a .csv label file")
-        index = _index_csv(path)
+        index = _index_csv(path, group_col)
     elif (path / "labels.csv").is_file():
-        index = _index_csv(path / "labels.csv")
+        index = _index_csv(path / "labels.csv", group_col)
     else:
         _report_ignored(path)
         index = _index_split_folders(path) if (path / "train").is_dir() else _index_folder(path)
+        index.groups = _groups_csv(path / "groups.csv", index.paths) if (path / "groups.csv").is_file() else None
     index = _drop_unreadable(index, without_pydicom(index.paths))
     if check_images:
         index = _drop_unreadable(index, _check(index, workers, memo_dir))
@@ -210,9 +215,17 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
     return index
 
 
+def _groups_csv(path: Path, paths: list[str]) -> list[str] | None:
+    """The group of each of `paths` from a groups.csv (columns path, group); unlisted images are their own."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        given = {Path(r["path"].strip()).as_posix(): r["group"].strip() for r in csv.DictReader(f)}
+    if alone := sum(p not in given for p in paths):
+        print(f"note: {alone} images are not in {path.name}; each is its own group")
+    return [given.get(p) or p for p in paths]
+
+
 def without_pydicom(paths: list[str]) -> list[str | None]:
-    """Why each of `paths` cannot be read for want of pydicom (None: it can);
-    the .dcm files so skipped are announced in one line, not file by file."""
+    """Why each of `paths` cannot be read for want of pydicom (None: it can), announced in one line."""
     reasons = [NO_PYDICOM if pydicom is None and p.lower().endswith(".dcm") else None for p in paths]
     if any(reasons):
         print(f"note: {sum(map(bool, reasons))} .dcm files found but skipped: {NO_PYDICOM}", flush=True)
@@ -248,10 +261,9 @@ def unreadable_reason(path: Path) -> str | None:
 
 
 def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:
-    """folder/<root name>-<root hash>-<tag>-<content hash>: the name changes when
-    any file under `root` is changed (byte size, modification time), added or
-    removed. Files made from the data (image checks, pixel caches) live at such
-    paths, so stale ones are never read; `drop_stale` removes them."""
+    """folder/<root name>-<root hash>-<tag>-<content hash>: the name changes when any file under
+    `root` is changed (byte size, modification time), added or removed. Files made from the data
+    (image checks, pixel caches) live at such paths, so stale ones are never read; `drop_stale` removes them."""
     h = hashlib.sha256(str(root).encode())
     for rel in paths:
         st = (root / rel).stat()
@@ -292,13 +304,12 @@ def _drop_unreadable(index: DataIndex, reasons: list[str | None]) -> DataIndex:
     if not keep:
         raise UserError(f"none of the {len(reasons)} images under {index.root} could be read ({reasons[0]})")
     new_pos = {old: new for new, old in enumerate(keep)}
-    given = None
-    if index.given_split:
-        given = {name: [new_pos[i] for i in idx if i in new_pos] for name, idx in index.given_split.items()}
+    given = index.given_split and {name: [new_pos[i] for i in idx if i in new_pos]
+                                   for name, idx in index.given_split.items()}
     skipped = index.skipped + [{"path": index.paths[i], "reason": r} for i, r in enumerate(reasons) if r]
     return DataIndex(index.source, index.root, index.layout, [index.paths[i] for i in keep],
                      None if index.targets is None else index.targets[keep], index.classes,
-                     index.multilabel, given, skipped)
+                     index.multilabel, given, skipped, index.groups and [index.groups[i] for i in keep])
 
 
 # ---------------------------------------------------------- splits, fractions
@@ -314,32 +325,42 @@ def _strata(index: DataIndex) -> np.ndarray:
     return np.where(index.targets.any(1), rarity.argmin(1), len(index.classes))
 
 
-def make_splits(index: DataIndex, seed: int) -> dict[str, list[str]]:
-    """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's
-    split is kept and only its missing parts are carved out of train, per
-    stratum (round(f * n) each, at least one image left in train); unlabelled
-    data is all train (there is nothing to evaluate)."""
+def _units(index: DataIndex, ids: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
+    """`ids` as units split whole (groups; else each image) with their images' most common stratum."""
+    keys, names, members = _strata(index), index.groups or index.paths, {}  # paths: each image alone
+    for i in ids:
+        members.setdefault(names[i], []).append(int(i))
+    units = list(members.values())
+    return units, np.array([np.bincount(keys[u]).argmax() for u in units], dtype=np.int64)
+
+
+def make_splits(index: DataIndex, seed: int) -> dict:
+    """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's split is kept and
+    only its missing parts are carved out of train, per stratum (round(f * n) units each, at least
+    one left in train; see `_units`); unlabelled data is all train. Groups add {"groups": {path: group}}."""
     if not index.labelled:
         return {"train": index.paths[:], "val": [], "test": []}
     given = index.given_split or {}
     pool = np.array(given.get("train", range(len(index.paths))), dtype=np.int64)
     missing = [name for name in ("val", "test") if name not in given]
     share = SPLIT_RATIOS["train"] + sum(SPLIT_RATIOS[m] for m in missing)
-    rng, keys = np.random.default_rng(seed), _strata(index)
+    rng, (units, keys) = np.random.default_rng(seed), _units(index, pool)
     parts = {"train": [], **{name: idx for name, idx in given.items() if name != "train"}}
     parts.update({m: [] for m in missing})
-    for key in np.unique(keys[pool]):
-        group, start = rng.permutation(pool[keys[pool] == key]), 0
+    for key in np.unique(keys):
+        group, start = rng.permutation(np.flatnonzero(keys == key)), 0
         for name in missing:
             n = max(0, min(int(round(SPLIT_RATIOS[name] / share * len(group))), len(group) - start - 1))
-            parts[name] += group[start:start + n].tolist()
+            parts[name] += [i for u in group[start:start + n] for i in units[u]]
             start += n
-        parts["train"] += group[start:].tolist()
-    return {name: [index.paths[i] for i in sorted(parts[name])] for name in SPLIT_RATIOS}
+        parts["train"] += [i for u in group[start:] for i in units[u]]
+    out = {name: [index.paths[i] for i in sorted(parts[name])] for name in SPLIT_RATIOS}
+    return out | ({"groups": dict(zip(index.paths, index.groups))} if index.groups else {})
 
 
-def select(index: DataIndex, splits: dict[str, list[str]]) -> dict[str, list[int]]:
-    """Relative paths of a split back to positions in `index`."""
+def select(index: DataIndex, splits: dict, apart: bool = False) -> dict[str, list[int]]:
+    """Relative paths of a split back to positions in `index`; with `apart`, a
+    group of `index` that has images in test and in train or val is an error."""
     position = {p: i for i, p in enumerate(index.paths)}
     skipped = {s["path"] for s in index.skipped}
     out = {}
@@ -349,24 +370,30 @@ def select(index: DataIndex, splits: dict[str, list[str]]) -> dict[str, list[int
             raise UserError(f"the {name} split names {len(unknown)} images that are not in the data "
                             f"({unknown[0]!r}); is --data the data set this run was split on?")
         out[name] = [position[p] for p in splits.get(name, []) if p in position]
+    for name in ("train", "val") if apart and index.groups else ():
+        if shared := sorted({index.groups[i] for i in out["test"]} & {index.groups[i] for i in out[name]}):
+            raise UserError(f"group {shared[0]!r} has images in both the {name} and the test split "
+                            f"({len(shared)} such groups); split the data again with its groups")
     return out
 
 
 def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -> list[int]:
-    """A seeded subset of about `frac` of `train`, stratified, at least one
-    example per class (multi-label: one positive per label present in train)."""
+    """A seeded stratified subset of about `frac` of `train`'s units (`_units`), at least
+    one per class (multi-label: one with a positive for each label present in train)."""
     if frac >= 1.0:
         return sorted(train)
     rng = np.random.default_rng(seed)
     train = np.asarray(train, dtype=np.int64)
-    keys = _strata(index)[train]
+    units, keys = _units(index, train)
     chosen = set()
     for key in np.unique(keys):
-        group = train[keys == key]
-        chosen.update(rng.choice(group, max(1, int(round(frac * len(group)))), replace=False).tolist())
+        group = np.flatnonzero(keys == key)
+        chosen.update(i for u in rng.choice(group, max(1, int(round(frac * len(group)))), replace=False)
+                      for i in units[u])
     if index.multilabel:
+        unit_of = {i: u for u, members in enumerate(units) for i in members}
         for c in range(len(index.classes)):
             positives = train[index.targets[train, c] > 0]
             if len(positives) and not index.targets[sorted(chosen), c].any():
-                chosen.add(int(rng.choice(positives)))
+                chosen.update(units[unit_of[int(rng.choice(positives))]])
     return sorted(chosen)

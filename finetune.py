@@ -313,19 +313,21 @@ def main(args: argparse.Namespace) -> dict:
     dtype = rt.amp_dtype(args.amp, device)
 
     index = index_data(args.data or source.data, workers=args.workers,
-                       memo_dir=args.cache_dir if args.cache == "on" else None)
+                       memo_dir=args.cache_dir if args.cache == "on" else None, group_col=args.group_col)
     if not index.labelled:
         raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
     if index.multilabel and args.focal == "softmax":
         raise UserError("--focal softmax needs single-label data; this data set is multi-label")
     splits = choose_splits(source, index, args.split_seed)
-    parts = select(index, splits)
+    parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
     for name in ("train", "val", "test"):
         if not parts[name]:
             raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
     if rt.is_main():
         checkpoint.write_json(out / "splits.json", {"data": str(index.source), "classes": index.classes,
-                                                    "skipped": index.skipped, **splits})
+                                                    "skipped": index.skipped, **splits,
+                                                    **({"groups": dict(zip(index.paths, index.groups))}
+                                                       if index.groups else {})})
         (out / "log.jsonl").unlink(missing_ok=True)
 
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \

@@ -252,7 +252,8 @@ def main(args: argparse.Namespace) -> Path:
         rt.check_disk(out, [arm.model for arm in arms], copies=4)
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
-    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
+    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
+                       group_col=cfg.group_col)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     parts = select(index, splits)
     cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \

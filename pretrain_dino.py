@@ -242,7 +242,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- data: the train split only; crops come from the original image, or from a
     # cached copy whose longer side is 2 x img-size
-    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None)
+    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
+                       group_col=cfg.group_col)
     splits = state["splits"] if state else make_splits(index, cfg.seed)
     parts = select(index, splits)
     cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \

@@ -85,6 +85,9 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: s
                         "statistics for every model as in App. C.5.2")
     if seed:
         p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    p.add_argument("--group-col", metavar="COL",
+                   help="labels CSV column naming each image's group (patient, lesion): a group is never split "
+                        "across train/val/test; folder layouts read DIR/groups.csv (columns path, group) instead")
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
