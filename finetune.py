@@ -269,7 +269,9 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
     return {"seed": seed, "best_epoch": best_epoch, "epochs_run": epoch + 1, "val_loss": best_loss,
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
-            "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed),
+            "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed,
+                                            groups=np.array([index.groups[i] for i in parts["test"]])
+                                            if index.groups else None),  # whole patients resampled
             "calibration": {"temperature": temperature, "brier": calibrated["brier"], "ece": calibrated["ece"]},
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
