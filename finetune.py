@@ -233,7 +233,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
         train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(net, train, loss_fn, inputs, device, dtype, opt, scaler,
                                      sched if per_batch else None)
-        val_loss, _, _ = evaluate(net, val, loss_fn, source, device, dtype)
+        val_loss, logits, val_targets = evaluate(net, val, loss_fn, source, device, dtype)
         val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
         if not per_batch:
             sched.step()
@@ -244,15 +244,15 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             checkpoint.append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
                                                         "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
         if val_loss < best_loss:  # early stopping on validation loss (App. C.6.2)
-            best_loss, best_epoch, waited = val_loss, epoch + 1, 0
+            best_loss, best_epoch, waited, val_logits = val_loss, epoch + 1, 0, logits
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
             if waited >= args.patience:
                 break
     model.load_state_dict(best_state)
-    _, val_logits, val_targets = evaluate(net, val, loss_fn, source, device, dtype)
-    temperature = fit_temperature(val_logits, val_targets, index.multilabel)  # calibration on the val split
+    # calibration on the best epoch's val logits, kept from the loop rather than recomputed
+    temperature = fit_temperature(val_logits, val_targets, index.multilabel)
     test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
     metrics = evaluate_predictions(targets, logits, index.multilabel)
     calibrated = evaluate_predictions(targets, logits / temperature, index.multilabel)
