@@ -1,11 +1,11 @@
-"""What is on disk: the images and labels of a data set, which of them can be read,
-seeded stratified splits and label fractions. How pixels then reach a model is pixels.py.
+"""What is on disk: the images, labels and groups of a data set, which of them can be read, and a
+fingerprint of each image's pixels. How they are split is splits.py; how pixels reach a model, pixels.py.
 
 Three layouts are read (see README, "Data layouts"):
   1. DIR/<class>/**/*.jpg             class folders (or a flat folder: unlabelled)
   2. DIR/{train,val,test}/<class>/... the curator's split is kept
   3. labels.csv (or DIR/labels.csv)   a path column + `label`, or one 0/1 column per class
-Groups (patient, lesion: a CSV's `group_col`, or groups.csv in a folder) are split whole.
+Groups: a CSV's `group_col`, or groups.csv (columns path, group) in a folder.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import os
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ class DataIndex:
     given_split: dict[str, list[int]] | None = None
     skipped: list[dict] = field(default_factory=list)
     groups: list[str] | None = None
+    prints: list[list] | None = None  # each image's `fingerprint`, when index_data was asked for them
 
     @property
     def labelled(self) -> bool:
@@ -187,12 +189,13 @@ def _index_csv(csv_path: Path, group_col: str | None) -> DataIndex:
                      multilabel=True, **more)
 
 
-def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
-               memo_dir: str | Path | None = None, group_col: str | None = None) -> DataIndex:
+def index_data(data: str | Path, workers: int = 2, check_images: bool = True, memo_dir: str | Path | None = None,
+               group_col: str | None = None, fingerprints: bool = False) -> DataIndex:
     """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
     folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
-    decode (all .dcm files without pydicom). With `memo_dir` the check's verdicts are kept there
-    (see `keyed_path`), so later runs on unchanged files do not decode them again."""
+    decode (all .dcm files without pydicom). `fingerprints`: decode every pixel (no draft mode) and keep
+    each image's `fingerprint` in `prints`, for splits.duplicate_sets. With `memo_dir` the verdicts
+    are kept there (see `keyed_path`), so later runs on unchanged files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -207,8 +210,10 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
         index = _index_split_folders(path) if (path / "train").is_dir() else _index_folder(path)
         index.groups = _groups_csv(path / "groups.csv", index.paths) if (path / "groups.csv").is_file() else None
     index = _drop_unreadable(index, without_pydicom(index.paths))
-    if check_images:
-        index = _drop_unreadable(index, _check(index, workers, memo_dir))
+    if check_images or fingerprints:
+        verdicts = _check(index, workers, memo_dir, fingerprints)
+        index.prints = verdicts if fingerprints else None  # the unreadable ones' reasons go next
+        index = _drop_unreadable(index, [v if isinstance(v, str) else None for v in verdicts])
     print(f"data: {index.describe()}", flush=True)
     for item in index.skipped[:10]:
         print(f"  skipped {item['path']}: {item['reason']}")
@@ -218,7 +223,10 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True,
 def _groups_csv(path: Path, paths: list[str]) -> list[str] | None:
     """The group of each of `paths` from a groups.csv (columns path, group); unlisted images are their own."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        given = {Path(r["path"].strip()).as_posix(): r["group"].strip() for r in csv.DictReader(f)}
+        rows = csv.DictReader(f)
+        if not {"path", "group"} <= set(rows.fieldnames or ()):
+            raise UserError(f"{path} needs the columns path and group (it has {', '.join(rows.fieldnames or ())})")
+        given = {Path(r["path"].strip()).as_posix(): (r["group"] or "").strip() for r in rows}
     if alone := sum(p not in given for p in paths):
         print(f"note: {alone} images are not in {path.name}; each is its own group")
     return [given.get(p) or p for p in paths]
@@ -242,22 +250,50 @@ def _report_ignored(root: Path) -> None:
         print(f"ignored {counts.total()} files: " + ", ".join(f"{ext} {n}" for ext, n in counts.most_common()))
 
 
-# ------------------------------------------------------------- readability
+# ------------------------------------------------- readability, fingerprints
+PLAIN_MODES = ("L", "LA", "RGB", "RGBA", "I", "I;16", "F")  # Pillow modes whose values are the pixels
+_DCT = np.cos(np.pi * np.arange(32)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)  # DCT-II, (freq, pos)
+
+
 def unreadable_reason(path: Path) -> str | None:
     """None if the whole file decodes (DICOM: through pydicom), else why not. JPEG decodes
     in draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
+    return _look(path, fingerprinted=False)
+
+
+def _look(path: Path, fingerprinted: bool) -> str | list | None:
+    """Why `path` cannot be read; else None, or with `fingerprinted` its `fingerprint` (a full decode)."""
     try:
         if path.suffix.lower() == ".dcm":
-            pydicom.dcmread(path).pixel_array  # decodes every frame: a truncated file raises
-            return None
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
-            img.draft("RGB", (64, 64))
-            img.load()
+            pixels = pydicom.dcmread(path).pixel_array  # decodes every frame: a truncated file raises
+        else:
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
+                if not fingerprinted:
+                    img.draft("RGB", (64, 64))
+                img.load()
+                pixels = np.asarray(img if img.mode in PLAIN_MODES else img.convert("RGB")) if fingerprinted else None
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
-    return None
+    return fingerprint(pixels) if fingerprinted else None
+
+
+def fingerprint(pixels: np.ndarray) -> list:
+    """[exact, near] of an image's decoded pixels (H, W[, C]) or DICOM frames (F, H, W[, C]): a hash of
+    every value (equal: the same pixels) and a 64-bit perceptual hash, the 8x8 lowest 2-D DCT frequencies
+    of a 32x32 grey thumbnail above their median (a few bits apart: one picture resized, recompressed or
+    re-exposed; see splits.duplicate_sets)."""
+    exact = hashlib.blake2b(f"{pixels.shape} {pixels.dtype}".encode(), digest_size=16)
+    exact.update(np.ascontiguousarray(pixels).tobytes())
+    grey = pixels.astype(np.float32)
+    if grey.ndim == 4 or (grey.ndim == 3 and grey.shape[-1] > 4):  # several DICOM frames: the first
+        grey = grey[0]
+    if grey.ndim == 3:  # colour (alpha aside), or grey + alpha
+        grey = grey[..., :3].mean(-1) if grey.shape[-1] >= 3 else grey[..., 0]
+    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize((32, 32), Image.Resampling.BOX))
+    low = (_DCT @ thumb.astype(np.float64) @ _DCT.T)[:8, :8]
+    return [exact.hexdigest(), int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")]
 
 
 def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:
@@ -279,22 +315,25 @@ def drop_stale(path: Path) -> None:
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
 
 
-def _check(index: DataIndex, workers: int, memo_dir: str | Path | None) -> list[str | None]:
-    """Why each image cannot be read (None: it can), remembered in `memo_dir`."""
-    memo = keyed_path(memo_dir, index.root, index.paths, "checked") if memo_dir else None
+def _check(index: DataIndex, workers: int, memo_dir: str | Path | None, fingerprinted: bool) -> list:
+    """What `_look` says of each image (a reason, None or a fingerprint), remembered in `memo_dir`."""
+    tag = "fingerprinted" if fingerprinted else "checked"
+    memo = keyed_path(memo_dir, index.root, index.paths, tag) if memo_dir else None
     if memo is not None and memo.is_file():
-        bad = json.loads(memo.read_text())
-        return [bad.get(p) for p in index.paths]
+        known = json.loads(memo.read_text())
+        return [known.get(p) for p in index.paths]
+    look = partial(_look, fingerprinted=True) if fingerprinted else unreadable_reason
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(tqdm(pool.map(unreadable_reason, (index.root / p for p in index.paths)),
-                            total=len(index.paths), desc="checking images", leave=False))
+        verdicts = list(tqdm(pool.map(look, (index.root / p for p in index.paths)),
+                             total=len(index.paths), desc=f"checking images{' (fingerprints)' * fingerprinted}",
+                             leave=False))
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")  # renamed whole: never half-written
-        tmp.write_text(json.dumps({p: r for p, r in zip(index.paths, reasons) if r}))
+        tmp.write_text(json.dumps({p: v for p, v in zip(index.paths, verdicts) if v}))
         os.replace(tmp, memo)
         drop_stale(memo)
-    return reasons
+    return verdicts
 
 
 def _drop_unreadable(index: DataIndex, reasons: list[str | None]) -> DataIndex:
@@ -307,93 +346,7 @@ def _drop_unreadable(index: DataIndex, reasons: list[str | None]) -> DataIndex:
     given = index.given_split and {name: [new_pos[i] for i in idx if i in new_pos]
                                    for name, idx in index.given_split.items()}
     skipped = index.skipped + [{"path": index.paths[i], "reason": r} for i, r in enumerate(reasons) if r]
-    return DataIndex(index.source, index.root, index.layout, [index.paths[i] for i in keep],
-                     None if index.targets is None else index.targets[keep], index.classes,
-                     index.multilabel, given, skipped, index.groups and [index.groups[i] for i in keep])
-
-
-# ---------------------------------------------------------- splits, fractions
-def _strata(index: DataIndex) -> np.ndarray:
-    """Stratification key per image: the class, or for multi-label data the
-    rarest label it holds (len(classes) when it holds none)."""
-    if not index.labelled:
-        return np.zeros(len(index.paths), dtype=np.int64)
-    if not index.multilabel:
-        return index.targets
-    counts = index.targets.sum(0)
-    rarity = np.where(index.targets > 0, counts[None, :], np.inf)
-    return np.where(index.targets.any(1), rarity.argmin(1), len(index.classes))
-
-
-def _units(index: DataIndex, ids: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-    """`ids` as units split whole (groups; else each image) with their images' most common stratum."""
-    keys, names, members = _strata(index), index.groups or index.paths, {}  # paths: each image alone
-    for i in ids:
-        members.setdefault(names[i], []).append(int(i))
-    units = list(members.values())
-    return units, np.array([np.bincount(keys[u]).argmax() for u in units], dtype=np.int64)
-
-
-def make_splits(index: DataIndex, seed: int) -> dict:
-    """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's split is kept and
-    only its missing parts are carved out of train, per stratum (round(f * n) units each, at least
-    one left in train; see `_units`); unlabelled data is all train. Groups add {"groups": {path: group}}."""
-    if not index.labelled:
-        return {"train": index.paths[:], "val": [], "test": []}
-    given = index.given_split or {}
-    pool = np.array(given.get("train", range(len(index.paths))), dtype=np.int64)
-    missing = [name for name in ("val", "test") if name not in given]
-    share = SPLIT_RATIOS["train"] + sum(SPLIT_RATIOS[m] for m in missing)
-    rng, (units, keys) = np.random.default_rng(seed), _units(index, pool)
-    parts = {"train": [], **{name: idx for name, idx in given.items() if name != "train"}}
-    parts.update({m: [] for m in missing})
-    for key in np.unique(keys):
-        group, start = rng.permutation(np.flatnonzero(keys == key)), 0
-        for name in missing:
-            n = max(0, min(int(round(SPLIT_RATIOS[name] / share * len(group))), len(group) - start - 1))
-            parts[name] += [i for u in group[start:start + n] for i in units[u]]
-            start += n
-        parts["train"] += [i for u in group[start:] for i in units[u]]
-    out = {name: [index.paths[i] for i in sorted(parts[name])] for name in SPLIT_RATIOS}
-    return out | ({"groups": dict(zip(index.paths, index.groups))} if index.groups else {})
-
-
-def select(index: DataIndex, splits: dict, apart: bool = False) -> dict[str, list[int]]:
-    """Relative paths of a split back to positions in `index`; with `apart`, a
-    group of `index` that has images in test and in train or val is an error."""
-    position = {p: i for i, p in enumerate(index.paths)}
-    skipped = {s["path"] for s in index.skipped}
-    out = {}
-    for name in SPLIT_RATIOS:
-        unknown = [p for p in splits.get(name, []) if p not in position and p not in skipped]
-        if unknown:
-            raise UserError(f"the {name} split names {len(unknown)} images that are not in the data "
-                            f"({unknown[0]!r}); is --data the data set this run was split on?")
-        out[name] = [position[p] for p in splits.get(name, []) if p in position]
-    for name in ("train", "val") if apart and index.groups else ():
-        if shared := sorted({index.groups[i] for i in out["test"]} & {index.groups[i] for i in out[name]}):
-            raise UserError(f"group {shared[0]!r} has images in both the {name} and the test split "
-                            f"({len(shared)} such groups); split the data again with its groups")
-    return out
-
-
-def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -> list[int]:
-    """A seeded stratified subset of about `frac` of `train`'s units (`_units`), at least
-    one per class (multi-label: one with a positive for each label present in train)."""
-    if frac >= 1.0:
-        return sorted(train)
-    rng = np.random.default_rng(seed)
-    train = np.asarray(train, dtype=np.int64)
-    units, keys = _units(index, train)
-    chosen = set()
-    for key in np.unique(keys):
-        group = np.flatnonzero(keys == key)
-        chosen.update(i for u in rng.choice(group, max(1, int(round(frac * len(group)))), replace=False)
-                      for i in units[u])
-    if index.multilabel:
-        unit_of = {i: u for u, members in enumerate(units) for i in members}
-        for c in range(len(index.classes)):
-            positives = train[index.targets[train, c] > 0]
-            if len(positives) and not index.targets[sorted(chosen), c].any():
-                chosen.update(units[unit_of[int(rng.choice(positives))]])
-    return sorted(chosen)
+    return replace(index, paths=[index.paths[i] for i in keep], given_split=given, skipped=skipped,
+                   targets=None if index.targets is None else index.targets[keep],
+                   groups=index.groups and [index.groups[i] for i in keep],
+                   prints=index.prints and [index.prints[i] for i in keep])

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime as rt
-from data import DataIndex, index_data, label_fraction, make_splits, select
+from data import DataIndex, index_data
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate_predictions, fit_temperature, headline_intervals
@@ -33,6 +33,7 @@ from models import (check_arch, collect, create_model, from_checkpoint, model_no
                     prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
                     train_loader)
+from splits import label_fraction, make_splits, mark_duplicates, select
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
@@ -121,16 +122,19 @@ def load_source(args: argparse.Namespace) -> Source:
                   args.intensity)
 
 
-def choose_splits(source: Source, index: DataIndex, split_seed: int) -> dict[str, list[str]]:
+def choose_splits(source: Source, index: DataIndex, split_seed: int, together: bool) -> dict[str, list[str]]:
     """The pretraining run's split when it had one for labelled data, so
-    pretraining never saw the test images; otherwise a new seeded split."""
+    pretraining never saw the test images; otherwise a new seeded split
+    (`together`: duplicate images kept in one split, splits.make_splits)."""
     splits = source.splits
     if splits and splits.get("val") and splits.get("test"):
+        if together:
+            print("note: --duplicates together moves nothing here: the checkpoint's split is kept as made")
         return {k: splits[k] for k in ("train", "val", "test")}
     if splits:
         print("note: the checkpoint was pretrained on unlabelled data; making a new 70/10/20 split "
               "(pretraining may have seen some of its test images)")
-    return make_splits(index, split_seed)
+    return make_splits(index, split_seed, together)
 
 
 def frozen_features(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
@@ -314,13 +318,13 @@ def main(args: argparse.Namespace) -> dict:
     rt.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
-    index = index_data(args.data or source.data, workers=args.workers,
+    index = index_data(args.data or source.data, workers=args.workers, fingerprints=True,
                        memo_dir=args.cache_dir if args.cache == "on" else None, group_col=args.group_col)
     if not index.labelled:
         raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
     if index.multilabel and args.focal == "softmax":
         raise UserError("--focal softmax needs single-label data; this data set is multi-label")
-    splits = choose_splits(source, index, args.split_seed)
+    splits = mark_duplicates(index, choose_splits(source, index, args.split_seed, args.duplicates == "together"))
     parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
     for name in ("train", "val", "test"):
         if not parts[name]:

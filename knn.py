@@ -13,10 +13,11 @@ import argparse
 
 import checkpoint
 import runtime as rt
-from data import index_data, select
+from data import index_data
 from errors import UserError
 from models import from_checkpoint, val_knn_accuracy
 from pixels import AUTO
+from splits import select
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

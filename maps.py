@@ -22,10 +22,11 @@ from torch import nn
 import checkpoint
 import plots
 import runtime as rt
-from data import DataIndex, index_data, select
+from data import DataIndex, index_data
 from errors import UserError
 from models import from_checkpoint, is_transformer, normalise
 from pixels import AUTO, ImageDataset
+from splits import select
 
 
 def unit_range(maps: torch.Tensor) -> torch.Tensor:

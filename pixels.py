@@ -357,10 +357,12 @@ class SeededSampler(Sampler):
 
 def train_loader(dataset: Dataset, bs: int, *, seed: int, workers: int, rank: int = 0, world: int = 1,
                  drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    """Shuffled, seeded batches of `dataset`; call `loader.sampler.set_epoch(epoch)` before each epoch."""
-    return DataLoader(SeededItems(dataset), batch_size=bs, sampler=SeededSampler(len(dataset), seed, rank, world),
-                      num_workers=workers, drop_last=drop_last and len(dataset) >= bs, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+    """Shuffled, seeded batches of `dataset`; call `loader.sampler.set_epoch(epoch)` before each epoch.
+    A last batch of one image is dropped as well (a different image each epoch): BatchNorm cannot train on it."""
+    sampler = SeededSampler(len(dataset), seed, rank, world)
+    drop = (drop_last and len(dataset) >= bs) or (len(sampler) % bs == 1 and len(sampler) > 1)
+    return DataLoader(SeededItems(dataset), batch_size=bs, sampler=sampler, num_workers=workers, drop_last=drop,
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 def eval_loader(dataset: Dataset, bs: int, *, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime as rt
-from data import DataIndex, index_data, make_splits, select
+from data import DataIndex, index_data
 from errors import UserError
 from losses import cass_loss, variance_hinge
 from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
     val_knn_accuracy
 from pixels import ImageDataset, train_augment, train_loader
+from splits import make_splits, mark_duplicates, select
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -253,8 +254,9 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
     index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
-                       group_col=cfg.group_col)
-    splits = state["splits"] if state else make_splits(index, cfg.seed)
+                       group_col=cfg.group_col, fingerprints=True)
+    splits = state["splits"] if state else \
+        mark_duplicates(index, make_splits(index, cfg.seed, together=cfg.duplicates == "together"))
     parts = select(index, splits)
     cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime as rt
-from data import DataIndex, index_data, make_splits, select
+from data import DataIndex, index_data
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training, val_knn_accuracy)
 from pixels import ImageDataset, train_loader
+from splits import make_splits, mark_duplicates, select
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
@@ -243,8 +244,9 @@ def main(args: argparse.Namespace) -> Path:
     # ---- data: the train split only; crops come from the original image, or from a
     # cached copy whose longer side is 2 x img-size
     index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
-                       group_col=cfg.group_col)
-    splits = state["splits"] if state else make_splits(index, cfg.seed)
+                       group_col=cfg.group_col, fingerprints=True)
+    splits = state["splits"] if state else \
+        mark_duplicates(index, make_splits(index, cfg.seed, together=cfg.duplicates == "together"))
     parts = select(index, splits)
     cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None

@@ -88,6 +88,9 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: s
     p.add_argument("--group-col", metavar="COL",
                    help="labels CSV column naming each image's group (patient, lesion): a group is never split "
                         "across train/val/test; folder layouts read DIR/groups.csv (columns path, group) instead")
+    p.add_argument("--duplicates", choices=("list", "together"), default="list",
+                   help="images showing one picture twice (same pixels, or resized / recompressed) are counted "
+                        "and listed in splits.json; together: each such set also goes into one split")
     p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")

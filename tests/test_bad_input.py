@@ -13,9 +13,10 @@ import data
 import finetune
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
-from data import index_data, label_fraction, make_splits, select
+from data import index_data
 from pixels import load_image
 from errors import UserError
+from splits import label_fraction, make_splits, select
 
 
 def messy_dataset(root):

@@ -6,9 +6,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import class_folders, write_image
-from data import index_data, label_fraction, make_splits, select
+from data import index_data
 from errors import UserError
 from pixels import ImageDataset, SeededSampler, load_resized, train_augment, train_loader
+from splits import label_fraction, make_splits, select
 
 
 def test_class_folder_layout(tmp_path):
@@ -185,3 +186,17 @@ def test_sampler_shards_only_when_asked_and_the_shards_make_up_the_whole_order()
     assert [len(s) for s in shards] == [3, 3, 3]  # the tail that does not divide by 3 is dropped
     interleaved = [shards[r][k] for k in range(3) for r in range(3)]
     assert interleaved == whole[:9]  # rank r takes positions r, r + 3, ... with the same seeds
+
+
+def test_a_last_batch_of_one_image_is_dropped_so_batchnorm_can_train(demo_data):
+    """17 labelled images at batch 8 once crashed fine-tuning a ResNet ("Expected more than 1 value per
+    channel when training"); the lone image is dropped, a different one each epoch."""
+    index = index_data(demo_data, workers=1)
+
+    def sizes(n: int) -> list[int]:
+        loader = train_loader(ImageDataset(index.root, *index.part(list(range(n))), 16), 8, seed=1, workers=0)
+        return [len(y) for _, y in loader]
+    assert sizes(17) == [8, 8] and sizes(18) == [8, 8, 2] and sizes(1) == [1]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    for x, _ in train_loader(ImageDataset(index.root, *index.part(list(range(17))), 16), 8, seed=1, workers=0):
+        model(x.float())  # a batch of one raises here

@@ -8,8 +8,9 @@ import pytest
 
 import finetune
 from conftest import class_folders, write_image
-from data import DataIndex, index_data, label_fraction, make_splits, select
+from data import DataIndex, index_data
 from errors import UserError
+from splits import label_fraction, make_splits, select
 
 
 def split_of_group(index: DataIndex, splits: dict) -> dict[str, set[str]]:
@@ -75,9 +76,15 @@ def test_folder_layout_reads_groups_csv_and_unlisted_images_are_their_own_group(
         assert all(len(names) == 1 for names in split_of_group(index, make_splits(index, seed)).values())
 
 
-def test_a_missing_group_column_is_one_clear_error(grouped_csv):
+def test_a_missing_group_column_is_one_clear_error(grouped_csv, tmp_path):
     with pytest.raises(UserError, match="--group-col site: .* has no such column"):
         index_data(grouped_csv, workers=1, group_col="site")
+    class_folders(tmp_path / "f", {"a": 2})
+    for header in ("image,patient\n", ""):
+        (tmp_path / "f" / "groups.csv").write_text(header + "a/a_0.png,p1\n" * bool(header))
+        with pytest.raises(UserError, match=r"groups.csv needs the columns path and group \(it has "
+                                            + ("image, patient" if header else "") + r"\)$"):
+            index_data(tmp_path / "f", workers=1)
 
 
 # Today's (pre-groups) outputs on fixed data, computed once from the code before groups existed:
@@ -127,7 +134,7 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
     assert list(seen[0]) == [recorded["groups"][p] for p in recorded["test"]]
 
     # as if the split came from a checkpoint pretrained before the groups were known
-    monkeypatch.setattr(finetune, "make_splits", lambda index, seed: leaky)
+    monkeypatch.setattr(finetune, "make_splits", lambda index, seed, together: leaky)
     with pytest.raises(UserError, match=r"group 'p\d+' has images in both the (train|val) and the test split"):
         finetune.main(finetune.parse_args([*flags, "--out", str(tmp_path / "leaky")]))
     assert not (tmp_path / "leaky" / "splits.json").exists()

@@ -7,8 +7,9 @@ import torch
 import checkpoint
 import pretrain_cass
 from conftest import TINY, class_folders, interrupted_run, same_weights, write_image
-from data import index_data, make_splits
+from data import index_data
 from errors import UserError
+from splits import make_splits
 
 
 def read_log(run):
@@ -24,7 +25,7 @@ def test_run_writes_every_file_and_loadable_checkpoints(cass_run):
         assert ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3 and ckpt["num_classes"] == 1000
         assert ckpt["args"]["epochs"] == 2 and ckpt["epoch"] == 2 and ckpt["swa_averaged"] == 1
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
-        assert set(ckpt["splits"]) == {"train", "val", "test"}
+        assert set(ckpt["splits"]) == {"train", "val", "test", "duplicates"}
     assert checkpoint.load(cass_run / "last.pt", kind="resume")["epoch"] == 2
 
 
