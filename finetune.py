@@ -28,7 +28,8 @@ import runtime as rt
 from data import DataIndex, index_data, label_fraction, make_splits, select
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import HEADLINES, evaluate_predictions, fit_temperature, headline_intervals
+from metrics import (HEADLINES, best_thresholds, evaluate_predictions, fit_temperature, headline_intervals,
+                     sigmoid)
 from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
     p.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
                    help="headline metric: macro F1, or macro recall (= balanced accuracy, ISIC-2019)")
+    p.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
+                   help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
+                        "threshold maximising its F1 on the validation split (ours; metrics.best_thresholds)")
     return p.parse_args(argv)
 
 
@@ -253,8 +257,12 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     model.load_state_dict(best_state)
     # calibration on the best epoch's val logits, kept from the loop rather than recomputed
     temperature = fit_temperature(val_logits, val_targets, index.multilabel)
+    # on the uncalibrated probabilities, which the test metrics and predict.py decide on
+    thresholds = best_thresholds(val_targets, sigmoid(val_logits)) if args.thresholds == "val" \
+        else np.full(len(index.classes), 0.5)
+    named = dict(zip(index.classes, thresholds.tolist())) if index.multilabel else None
     test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
-    metrics = evaluate_predictions(targets, logits, index.multilabel)
+    metrics = evaluate_predictions(targets, logits, index.multilabel, thresholds)
     calibrated = evaluate_predictions(targets, logits / temperature, index.multilabel)
     if rt.is_main():
         write_predictions(out / f"predictions_seed{seed}.csv", index, parts["test"], logits)
@@ -263,7 +271,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
             data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
             seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear],
-            intensity=source.intensity, temperature=temperature), out / f"model_seed{seed}.pt")
+            intensity=source.intensity, temperature=temperature, thresholds=named), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
@@ -271,7 +279,9 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
             "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed,
                                             groups=np.array([index.groups[i] for i in parts["test"]])
-                                            if index.groups else None),  # whole patients resampled
+                                            if index.groups else None,  # whole patients resampled
+                                            thresholds=thresholds),
+            "thresholds": named,
             "calibration": {"temperature": temperature, "brier": calibrated["brier"], "ece": calibrated["ece"]},
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
@@ -320,6 +330,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
     if index.multilabel and args.focal == "softmax":
         raise UserError("--focal softmax needs single-label data; this data set is multi-label")
+    if args.thresholds == "val" and not index.multilabel:
+        raise UserError("--thresholds val needs multi-label data; multi-class decisions take the most probable class")
     splits = choose_splits(source, index, args.split_seed)
     parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
     for name in ("train", "val", "test"):
