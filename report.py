@@ -90,13 +90,15 @@ def experiment(result: dict) -> tuple:
 @dataclass
 class Cell:
     """Every seed of one experiment at one label fraction on one data set: its
-    headline scores, results.json's per-seed intervals (None where absent) and
-    prediction files (None where finetune.py wrote none)."""
+    headline scores, results.json's per-seed intervals (None where absent),
+    prediction files (None where finetune.py wrote none) and multi-label
+    thresholds ((C,), 0.5 each where results.json records none)."""
     classes: tuple[str, ...]
     multilabel: bool
     scores: list[float] = field(default_factory=list)
     seed_intervals: list[dict | None] = field(default_factory=list)
     files: list[Path | None] = field(default_factory=list)
+    thresholds: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
             cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
             file = r["folder"] / f"predictions_seed{run.get('seed')}.csv"
             cell.files.append(file if file.is_file() else None)
+            named = run.get("thresholds")
+            cell.thresholds.append(np.array([named[c] for c in cell.classes] if named else [0.5] * len(cell.classes)))
     return cells
 
 
@@ -152,11 +156,13 @@ def unshared(cell: Cell) -> str | None:
     return None if all(p.paths == preds[0].paths for p in preds) else "has seeds tested on different images"
 
 
-def decisions(preds: list[Predictions], multilabel: bool) -> np.ndarray:
+def decisions(cell: Cell) -> np.ndarray:
     """What the headline metric scores, seeds stacked on axis 1 so a bootstrap
     resample of images (axis 0) applies to every seed at once: (N, S) argmax
-    class ids, or (N, S, C) bool at sigmoid > 0.5 (logit > 0, as finetune.py)."""
-    return np.stack([p.probs > 0.5 if multilabel else p.probs.argmax(1) for p in preds], axis=1)
+    class ids, or (N, S, C) bool at sigmoid > each seed's thresholds, as
+    finetune.py. Every seed has a prediction file (see unshared)."""
+    probs = [read_predictions(f, cell.classes, cell.multilabel).probs for f in cell.files]
+    return np.stack([p > t if cell.multilabel else p.argmax(1) for p, t in zip(probs, cell.thresholds)], axis=1)
 
 
 def seed_mean(headline: str, num_classes: int, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -178,7 +184,7 @@ def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | Non
         return None
     preds = seed_predictions(cell)
     metric = seed_mean(headline, len(cell.classes), cell.multilabel)
-    return bootstrap_ci(metric, preds[0].targets, decisions(preds, cell.multilabel), n=resamples)
+    return bootstrap_ci(metric, preds[0].targets, decisions(cell), n=resamples)
 
 
 def interval_text(cell: Cell, headline: str, resamples: int) -> str:
@@ -248,7 +254,7 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
                 continue
             metric = seed_mean(headline, len(ca.classes), ca.multilabel)
-            y, da, db = pa[0].targets, decisions(pa, ca.multilabel), decisions(pb, cb.multilabel)
+            y, da, db = pa[0].targets, decisions(ca), decisions(cb)
             if metric(y, db) > metric(y, da):
                 (a, da), (b, db) = (b, db), (a, da)
             d = paired_bootstrap(metric, y, da, db, n=resamples)
