@@ -288,16 +288,18 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
 
 
 def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.ndarray) -> None:
-    """One row per test image: its path, true label(s) (';'-joined for
-    multi-label data) and the probability of every class (softmax, or sigmoid
-    per label), so any metric can be recomputed later from the file alone."""
+    """One row per test image: its path, group (patient or lesion, empty
+    without groups), true label(s) (';'-joined for multi-label data) and the
+    probability of every class (softmax, or sigmoid per label), so any metric
+    and its interval can be recomputed later from the file alone."""
     probs = 1 / (1 + np.exp(-logits)) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
     probs = probs if index.multilabel else probs / probs.sum(1, keepdims=True)
-    rows = [["path", "true", *(f"p_{c}" for c in index.classes)]]
+    rows = [["path", "group", "true", *(f"p_{c}" for c in index.classes)]]
     for i, p in zip(ids, probs):
         truth = [index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel \
             else [index.classes[index.targets[i]]]
-        rows.append([index.paths[i], ";".join(truth), *(f"{v:.6f}" for v in p)])
+        rows.append([index.paths[i], index.groups[i] if index.groups else "", ";".join(truth),
+                     *(f"{v:.6f}" for v in p)])
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     checkpoint.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
