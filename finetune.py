@@ -28,7 +28,8 @@ import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import HEADLINES, evaluate_predictions, fit_temperature, headline_intervals
+from metrics import (HEADLINES, best_thresholds, evaluate_predictions, fit_temperature, headline_intervals,
+                     sigmoid)
 from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
     p.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
                    help="headline metric: macro F1, or macro recall (= balanced accuracy, ISIC-2019)")
+    p.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
+                   help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
+                        "threshold maximising its F1 on the validation split (ours; metrics.best_thresholds)")
     return p.parse_args(argv)
 
 
@@ -257,8 +261,12 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     model.load_state_dict(best_state)
     # calibration on the best epoch's val logits, kept from the loop rather than recomputed
     temperature = fit_temperature(val_logits, val_targets, index.multilabel)
+    # on the uncalibrated probabilities, which the test metrics and predict.py decide on
+    thresholds = best_thresholds(val_targets, sigmoid(val_logits)) if args.thresholds == "val" \
+        else np.full(len(index.classes), 0.5)
+    named = dict(zip(index.classes, thresholds.tolist())) if index.multilabel else None
     test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
-    metrics = evaluate_predictions(targets, logits, index.multilabel)
+    metrics = evaluate_predictions(targets, logits, index.multilabel, thresholds)
     calibrated = evaluate_predictions(targets, logits / temperature, index.multilabel)
     if rt.is_main():
         write_predictions(out / f"predictions_seed{seed}.csv", index, parts["test"], logits)
@@ -267,7 +275,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
             data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
             seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear],
-            intensity=source.intensity, temperature=temperature), out / f"model_seed{seed}.pt")
+            intensity=source.intensity, temperature=temperature, thresholds=named), out / f"model_seed{seed}.pt")
     headline = HEADLINES[args.metric]
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
           f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
@@ -275,23 +283,27 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
             "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed,
                                             groups=np.array([index.groups[i] for i in parts["test"]])
-                                            if index.groups else None),  # whole patients resampled
+                                            if index.groups else None,  # whole patients resampled
+                                            thresholds=thresholds),
+            "thresholds": named,
             "calibration": {"temperature": temperature, "brier": calibrated["brier"], "ece": calibrated["ece"]},
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
 
 
 def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.ndarray) -> None:
-    """One row per test image: its path, true label(s) (';'-joined for
-    multi-label data) and the probability of every class (softmax, or sigmoid
-    per label), so any metric can be recomputed later from the file alone."""
+    """One row per test image: its path, group (patient or lesion, empty
+    without groups), true label(s) (';'-joined for multi-label data) and the
+    probability of every class (softmax, or sigmoid per label), so any metric
+    and its interval can be recomputed later from the file alone."""
     probs = 1 / (1 + np.exp(-logits)) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
     probs = probs if index.multilabel else probs / probs.sum(1, keepdims=True)
-    rows = [["path", "true", *(f"p_{c}" for c in index.classes)]]
+    rows = [["path", "group", "true", *(f"p_{c}" for c in index.classes)]]
     for i, p in zip(ids, probs):
         truth = [index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel \
             else [index.classes[index.targets[i]]]
-        rows.append([index.paths[i], ";".join(truth), *(f"{v:.6f}" for v in p)])
+        rows.append([index.paths[i], index.groups[i] if index.groups else "", ";".join(truth),
+                     *(f"{v:.6f}" for v in p)])
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     checkpoint.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
@@ -324,6 +336,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
     if index.multilabel and args.focal == "softmax":
         raise UserError("--focal softmax needs single-label data; this data set is multi-label")
+    if args.thresholds == "val" and not index.multilabel:
+        raise UserError("--thresholds val needs multi-label data; multi-class decisions take the most probable class")
     splits = mark_duplicates(index, choose_splits(source, index, args.split_seed, args.duplicates == "together"))
     parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
     for name in ("train", "val", "test"):

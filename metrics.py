@@ -1,7 +1,8 @@
 """Evaluation metrics of the paper (App. D.1): F1 for the autoimmune, Dermofit
 and brain-MRI sets, balanced multi-class accuracy for ISIC-2019; beyond the
 paper, per-class rates, AUROC, average precision, calibration (Brier, ECE,
-temperature scaling) and bootstrap confidence intervals over test images.
+temperature scaling), per-label thresholds maximising F1 and bootstrap
+confidence intervals over test images.
 
 Every metric is the value of a named scikit-learn call (numpy only here;
 tests/test_metrics.py checks each against scikit-learn), so numbers compare
@@ -132,16 +133,22 @@ def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
     return float((_average_ranks(s)[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def _descending(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cuts of (N,) scores s, highest first, ties entering together: each tied block's score, the
+    position of its last image in descending order (images called positive - 1), the positives of y up to it."""
+    order = np.argsort(-s, kind="stable")
+    ss = s[order]
+    last = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])
+    return ss[last], last, np.cumsum(y[order])[last]
+
+
 def _binary_ap(y: np.ndarray, s: np.ndarray) -> float:
     """Sum over distinct thresholds, highest first, of (recall gain) * precision;
     tied scores enter together, as in precision_recall_curve."""
     pos = int(y.sum())
     if pos == 0 or pos == len(y):
         return np.nan
-    order = np.argsort(-s, kind="stable")
-    ss = s[order]
-    last = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])  # the last image of each tied block
-    tps = np.cumsum(y[order])[last]
+    _, last, tps = _descending(y, s)
     return float(np.sum(np.diff(tps, prepend=0) / pos * tps / (last + 1)))
 
 
@@ -319,16 +326,45 @@ def _json(values: float | np.ndarray) -> float | list | None:
     return None if np.isnan(values) else float(values)
 
 
-def evaluate_predictions(targets: np.ndarray, logits: np.ndarray, multilabel: bool) -> dict:
-    """Metrics from raw logits (N, C) and targets ((N,) ids or (N, C) 0/1):
-    thresholded ones on the argmax (multi-class) or sigmoid > 0.5 (multi-label);
-    auroc_* and ap_* rank log-softmax (ordered as softmax, without its
-    underflow ties) or logits (ordered as sigmoid); brier and ece on the
-    softmax or sigmoid probabilities. Undefined values are None.
-    """
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0, -logits))  # without exp's overflow for large negative logits
+
+
+def multilabel_decisions(logits: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) bool: sigmoid(logits) > thresholds ((C,); None: 0.5 each), compared as logits > log(t / (1 - t)),
+    so that 0.5 is exactly logits > 0 (fine-tuning's decision before thresholds could be chosen)."""
+    t = np.full(logits.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+    with np.errstate(divide="ignore"):  # t = 0 or 1: every or no image
+        return logits > np.log(t / (1 - t))
+
+
+def best_thresholds(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(C,): per label, the t maximising the F1 of probs > t against y_true (both (N, C); e.g. the val split).
+    Each cut between two adjacent distinct probabilities sits at their midpoint (below the lowest: half of it);
+    of equal F1 the t nearest 0.5 wins (the higher if equally near), so the default moves no further than the
+    data asks. A label without a positive keeps 0.5 (its F1 is 0 at every threshold)."""
+    y_true, found = np.asarray(y_true).astype(bool), np.full(probs.shape[1], 0.5)
+    for k in np.flatnonzero(y_true.any(0)):
+        high, last, tps = _descending(y_true[:, k], np.asarray(probs[:, k], dtype=float))
+        low = np.r_[high[1:], 0.0]
+        mid = (high + low) / 2
+        cut = np.where(mid < high, mid, low)  # adjacent floats: the midpoint may round up onto `high`
+        f1 = 2 * tps / (last + 1 + tps[-1])  # 2 tp / (2 tp + fp + fn); last + 1 called positive, tps[-1] = all
+        f1[cut >= high] = -1  # a probability of exactly 0 exceeds no threshold
+        best = np.flatnonzero(f1 == f1.max())
+        found[k] = cut[best[np.argmin(np.abs(cut[best] - 0.5))]]
+    return found
+
+
+def evaluate_predictions(targets: np.ndarray, logits: np.ndarray, multilabel: bool,
+                         thresholds: np.ndarray | None = None) -> dict:
+    """Metrics from raw logits (N, C) and targets ((N,) ids or (N, C) 0/1): thresholded ones on the argmax
+    (multi-class) or at sigmoid > thresholds (multi-label, multilabel_decisions); auroc_* and ap_* rank
+    log-softmax (ordered as softmax, without its underflow ties) or logits (ordered as sigmoid); brier and
+    ece on the softmax or sigmoid probabilities. Undefined values are None."""
     if multilabel:
-        preds, ranked = logits > 0.0, logits
-        probs = np.exp(-np.logaddexp(0, -logits))
+        preds, ranked = multilabel_decisions(logits, thresholds), logits
+        probs = sigmoid(logits)
         results = multilabel_metrics(targets, preds)
     else:
         preds, ranked = logits.argmax(1), _log_softmax(logits)
@@ -342,15 +378,17 @@ def evaluate_predictions(targets: np.ndarray, logits: np.ndarray, multilabel: bo
 
 
 def headline_intervals(targets: np.ndarray, logits: np.ndarray, multilabel: bool, headline: str,
-                       groups: np.ndarray | None = None, n: int = 1000, seed: int = 0) -> dict[str, dict]:
+                       groups: np.ndarray | None = None, n: int = 1000, seed: int = 0,
+                       thresholds: np.ndarray | None = None) -> dict[str, dict]:
     """95 % percentile bootstrap intervals over the test images (or their
-    groups) of the headline metric and of macro AUROC, as plain dicts
-    (estimate, low, high, n_used; undefined bounds None): how uncertain each
-    figure is on this test set, which the spread over seeds does not measure."""
+    groups) of the headline metric (multi-label: at `thresholds`) and of macro
+    AUROC, as plain dicts (estimate, low, high, n_used; undefined bounds None):
+    the uncertainty on this test set, which the spread over seeds does not measure."""
     num_classes = logits.shape[1]
 
     def thresholded(y: np.ndarray, s: np.ndarray) -> float:
-        found = multilabel_metrics(y, s > 0.0) if multilabel else multiclass_metrics(y, s.argmax(1), num_classes)
+        found = multilabel_metrics(y, multilabel_decisions(s, thresholds)) if multilabel \
+            else multiclass_metrics(y, s.argmax(1), num_classes)
         return found[headline]
 
     ranked = logits if multilabel else _log_softmax(logits)

@@ -20,8 +20,6 @@ from errors import UserError
 from models import collect, from_checkpoint
 from pixels import AUTO, ImageDataset, eval_loader
 
-THRESHOLD = 0.5  # multi-label decision threshold, as in fine-tuning's metrics
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
@@ -32,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--calibrated", action="store_true",
                    help="divide each model's logits by the temperature fitted on its validation split "
-                        "(better-calibrated probabilities; the predicted classes do not change)")
+                        "(better-calibrated probabilities; the predictions are decided without it, so they "
+                        "do not change)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -48,13 +47,17 @@ def load_models(paths: list[str]) -> list[dict]:
     return ckpts
 
 
-def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int, calibrated: bool) -> torch.Tensor:
-    """(N, C) probabilities of one checkpoint: sigmoid per class for
-    multi-label models, softmax over classes otherwise (the argmax of the logits
-    either way), of the logits divided by the checkpoint's temperature if `calibrated`."""
+def logits_of(ckpt: dict, dataset_for, device, bs: int, workers: int) -> torch.Tensor:
+    """(N, C) float64 logits of one checkpoint's model on the images."""
     model = from_checkpoint(ckpt).to(device).eval()
     loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
-    logits, _ = collect(model, loader, ckpt["mean"], ckpt["std"], device, None)
+    return collect(model, loader, ckpt["mean"], ckpt["std"], device, None)[0].double()
+
+
+def probabilities(logits: torch.Tensor, ckpt: dict, calibrated: bool) -> torch.Tensor:
+    """(N, C) probabilities of one checkpoint's logits: sigmoid per class for
+    multi-label models, softmax over classes otherwise, of the logits divided by
+    the checkpoint's temperature if `calibrated`."""
     if calibrated:
         if "temperature" not in ckpt:
             raise UserError("--calibrated needs checkpoints fine-tuned since the temperature is fitted and saved")
@@ -62,23 +65,36 @@ def probabilities(ckpt: dict, dataset_for, device, bs: int, workers: int, calibr
     return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
 
 
+def thresholds(ckpt: dict) -> torch.Tensor:
+    """(C,) the multi-label thresholds fine-tuning chose (0.5, or by F1 on its
+    validation split); 0.5 each for checkpoints saved before they were recorded."""
+    named = ckpt.get("thresholds")
+    return torch.tensor([named[c] for c in ckpt["classes"]] if named else [0.5] * len(ckpt["classes"]),
+                        dtype=torch.float64)
+
+
 def main(args: argparse.Namespace) -> Path:
     ckpts = load_models(args.ckpt)
     device = rt.pick_device(args.device)
     index = index_data(args.images, workers=args.workers)
-    probs = torch.stack([probabilities(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets,
-                                                                               size, intensity=intensity),
-                                       device, args.bs, args.workers, args.calibrated) for c in ckpts]).mean(0)
+    logits = [logits_of(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets, size,
+                                                                intensity=intensity), device, args.bs, args.workers)
+              for c in ckpts]
+    probs = torch.stack([probabilities(z, c, args.calibrated) for z, c in zip(logits, ckpts)]).mean(0)
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
+    # decided on the uncalibrated probabilities, on which the thresholds were chosen: a temperature per model
+    # would move an ensemble's mean, and thresholds chosen without it would not fit calibrated probabilities
+    raw = torch.stack([probabilities(z, c, False) for z, c in zip(logits, ckpts)]).mean(0)
+    limit = torch.stack([thresholds(c) for c in ckpts]).mean(0)  # an ensemble: the mean of its members'
+    decided = raw > limit if multilabel else raw.argmax(1, keepdim=True) == torch.arange(len(classes))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "prediction"] + [f"p_{c}" for c in classes])
-        for path, p in zip(index.paths, probs):
-            chosen = [classes[i] for i in range(len(classes)) if p[i] >= THRESHOLD] if multilabel \
-                else [classes[int(p.argmax())]]
-            writer.writerow([path, ";".join(chosen)] + [f"{v:.6f}" for v in p.tolist()])
+        for path, p, d in zip(index.paths, probs, decided):
+            writer.writerow([path, ";".join(c for c, yes in zip(classes, d.tolist()) if yes)]
+                            + [f"{v:.6f}" for v in p.tolist()])
         for item in index.skipped:
             writer.writerow([item["path"], f"skipped: {item['reason']}"] + [""] * len(classes))
     print(f"{len(index.paths)} predictions ({len(ckpts)} model(s)), {len(index.skipped)} skipped: {out}")

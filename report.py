@@ -5,10 +5,12 @@ next to it) and every pretraining run (args.json + log.jsonl) under the given
 folders and writes report.md: one table per data set and headline metric, a
 row per experiment (method, backbone, pretraining run, fine-tuning settings), a
 column per label fraction, mean +- std over all seeds found and a 95 %
-bootstrap interval over the test images (Tables 1, 3-5); paired bootstrap
-differences between the rows; pretraining time per run (Table 2); and PNG
-figures (figures.py): ROC curves, reliability diagrams and confusion matrices
-per experiment, loss, kNN accuracy and collapse signals per pretraining epoch.
+bootstrap interval over the test images, or over their groups (patients,
+lesions) where the prediction files name them (Tables 1, 3-5); paired
+bootstrap differences between the rows, resampled alike; pretraining time per
+run (Table 2); and PNG figures (figures.py): ROC curves, reliability diagrams
+and confusion matrices per experiment, loss, kNN accuracy and collapse signals
+per pretraining epoch.
 
     python report.py runs/ --out runs/report
 """
@@ -38,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", help="folders searched (recursively) for run outputs")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
     p.add_argument("--resamples", type=rt.positive_int, default=1000,
-                   help="bootstrap resamples of the test images, for the intervals and the paired differences")
+                   help="bootstrap resamples of the test images (or groups), for the intervals and the paired "
+                        "differences")
     return p.parse_args(argv)
 
 
@@ -90,13 +93,15 @@ def experiment(result: dict) -> tuple:
 @dataclass
 class Cell:
     """Every seed of one experiment at one label fraction on one data set: its
-    headline scores, results.json's per-seed intervals (None where absent) and
-    prediction files (None where finetune.py wrote none)."""
+    headline scores, results.json's per-seed intervals (None where absent),
+    prediction files (None where finetune.py wrote none) and multi-label
+    thresholds ((C,), 0.5 each where results.json records none)."""
     classes: tuple[str, ...]
     multilabel: bool
     scores: list[float] = field(default_factory=list)
     seed_intervals: list[dict | None] = field(default_factory=list)
     files: list[Path | None] = field(default_factory=list)
+    thresholds: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class Predictions:
     paths: tuple[str, ...]
     targets: np.ndarray  # (N,) class ids, or (N, C) bool for multi-label data
     probs: np.ndarray  # (N, C) softmax, or sigmoid per label
+    groups: tuple[str, ...] | None  # of each image; None in files without groups (or written before them)
 
 
 def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
@@ -119,6 +125,8 @@ def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
             cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
             file = r["folder"] / f"predictions_seed{run.get('seed')}.csv"
             cell.files.append(file if file.is_file() else None)
+            named = run.get("thresholds")
+            cell.thresholds.append(np.array([named[c] for c in cell.classes] if named else [0.5] * len(cell.classes)))
     return cells
 
 
@@ -135,12 +143,21 @@ def read_predictions(path: Path, classes: tuple[str, ...], multilabel: bool) -> 
         raise UserError(f"{path} does not match the classes of its results.json (no {err})") from None
     targets = np.array([np.isin(range(len(classes)), t) for t in truth]).reshape(len(rows), len(classes)) \
         if multilabel else np.array([t[0] for t in truth], dtype=int)
-    return Predictions(tuple(row["path"] for row in rows), targets, probs)
+    # an image without a group is its own, as in data.py
+    groups = tuple(row.get("group") or row["path"] for row in rows) if any(row.get("group") for row in rows) else None
+    return Predictions(tuple(row["path"] for row in rows), targets, probs, groups)
 
 
 def seed_predictions(cell: Cell) -> list[Predictions]:
     """The predictions of every seed of the cell that has a file."""
     return [read_predictions(f, cell.classes, cell.multilabel) for f in cell.files if f]
+
+
+def shared_groups(preds: list[Predictions]) -> np.ndarray | None:
+    """The groups a bootstrap resamples whole: those of the files when every
+    file names the same ones, else None (images are resampled)."""
+    same = preds[0].groups is not None and all(p.groups == preds[0].groups for p in preds)
+    return np.array(preds[0].groups) if same else None
 
 
 def unshared(cell: Cell) -> str | None:
@@ -152,11 +169,13 @@ def unshared(cell: Cell) -> str | None:
     return None if all(p.paths == preds[0].paths for p in preds) else "has seeds tested on different images"
 
 
-def decisions(preds: list[Predictions], multilabel: bool) -> np.ndarray:
+def decisions(cell: Cell) -> np.ndarray:
     """What the headline metric scores, seeds stacked on axis 1 so a bootstrap
     resample of images (axis 0) applies to every seed at once: (N, S) argmax
-    class ids, or (N, S, C) bool at sigmoid > 0.5 (logit > 0, as finetune.py)."""
-    return np.stack([p.probs > 0.5 if multilabel else p.probs.argmax(1) for p in preds], axis=1)
+    class ids, or (N, S, C) bool at sigmoid > each seed's thresholds, as
+    finetune.py. Every seed has a prediction file (see unshared)."""
+    probs = [read_predictions(f, cell.classes, cell.multilabel).probs for f in cell.files]
+    return np.stack([p > t if cell.multilabel else p.argmax(1) for p, t in zip(probs, cell.thresholds)], axis=1)
 
 
 def seed_mean(headline: str, num_classes: int, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -169,8 +188,9 @@ def seed_mean(headline: str, num_classes: int, multilabel: bool) -> Callable[[np
 
 
 def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | None:
-    """95 % percentile bootstrap over the test images of the mean-over-seeds
-    metric: each resample draws the images once and scores every seed on them.
+    """95 % percentile bootstrap over the test images (or their groups) of the
+    mean-over-seeds metric: each resample draws the images once and scores
+    every seed on them.
     It measures test-set luck for the experiment as the table reports it (a
     mean over seeds); averaging the seeds' probabilities first would instead
     describe an ensemble nobody trained. None unless the seeds share test images."""
@@ -178,7 +198,7 @@ def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | Non
         return None
     preds = seed_predictions(cell)
     metric = seed_mean(headline, len(cell.classes), cell.multilabel)
-    return bootstrap_ci(metric, preds[0].targets, decisions(preds, cell.multilabel), n=resamples)
+    return bootstrap_ci(metric, preds[0].targets, decisions(cell), shared_groups(preds), n=resamples)
 
 
 def interval_text(cell: Cell, headline: str, resamples: int) -> str:
@@ -193,7 +213,8 @@ def interval_text(cell: Cell, headline: str, resamples: int) -> str:
     return ""
 
 
-INTERVAL_NOTE = ("In brackets: 95 % percentile bootstrap interval over the test images ({n} resamples) of the "
+INTERVAL_NOTE = ("In brackets: 95 % percentile bootstrap interval over the test images ({n} resamples; whole "
+                 "groups, e.g. patients, where the prediction files name each image's group) of the "
                  "mean over seeds (each resample scores every seed on the same images). † : the seeds do not "
                  "share prediction files of the same test images, so the bracket spans the lowest to the highest "
                  "bound of the seeds' own intervals. No bracket: neither is available.")
@@ -232,9 +253,10 @@ def row_names(cells: dict[tuple, Cell]) -> dict[tuple, str]:
 
 def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
     """Every two rows at one label fraction, both scored on the same resampled
-    test images (metrics.paired_bootstrap of the mean-over-seeds metric), so
-    the luck of the shared test set cancels; A is the row with the higher
-    estimate. Rows whose prediction files do not cover the same images are listed, not compared."""
+    test images or groups (metrics.paired_bootstrap of the mean-over-seeds
+    metric), so the luck of the shared test set cancels; A is the row with the
+    higher estimate. Rows whose prediction files do not cover the same images
+    are listed, not compared."""
     name = row_names(cells)
     rows, lines, notes = list(name), [], []
     for frac in sorted({k[1] for k in cells}):
@@ -248,17 +270,18 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
                 continue
             metric = seed_mean(headline, len(ca.classes), ca.multilabel)
-            y, da, db = pa[0].targets, decisions(pa, ca.multilabel), decisions(pb, cb.multilabel)
+            y, da, db = pa[0].targets, decisions(ca), decisions(cb)
             if metric(y, db) > metric(y, da):
                 (a, da), (b, db) = (b, db), (a, da)
-            d = paired_bootstrap(metric, y, da, db, n=resamples)
+            d = paired_bootstrap(metric, y, da, db, shared_groups(pa + pb), n=resamples)
             lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
                          f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} |")
     if not lines and not notes:
         return []
     head = [f"Paired differences of the mean over seeds of test {headline}, A - B, with their 95 % paired "
-            f"bootstrap interval over the same test images ({resamples} resamples) and the fraction of resamples "
-            "with A - B <= 0 (near 0: A is better beyond test-set luck).", ""]
+            f"bootstrap interval over the same test images, or whole groups where both rows' prediction files name "
+            f"the same ({resamples} resamples), and the fraction of resamples with A - B <= 0 (near 0: A is better "
+            "beyond test-set luck).", ""]
     table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 |", "|---|---|---|---|---|---|",
              *lines] if lines else []
     return ["#### Paired differences", "", *head, *table, *([""] if table and notes else []), *notes]

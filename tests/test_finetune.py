@@ -82,6 +82,7 @@ def test_multilabel_csv_fine_tunes_with_sigmoid_focal_loss(tmp_path):
     assert results["multilabel"] and results["classes"] == ["nuclei", "fibres", "vessels"]
     # the saved model's own predictions on the test split, scored by hand
     ckpt = torch.load(tmp_path / "ft" / "model_seed0.pt", map_location="cpu", weights_only=True)
+    assert ckpt["thresholds"] == results["runs"][0]["thresholds"] == {"nuclei": 0.5, "fibres": 0.5, "vessels": 0.5}
     names = json.loads((tmp_path / "ft" / "splits.json").read_text())["test"]
     model = from_checkpoint(ckpt).eval()
     x = torch.stack([to_chw(load_resized(tmp_path / n, 32)) for n in names])
@@ -180,8 +181,11 @@ def test_every_seed_writes_its_test_predictions(cass_run, tmp_path):
                                                  "0", "--seeds", "0", "1", "--out", str(tmp_path)]))
     splits = json.loads((cass_run / "splits.json").read_text())
     for seed, run in zip((0, 1), results["runs"]):
-        rows = list(csv.DictReader(open(tmp_path / f"predictions_seed{seed}.csv")))
+        reader = csv.DictReader(open(tmp_path / f"predictions_seed{seed}.csv"))
+        rows = list(reader)
+        assert reader.fieldnames == ["path", "group", "true", *(f"p_{c}" for c in results["classes"])]
         assert [r["path"] for r in rows] == splits["test"] and all(r["true"] == r["path"].split("/")[0] for r in rows)
+        assert {r["group"] for r in rows} == {""} and run["thresholds"] is None  # no groups; multi-class
         probs = np.array([[float(r[f"p_{c}"]) for c in results["classes"]] for r in rows])
         assert np.allclose(probs.sum(1), 1, atol=1e-5)
         truth = np.array([results["classes"].index(r["true"]) for r in rows])

@@ -1,4 +1,5 @@
 """Leakage-safe splits: images of one group (patient, lesion) never land in two splits."""
+import csv
 import json
 from collections import Counter
 from pathlib import Path
@@ -130,8 +131,10 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
     finetune.main(finetune.parse_args([*flags, "--out", str(tmp_path / "safe")]))
     recorded = json.loads((tmp_path / "safe" / "splits.json").read_text())
     assert recorded["groups"] == dict(zip(grouped.paths, grouped.groups))
-    # the test set's intervals resample whole patients
+    # the test set's intervals resample whole patients, and the prediction file names each image's
     assert list(seen[0]) == [recorded["groups"][p] for p in recorded["test"]]
+    rows = list(csv.DictReader(open(tmp_path / "safe" / "predictions_seed0.csv")))
+    assert [(r["path"], r["group"]) for r in rows] == [(p, recorded["groups"][p]) for p in recorded["test"]]
 
     # as if the split came from a checkpoint pretrained before the groups were known
     monkeypatch.setattr(finetune, "make_splits", lambda index, seed, together: leaky)

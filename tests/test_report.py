@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import report
-from metrics import multiclass_metrics, multilabel_metrics
+from metrics import bootstrap_ci, multiclass_metrics, multilabel_metrics, paired_bootstrap
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,
@@ -125,20 +125,31 @@ def test_linear_probe_and_fine_tuning_are_rows_side_by_side(tmp_path):
 
 
 def write_predicted_run(folder: Path, targets: np.ndarray, probs: list[np.ndarray],
-                        classes: tuple[str, ...] = ("a", "b"), paths: list[str] | None = None, **flags) -> Path:
-    """A run whose every seed wrote predictions_seed<N>.csv (probabilities per
-    class, true names ';'-joined for multi-label targets (N, C)); the results.json
-    scores are the macro F1 of those files, as finetune.py computes it."""
+                        classes: tuple[str, ...] = ("a", "b"), paths: list[str] | None = None,
+                        groups: list[str] | None = None, thresholds: list[list[float]] | None = None,
+                        **flags) -> Path:
+    """A run whose every seed wrote predictions_seed<N>.csv (a group column if
+    `groups` are given, probabilities per class, true names ';'-joined for
+    multi-label targets (N, C)); the results.json scores are the macro F1 of
+    those files at each seed's `thresholds` (recorded; else 0.5), as finetune.py computes it."""
     multilabel = targets.ndim == 2
     paths = paths or [f"{i % len(classes)}/img{i:04d}.png" for i in range(len(targets))]
-    scores = [(multilabel_metrics(targets, p > 0.5) if multilabel else
-               multiclass_metrics(targets, p.argmax(1), len(classes)))["macro_f1"] for p in probs]
+    limits = thresholds or [[0.5] * len(classes)] * len(probs)
+    scores = [(multilabel_metrics(targets, p > np.array(t)) if multilabel else
+               multiclass_metrics(targets, p.argmax(1), len(classes)))["macro_f1"] for p, t in zip(probs, limits)]
     folder = write_run(folder, "/data/set", scores, classes=classes, multilabel=multilabel, **flags)
+    if thresholds:
+        results = json.loads((folder / "results.json").read_text())
+        for run, t in zip(results["runs"], thresholds):
+            run["thresholds"] = dict(zip(classes, t))
+        (folder / "results.json").write_text(json.dumps(results))
+    named = [[g] for g in groups] if groups else [[]] * len(targets)
     for seed, p in enumerate(probs):
         truth = [";".join(np.array(classes)[t.astype(bool)]) if multilabel else classes[t] for t in targets]
         with open(folder / f"predictions_seed{seed}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([["path", "true", *(f"p_{c}" for c in classes)],
-                                     *([path, t, *(f"{v:.6f}" for v in row)] for path, t, row in zip(paths, truth, p))])
+            csv.writer(f).writerows([["path", *(["group"] if groups else []), "true", *(f"p_{c}" for c in classes)],
+                                     *([path, *g, t, *(f"{v:.6f}" for v in row)]
+                                       for path, g, t, row in zip(paths, named, truth, p))])
     return folder
 
 
@@ -186,6 +197,9 @@ def test_the_pooled_interval_contains_its_estimate_and_fills_the_cell(tmp_path):
     interval = report.pooled_interval(cell, "macro_f1", resamples=1000)  # as report.py by default
     assert interval.low < interval.estimate < interval.high and interval.n_used == 1000
     assert interval.estimate == pytest.approx(np.mean(cell.scores))  # the table's mean, on the same images
+    metric = report.seed_mean("macro_f1", 3, False)  # files without a group column: images resampled
+    in_file_order = report.seed_predictions(cell)[0].targets  # sorted by path
+    assert interval == bootstrap_ci(metric, in_file_order, report.decisions(cell), n=1000)
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
     assert row.endswith(f"(n=3) [{interval.low:.4f}, {interval.high:.4f}] |")
 
@@ -255,3 +269,54 @@ def test_per_epoch_figure_of_a_pretraining_log(tmp_path, method):
     text = make_report(tmp_path, tmp_path / "runs")
     assert_png(tmp_path / "report/pre_epochs.png")
     assert "![pre_epochs](pre_epochs.png)" in text and f"| pre | {method} |" in text
+
+
+def test_each_seeds_recorded_thresholds_make_its_multilabel_decisions(tmp_path):
+    rng = np.random.default_rng(3)
+    targets = (rng.random((150, 2)) < 0.3).astype(int)
+    probs = [np.clip(targets * 0.3 + rng.random((150, 2)) * 0.6, 0, 1) for _ in range(2)]
+    thresholds = [[0.35, 0.55], [0.3, 0.6]]
+    write_predicted_run(tmp_path / "runs/a", targets, probs, thresholds=thresholds)
+    [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
+    at_half = np.mean([multilabel_metrics(targets, p > 0.5)["macro_f1"] for p in probs])
+    interval = report.pooled_interval(cell, "macro_f1", resamples=200)
+    assert interval.estimate == pytest.approx(np.mean(cell.scores)) != pytest.approx(at_half)
+
+
+def grouped(tmp_path: Path, name: str, accuracy: float, seed: int, **flags) -> tuple[np.ndarray, np.ndarray]:
+    """A run on 25 patients of 8 images each, every patient's images all right or all
+    wrong, so resampling images understates how much the test set's luck can move F1."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"patient{g:02d}" for g in range(25)], 8)
+    right = np.repeat(rng.random(25) < accuracy, 8)
+    probs = np.where(right, TARGETS, 1 - TARGETS) * 0.6 + 0.2
+    write_predicted_run(tmp_path / "runs" / name, TARGETS, [np.stack([1 - probs, probs], 1)],
+                        paths=[f"img{i:04d}.png" for i in range(200)], groups=list(groups), **flags)
+    return groups, right
+
+
+def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
+    groups, _ = grouped(tmp_path, "a", 0.7, seed=5)
+    [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
+    metric, decided = report.seed_mean("macro_f1", 2, False), report.decisions(cell)
+    by_group = bootstrap_ci(metric, TARGETS, decided, groups=groups, n=1000)
+    by_image = bootstrap_ci(metric, TARGETS, decided, n=1000)
+    assert report.pooled_interval(cell, "macro_f1", resamples=1000) == by_group
+    assert by_group.high - by_group.low > 1.5 * (by_image.high - by_image.low)
+    [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert row.endswith(f"[{by_group.low:.4f}, {by_group.high:.4f}] |")
+
+
+def test_paired_differences_resample_whole_groups(tmp_path):
+    groups, weak = grouped(tmp_path, "weak", 0.5, seed=6, bs=16)
+    _, strong = grouped(tmp_path, "strong", 0.8, seed=7, bs=32)
+    cells = report.collect_cells(report.load_results([tmp_path / "runs"]))
+    a, b = sorted(cells, key=lambda key: -np.mean(cells[key].scores))  # A: the row with the higher F1
+    metric, y = report.seed_mean("macro_f1", 2, False), TARGETS
+    da, db = report.decisions(cells[a]), report.decisions(cells[b])
+    expected = paired_bootstrap(metric, y, da, db, groups=groups, n=1000)
+    by_image = paired_bootstrap(metric, y, da, db, n=1000)
+    [(better, diff, low, high, le_zero)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert better.endswith("bs=32") and (diff, low, high) == pytest.approx(
+        (expected.estimate, expected.low, expected.high), abs=5e-5) and le_zero == round(expected.frac_le_zero, 3)
+    assert (round(low, 4), round(high, 4)) != (round(by_image.low, 4), round(by_image.high, 4))
