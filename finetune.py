@@ -296,7 +296,7 @@ def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.n
     without groups), true label(s) (';'-joined for multi-label data) and the
     probability of every class (softmax, or sigmoid per label), so any metric
     and its interval can be recomputed later from the file alone."""
-    probs = 1 / (1 + np.exp(-logits)) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
+    probs = sigmoid(logits) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
     probs = probs if index.multilabel else probs / probs.sum(1, keepdims=True)
     rows = [["path", "group", "true", *(f"p_{c}" for c in index.classes)]]
     for i, p in zip(ids, probs):

@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> Path:
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
     # decided on the uncalibrated probabilities, on which the thresholds were chosen: a temperature per model
     # would move an ensemble's mean, and thresholds chosen without it would not fit calibrated probabilities
-    raw = torch.stack([probabilities(z, c, False) for z, c in zip(logits, ckpts)]).mean(0)
+    raw = torch.stack([probabilities(z, c, False) for z, c in zip(logits, ckpts)]).mean(0) if args.calibrated \
+        else probs
     limit = torch.stack([thresholds(c) for c in ckpts]).mean(0)  # an ensemble: the mean of its members'
     decided = raw > limit if multilabel else raw.argmax(1, keepdim=True) == torch.arange(len(classes))
     out = Path(args.out)
