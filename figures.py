@@ -19,10 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from metrics import ece, multiclass_metrics, roc_auc  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+from metrics import ECE_BINS, ece, indicator, reliability, roc_auc  # noqa: E402
 
 DPI = 150
-BINS = 15  # metrics.ece's default, so the diagram shows the bins its ECE sums over
 # one (targets, probabilities) pair per seed: (N,) class ids or (N, C) 0/1, and (N, C)
 Seeds = list[tuple[np.ndarray, np.ndarray]]
 
@@ -39,22 +40,6 @@ def heading(title: str, what: str) -> str:
     return textwrap.fill(title, 60) + "\n" + what
 
 
-def indicator(y: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, C) bool one-vs-rest targets from (N,) ids or (N, C) 0/1."""
-    return np.asarray(y).astype(bool) if np.ndim(y) == 2 else np.eye(num_classes, dtype=bool)[y]
-
-
-def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) of (N,) bool y scored by s,
-    one point per distinct threshold from (0, 0) to (1, 1); tied scores enter
-    together, which is the curve metrics.roc_auc integrates."""
-    order = np.argsort(-s, kind="stable")
-    last = np.flatnonzero(np.r_[s[order][1:] != s[order][:-1], True])  # the last image of each tied block
-    tps = np.r_[0, np.cumsum(y[order])[last]]
-    fps = np.r_[0, last + 1 - tps[1:]]
-    return fps / fps[-1], tps / tps[-1]
-
-
 def roc_figure(seeds: Seeds, classes: list[str], title: str, path: Path) -> Path:
     """One-vs-rest ROC curve per class, averaged over seeds at fixed false
     positive rates (vertical averaging), the band spanning the seeds' lowest to
@@ -64,7 +49,7 @@ def roc_figure(seeds: Seeds, classes: list[str], title: str, path: Path) -> Path
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for k, name in enumerate(classes):
-        curves = [np.interp(grid, *roc_points(t[:, k], p[:, k]))
+        curves = [np.interp(grid, *roc_curve(t[:, k], p[:, k], drop_intermediate=False)[:2])
                   for y, p in seeds if 0 < (t := indicator(y, len(classes)))[:, k].sum() < len(t)]
         if not curves:  # no positives (or no negatives) among the test images: no curve
             continue
@@ -84,28 +69,18 @@ def roc_figure(seeds: Seeds, classes: list[str], title: str, path: Path) -> Path
     return save(fig, path)
 
 
-def decisions(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, correct) per decision, as metrics.ece defines them: the top
-    probability and whether the argmax is right (multi-class), or every
-    (image, label) at threshold 0.5 with confidence max(p, 1 - p) (multi-label)."""
-    if np.ndim(y) == 2:
-        return np.maximum(probs, 1 - probs).ravel(), ((probs > 0.5) == np.asarray(y).astype(bool)).ravel()
-    return probs.max(1), probs.argmax(1) == y
-
-
 def reliability_figure(seeds: Seeds, multilabel: bool, title: str, path: Path) -> Path:
     """Accuracy against confidence in metrics.ece's equal-width bins, every
     seed's decisions pooled, over the number of decisions per bin; the title
     gives the ECE (mean over seeds)."""
-    conf, correct = (np.concatenate(v) for v in zip(*(decisions(y, p) for y, p in seeds)))
-    which = np.clip(np.ceil(conf * BINS).astype(int) - 1, 0, BINS - 1)  # bins (lo, hi], as in metrics.ece
-    counts = np.bincount(which, minlength=BINS)
+    conf, correct, which = (np.concatenate(v) for v in zip(*(reliability(y, p, ECE_BINS) for y, p in seeds)))
+    counts = np.bincount(which, minlength=ECE_BINS)
     filled = counts > 0
-    accuracy = np.bincount(which, weights=correct, minlength=BINS)[filled] / counts[filled]
-    mean_conf = np.bincount(which, weights=conf, minlength=BINS)[filled] / counts[filled]
-    left = np.arange(BINS)[filled] / BINS
+    accuracy = np.bincount(which, weights=correct, minlength=ECE_BINS)[filled] / counts[filled]
+    mean_conf = np.bincount(which, weights=conf, minlength=ECE_BINS)[filled] / counts[filled]
+    left = np.arange(ECE_BINS)[filled] / ECE_BINS
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5.2, 6), gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(left, accuracy, width=1 / BINS, align="edge", color="tab:blue", alpha=0.75, edgecolor="black", lw=0.5,
+    top.bar(left, accuracy, width=1 / ECE_BINS, align="edge", color="tab:blue", alpha=0.75, edgecolor="black", lw=0.5,
             label="accuracy in the bin")
     top.plot(mean_conf, mean_conf, "o", color="tab:red", ms=4, zorder=3, label="mean confidence in the bin")
     top.plot([0, 1], [0, 1], ls="--", lw=0.8, color="black", zorder=3, label="perfect calibration")
@@ -114,17 +89,17 @@ def reliability_figure(seeds: Seeds, multilabel: bool, title: str, path: Path) -
     # under the figure: tall bars can fill any corner of the axes
     fig.legend(*top.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.04), ncol=2,
                fontsize="small", frameon=False)
-    bottom.bar(left, counts[filled], width=1 / BINS, align="edge", color="grey", edgecolor="black", lw=0.5)
+    bottom.bar(left, counts[filled], width=1 / ECE_BINS, align="edge", color="grey", edgecolor="black", lw=0.5)
     bottom.set_yscale("log")
     bottom.set_ylim(0.5, counts.max() * 4)  # room above the tallest bar for its count
     for x, n in zip(left, counts[filled]):
-        bottom.text(x + 0.5 / BINS, n * 1.2, str(n), ha="center", va="bottom", fontsize=6)
+        bottom.text(x + 0.5 / ECE_BINS, n * 1.2, str(n), ha="center", va="bottom", fontsize=6)
     bottom.set(ylabel="decisions\n(log scale)" if multilabel else "images\n(log scale)",
                xlabel="confidence: max(p, 1 - p) per image and label" if multilabel else
                "confidence: probability of the predicted class")
-    score = np.mean([ece(y, p, BINS) for y, p in seeds])
+    score = np.mean([ece(y, p, ECE_BINS) for y, p in seeds])
     mean = f", mean over {len(seeds)} seeds; bars pool the seeds" if len(seeds) > 1 else ""
-    top.set_title(heading(title, f"reliability, ECE {score:.3f} ({BINS} bins{mean})"), fontsize="medium")
+    top.set_title(heading(title, f"reliability, ECE {score:.3f} ({ECE_BINS} bins{mean})"), fontsize="medium")
     return save(fig, path)
 
 
@@ -132,7 +107,7 @@ def confusion_figure(seeds: Seeds, classes: list[str], title: str, path: Path) -
     """Counts of (true, predicted) class over the test images, summed over
     seeds; colour is the fraction of the true class (recall on the diagonal),
     so rare classes read as clearly as common ones."""
-    cm = sum(np.array(multiclass_metrics(y, p.argmax(1), len(classes))["confusion_matrix"]) for y, p in seeds)
+    cm = sum(confusion_matrix(y, p.argmax(1), labels=range(len(classes))) for y, p in seeds)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     side = max(4.5, 0.6 * len(classes) + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1, side))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -24,14 +22,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import checkpoint
+import predictions
 import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import (HEADLINES, best_thresholds, evaluate_predictions, fit_temperature, headline_intervals,
-                     sigmoid)
-from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training)
+from metrics import HEADLINES, evaluate, probabilities
+from models import (check_arch, create_model, extract_features, from_checkpoint, model_norm, normalise,
+                    optimizer_kwargs, prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
                     train_loader)
 from splits import label_fraction, make_splits, mark_duplicates, select
@@ -79,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
     p.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
                    help="headline metric: macro F1, or macro recall (= balanced accuracy, ISIC-2019)")
+    p.add_argument("--resamples", type=rt.positive_int, default=1000,
+                   help="bootstrap resamples of the test images (or groups) for the intervals in results.json")
     p.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
                    help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
                         "threshold maximising its F1 on the validation split (ours; metrics.best_thresholds)")
@@ -146,28 +146,75 @@ def frozen_features(source: Source, index: DataIndex, parts: dict[str, list[int]
                     dtype: torch.dtype | None) -> dict[str, TensorDataset]:
     """--linear: the frozen backbone's pre-logit features (N, D) and targets of
     every split, extracted once (no augmentation) for all seeds."""
-    model = source.model.to(device).eval()
-    return {name: TensorDataset(*collect(
-        lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
-        eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache,
-                                 intensity=source.intensity), args.bs, workers=args.workers),
+    model = source.model.to(device)
+    return {name: TensorDataset(*extract_features(
+        model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache,
+                                        intensity=source.intensity), args.bs, workers=args.workers),
         source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
 
 
-def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, inputs: Callable[[torch.Tensor], torch.Tensor],
-                    device: torch.device, dtype: torch.dtype | None, opt: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, batch_sched: torch.optim.lr_scheduler.LRScheduler | None) -> float:
-    """One training pass, `inputs` turning a batch into the network's input
-    (normalising images, or nothing for features), stepping `batch_sched` after
-    every batch if given; the mean loss over every process's images."""
+@dataclass
+class Seed:
+    """One seed's network and data. `trained` is what the optimiser updates:
+    the whole `model`, or (--linear) its new head, fed the frozen features."""
+    model: nn.Module
+    trained: nn.Module
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    inputs: Callable[[torch.Tensor], torch.Tensor]  # a batch -> the network's input
+
+
+def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], labelled: list[int],
+                 cache: ImageCache | None, features: dict[str, TensorDataset] | None, args: argparse.Namespace,
+                 seed: int, device: torch.device) -> Seed:
+    """A fresh copy of the source network with a new head for the data's
+    classes, and its loaders: augmented labelled images and plain val and test
+    images, or (--linear) the features of the same images."""
+    # a random-init baseline draws its own random network per seed; a pretrained one starts from its weights
+    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" and not features \
+        else copy.deepcopy(source.model)
+    model.reset_classifier(len(index.classes))
+    model.to(device)
+    rank, world, bs = rt.rank(), rt.world_size(), args.bs
+    # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
+    if features:
+        at = {i: k for k, i in enumerate(parts["train"])}
+        rows = [at[i] for i in labelled]
+        train = train_loader(TensorDataset(*(t[rows] for t in features["train"].tensors)), bs, seed=seed,
+                             workers=0, rank=rank, world=world)
+        val, test = (eval_loader(features[name], bs, workers=0) for name in ("val", "test"))
+        return Seed(model, model.get_classifier(), train, val, test, lambda x: x)
+    prepare_for_training(model, source.arch, device, args.grad_ckpt)
+    size, pin = source.img_size, device.type == "cuda"
+    train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache,
+                                      source.intensity), bs, seed=seed, workers=args.workers, rank=rank, world=world,
+                         pin_memory=pin)
+    val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
+                                          intensity=source.intensity), bs, workers=args.workers, pin_memory=pin)
+                 for name in ("val", "test"))
+    return Seed(model, model, train, val, test, partial(normalise, mean=source.mean, std=source.std))
+
+
+def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.device, dtype: torch.dtype | None,
+                    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    batch_sched: torch.optim.lr_scheduler.LRScheduler | None, epoch: int) -> float:
+    """One training pass, stepping `batch_sched` after every batch if given;
+    the mean loss over every process's images. A step with a non-finite loss
+    is skipped and counted as in pretraining (rt.count_skip)."""
     net.train()
-    total, seen = torch.zeros((), device=device), 0
-    for x, y in tqdm(loader, leave=False, desc="train", disable=not rt.is_main()):
+    run.train.sampler.set_epoch(epoch)
+    total, seen, skipped = torch.zeros((), device=device), 0, 0
+    for step, (x, y) in enumerate(tqdm(run.train, leave=False, desc="train", disable=not rt.is_main())):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
-            logits = net(inputs(x))
+            logits = net(run.inputs(x))
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
+        if not rt.finite_everywhere(loss):
+            skipped = rt.count_skip(skipped, scaler, epoch, step)
+            continue
+        skipped = 0
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -176,72 +223,49 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, loss_fn, inputs: Callabl
         total += loss.detach() * len(x)
         seen += len(x)
     total, seen = rt.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)])).tolist()
-    return total / max(seen, 1)
+    rt.require_progress(int(seen), epoch)
+    return total / seen
 
 
-def evaluate(net: nn.Module, split: DataLoader | TensorDataset, loss_fn, source: Source, device: torch.device,
-             dtype: torch.dtype | None) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean loss, logits (N, C), targets) over a whole split: its images
-    (a loader) or, for --linear, its features (a TensorDataset)."""
+@torch.no_grad()
+def split_logits(net: nn.Module, loader: DataLoader, inputs: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C) float32 on the CPU, targets) over a whole split, in order."""
     net.eval()
-    if isinstance(split, TensorDataset):
-        with torch.no_grad():
-            logits, targets = net(split.tensors[0].to(device)).float().cpu(), split.tensors[1]
-    else:
-        logits, targets = collect(net, split, source.mean, source.std, device, dtype)
-    return loss_fn(logits, targets).item(), logits.numpy(), targets.numpy()
+    logits, targets = [], []
+    for x, y in loader:
+        with rt.autocast(device, dtype):
+            logits.append(net(inputs(x.to(device, non_blocking=True))).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
 
 
-def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
-             features: dict[str, TensorDataset] | None, args: argparse.Namespace, seed: int, out: Path,
-             device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Fine-tune one copy of the source network end to end, or with `features`
-    (--linear) train only its new linear head on them; the best-validation
-    weights are tested once."""
-    rt.seed_everything(seed)
-    start = time.perf_counter()
-    labelled = label_fraction(index, parts["train"], args.frac, seed)
-    # a random-init baseline draws its own random network per seed; a pretrained one starts from its weights
-    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" and not features \
-        else copy.deepcopy(source.model)
-    model.reset_classifier(len(index.classes))
-    model.to(device)
-    trained = model.get_classifier() if features else model  # the head is the same module inside `model`
-    if not features:
-        prepare_for_training(model, source.arch, device, args.grad_ckpt)
-    net = rt.ddp(trained, device)
-    net = torch.compile(net) if args.compile else net
-    counted = parts["train"] if args.class_weights_from == "train" else labelled
-    weights = class_weights(index.class_counts(counted), args.class_weights)
-    loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
-                      weights=weights)
-    size, pin, rank, world = source.img_size, device.type == "cuda", rt.rank(), rt.world_size()
-    # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
-    if features:
-        at = {i: k for k, i in enumerate(parts["train"])}
-        rows = [at[i] for i in labelled]
-        train = train_loader(TensorDataset(*(t[rows] for t in features["train"].tensors)), args.bs, seed=seed,
-                             workers=0, rank=rank, world=world)
-        val, test, inputs = features["val"], features["test"], (lambda x: x)
-    else:
-        train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug),
-                                          cache, source.intensity), args.bs, seed=seed, workers=args.workers,
-                             rank=rank, world=world, pin_memory=pin)
-        val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
-                                              intensity=source.intensity), args.bs,
-                                 workers=args.workers, pin_memory=pin) for name in ("val", "test"))
-        inputs = partial(normalise, mean=source.mean, std=source.std)
-    lr = args.lr or (1e-3 if features else 3e-4)
-    opt = torch.optim.Adam(trained.parameters(), lr=lr, **optimizer_kwargs(device))
+@dataclass
+class Best:
+    """The epoch early stopping keeps (App. C.6.2: the lowest validation loss)."""
+    epoch: int
+    epochs_run: int
+    val_loss: float
+    val_logits: np.ndarray
+    val_targets: np.ndarray
+    state: dict[str, torch.Tensor]
+
+
+def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, args: argparse.Namespace, seed: int,
+                              out: Path, device: torch.device, dtype: torch.dtype | None) -> Best:
+    """The fine-tuning loop (App. C.6.2): Adam, cosine annealing to 1e-6, at
+    most --epochs, stopping after --patience epochs without a lower
+    validation loss; a line of log.jsonl per epoch."""
+    opt = torch.optim.Adam(run.trained.parameters(), lr=args.lr or (1e-3 if run.trained is not run.model else 3e-4),
+                           **optimizer_kwargs(device))
     per_batch = args.schedule == "published"
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16 if per_batch else args.epochs, eta_min=1e-6)
     scaler = rt.grad_scaler(device, dtype)
-    best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
+    best, waited = None, 0
     for epoch in range(args.epochs):
-        train.sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(net, train, loss_fn, inputs, device, dtype, opt, scaler,
-                                     sched if per_batch else None)
-        val_loss, logits, val_targets = evaluate(net, val, loss_fn, source, device, dtype)
+        train_loss = train_one_epoch(net, run, loss_fn, device, dtype, opt, scaler, sched if per_batch else None, epoch)
+        logits, targets = split_logits(net, run.val, run.inputs, device, dtype)
+        val_loss = loss_fn(logits, targets).item()
         val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
         if not per_batch:
             sched.step()
@@ -251,62 +275,68 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
         if rt.is_main():
             checkpoint.append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
                                                         "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
-        if val_loss < best_loss:  # early stopping on validation loss (App. C.6.2)
-            best_loss, best_epoch, waited, val_logits = val_loss, epoch + 1, 0, logits
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if best is None or val_loss < best.val_loss:
+            best, waited = Best(epoch + 1, 0, val_loss, logits.numpy(), targets.numpy(),
+                                {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}), 0
         else:
             waited += 1
             if waited >= args.patience:
                 break
-    model.load_state_dict(best_state)
-    # calibration on the best epoch's val logits, kept from the loop rather than recomputed
-    temperature = fit_temperature(val_logits, val_targets, index.multilabel)
-    # on the uncalibrated probabilities, which the test metrics and predict.py decide on
-    thresholds = best_thresholds(val_targets, sigmoid(val_logits)) if args.thresholds == "val" \
-        else np.full(len(index.classes), 0.5)
-    named = dict(zip(index.classes, thresholds.tolist())) if index.multilabel else None
-    test_loss, logits, targets = evaluate(net, test, loss_fn, source, device, dtype)
-    metrics = evaluate_predictions(targets, logits, index.multilabel, thresholds)
-    calibrated = evaluate_predictions(targets, logits / temperature, index.multilabel)
-    if rt.is_main():
-        write_predictions(out / f"predictions_seed{seed}.csv", index, parts["test"], logits)
-        checkpoint.save(checkpoint.model_record(
-            model, arch=source.arch, img_size=size, mean=source.mean, std=source.std, method=source.method,
-            role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
-            data=str(index.source), splits={name: [index.paths[i] for i in ids] for name, ids in parts.items()},
-            seed=seed, frac=args.frac, epoch=best_epoch, protocol=PROTOCOL[args.linear],
-            intensity=source.intensity, temperature=temperature, thresholds=named), out / f"model_seed{seed}.pt")
+    best.epochs_run = epoch + 1
+    return best
+
+
+def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
+             features: dict[str, TensorDataset] | None, args: argparse.Namespace, seed: int, out: Path,
+             device: torch.device, dtype: torch.dtype | None) -> dict:
+    """One fine-tuning run (App. C.6): train with early stopping, restore the
+    best weights, evaluate (metrics.evaluate), write the prediction file and the model."""
+    rt.seed_everything(seed)
+    start = time.perf_counter()
+    labelled = label_fraction(index, parts["train"], args.frac, seed)
+    run = prepare_seed(source, index, parts, labelled, cache, features, args, seed, device)
+    net = rt.ddp(run.trained, device)
+    net = torch.compile(net) if args.compile else net
+    weights = class_weights(index.class_counts(parts["train"] if args.class_weights_from == "train" else labelled),
+                            args.class_weights)
+    loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal, weights=weights)
+    best = train_with_early_stopping(net, run, loss_fn, args, seed, out, device, dtype)
+    run.model.load_state_dict(best.state)
+    logits, targets = split_logits(net, run.test, run.inputs, device, dtype)
     headline = HEADLINES[args.metric]
-    print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best_epoch}/{epoch + 1}, "
-          f"val loss {best_loss:.4f}, test {headline} {metrics[headline]:.4f}", flush=True)
-    return {"seed": seed, "best_epoch": best_epoch, "epochs_run": epoch + 1, "val_loss": best_loss,
-            "test_loss": test_loss, "test": metrics, "seconds": round(time.perf_counter() - start, 2),
-            "test_ci95": headline_intervals(targets, logits, index.multilabel, headline, seed=seed,
-                                            groups=np.array([index.groups[i] for i in parts["test"]])
-                                            if index.groups else None,  # whole patients resampled
-                                            thresholds=thresholds),
-            "thresholds": named,
-            "calibration": {"temperature": temperature, "brier": calibrated["brier"], "ece": calibrated["ece"]},
+    found = evaluate(best.val_logits, best.val_targets, logits.numpy(), targets.numpy(), index.multilabel, headline,
+                     val_thresholds=args.thresholds == "val", resamples_n=args.resamples, seed=seed,
+                     groups=np.array([index.groups[i] for i in parts["test"]]) if index.groups else None)
+    thresholds = dict(zip(index.classes, found["thresholds"].tolist())) if index.multilabel else None
+    if rt.is_main():
+        save_seed(out, seed, run.model, source, index, parts, args, best.epoch, found["calibration"]["temperature"],
+                  thresholds, probabilities(logits.numpy(), index.multilabel))
+    print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best.epoch}/{best.epochs_run}, "
+          f"val loss {best.val_loss:.4f}, test {headline} {found['test'][headline]:.4f}", flush=True)
+    return {"seed": seed, "best_epoch": best.epoch, "epochs_run": best.epochs_run, "val_loss": best.val_loss,
+            "test_loss": loss_fn(logits, targets).item(), "test": found["test"],
+            "seconds": round(time.perf_counter() - start, 2), "test_ci95": found["test_ci95"],
+            "thresholds": thresholds, "calibration": found["calibration"],
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled_files": [index.paths[i] for i in labelled]}
 
 
-def write_predictions(path: Path, index: DataIndex, ids: list[int], logits: np.ndarray) -> None:
-    """One row per test image: its path, group (patient or lesion, empty
-    without groups), true label(s) (';'-joined for multi-label data) and the
-    probability of every class (softmax, or sigmoid per label), so any metric
-    and its interval can be recomputed later from the file alone."""
-    probs = sigmoid(logits) if index.multilabel else np.exp(logits - logits.max(1, keepdims=True))
-    probs = probs if index.multilabel else probs / probs.sum(1, keepdims=True)
-    rows = [["path", "group", "true", *(f"p_{c}" for c in index.classes)]]
-    for i, p in zip(ids, probs):
-        truth = [index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel \
-            else [index.classes[index.targets[i]]]
-        rows.append([index.paths[i], index.groups[i] if index.groups else "", ";".join(truth),
-                     *(f"{v:.6f}" for v in p)])
-    text = io.StringIO()
-    csv.writer(text).writerows(rows)
-    checkpoint.atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: DataIndex,
+              parts: dict[str, list[int]], args: argparse.Namespace, epoch: int, temperature: float,
+              thresholds: dict[str, float] | None, probs: np.ndarray) -> None:
+    """predictions_seed<N>.csv (the test images' probabilities) and model_seed<N>.pt (the fine-tuned
+    network with everything predict.py and a later reader need)."""
+    ids = parts["test"]
+    truths = [[index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel
+              else [index.classes[index.targets[i]]] for i in ids]
+    predictions.write(out / f"predictions_seed{seed}.csv", index.classes, [index.paths[i] for i in ids],
+                      [index.groups[i] for i in ids] if index.groups else None, truths, probs)
+    checkpoint.save(checkpoint.model_record(
+        model, arch=source.arch, img_size=source.img_size, mean=source.mean, std=source.std, method=source.method,
+        role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
+        data=str(index.source), splits={name: [index.paths[i] for i in part] for name, part in parts.items()},
+        seed=seed, frac=args.frac, epoch=epoch, protocol=PROTOCOL[args.linear], intensity=source.intensity,
+        temperature=temperature, thresholds=thresholds), out / f"model_seed{seed}.pt")
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -154,3 +154,14 @@ def val_knn_accuracy(model: nn.Module, index: DataIndex, parts: dict[str, list[i
                                               bs, workers=workers), mean, std, device, dtype)
                   for name in ("train", "val"))
     return knn_accuracy(train, val, len(index.classes), k)
+
+
+def extract_features(model: nn.Module, loader, mean: list[float], std: list[float], device: torch.device,
+                     dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, D) float32 pre-logit features on the CPU, targets) of every image the loader yields, in order."""
+    was_training = model.training
+    model.eval()
+    found = collect(lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1),
+                    loader, mean, std, device, dtype)
+    model.train(was_training)
+    return found

@@ -11,12 +11,15 @@ import argparse
 import csv
 from pathlib import Path
 
-import torch
+import numpy as np
+from scipy.special import expit, logit
 
 import checkpoint
+import predictions
 import runtime as rt
 from data import index_data
 from errors import UserError
+from metrics import decide, indicator, probabilities
 from models import collect, from_checkpoint
 from pixels import AUTO, ImageDataset, eval_loader
 
@@ -30,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--calibrated", action="store_true",
                    help="divide each model's logits by the temperature fitted on its validation split "
-                        "(better-calibrated probabilities; the predictions are decided without it, so they "
-                        "do not change)")
+                        "(better-calibrated probabilities; a single model's predictions do not change, an "
+                        "ensemble decides on the mean calibrated probabilities)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -47,30 +50,23 @@ def load_models(paths: list[str]) -> list[dict]:
     return ckpts
 
 
-def logits_of(ckpt: dict, dataset_for, device, bs: int, workers: int) -> torch.Tensor:
+def logits_of(ckpt: dict, dataset_for, device, bs: int, workers: int) -> np.ndarray:
     """(N, C) float64 logits of one checkpoint's model on the images."""
     model = from_checkpoint(ckpt).to(device).eval()
     loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
-    return collect(model, loader, ckpt["mean"], ckpt["std"], device, None)[0].double()
+    return collect(model, loader, ckpt["mean"], ckpt["std"], device, None)[0].double().numpy()
 
 
-def probabilities(logits: torch.Tensor, ckpt: dict, calibrated: bool) -> torch.Tensor:
-    """(N, C) probabilities of one checkpoint's logits: sigmoid per class for
-    multi-label models, softmax over classes otherwise, of the logits divided by
-    the checkpoint's temperature if `calibrated`."""
+def member(logits: np.ndarray, ckpt: dict, calibrated: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One model's (N, C) probabilities and (C,) multi-label thresholds; with `calibrated`, of its logits
+    divided by its temperature, the thresholds moved to the same scale (sigmoid(logit(t) / T)), so that
+    the model alone decides exactly as without calibration."""
+    limit = predictions.thresholds(ckpt.get("thresholds"), ckpt["classes"])
     if calibrated:
         if "temperature" not in ckpt:
             raise UserError("--calibrated needs checkpoints fine-tuned since the temperature is fitted and saved")
-        logits = logits / ckpt["temperature"]
-    return torch.sigmoid(logits) if ckpt["multilabel"] else logits.softmax(dim=1)
-
-
-def thresholds(ckpt: dict) -> torch.Tensor:
-    """(C,) the multi-label thresholds fine-tuning chose (0.5, or by F1 on its
-    validation split); 0.5 each for checkpoints saved before they were recorded."""
-    named = ckpt.get("thresholds")
-    return torch.tensor([named[c] for c in ckpt["classes"]] if named else [0.5] * len(ckpt["classes"]),
-                        dtype=torch.float64)
+        logits, limit = logits / ckpt["temperature"], expit(logit(limit) / ckpt["temperature"])
+    return probabilities(logits, ckpt["multilabel"]), limit
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -80,22 +76,17 @@ def main(args: argparse.Namespace) -> Path:
     logits = [logits_of(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets, size,
                                                                 intensity=intensity), device, args.bs, args.workers)
               for c in ckpts]
-    probs = torch.stack([probabilities(z, c, args.calibrated) for z, c in zip(logits, ckpts)]).mean(0)
     classes, multilabel = ckpts[0]["classes"], ckpts[0]["multilabel"]
-    # decided on the uncalibrated probabilities, on which the thresholds were chosen: a temperature per model
-    # would move an ensemble's mean, and thresholds chosen without it would not fit calibrated probabilities
-    raw = torch.stack([probabilities(z, c, False) for z, c in zip(logits, ckpts)]).mean(0) if args.calibrated \
-        else probs
-    limit = torch.stack([thresholds(c) for c in ckpts]).mean(0)  # an ensemble: the mean of its members'
-    decided = raw > limit if multilabel else raw.argmax(1, keepdim=True) == torch.arange(len(classes))
+    # an ensemble averages its members' probabilities and thresholds, and decides on what it writes
+    probs, limit = (np.mean(v, axis=0) for v in zip(*(member(z, c, args.calibrated) for z, c in zip(logits, ckpts))))
+    decided = indicator(decide(probs, multilabel, limit), len(classes))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "prediction"] + [f"p_{c}" for c in classes])
         for path, p, d in zip(index.paths, probs, decided):
-            writer.writerow([path, ";".join(c for c, yes in zip(classes, d.tolist()) if yes)]
-                            + [f"{v:.6f}" for v in p.tolist()])
+            writer.writerow([path, ";".join(c for c, yes in zip(classes, d) if yes)] + [f"{v:.6f}" for v in p])
         for item in index.skipped:
             writer.writerow([item["path"], f"skipped: {item['reason']}"] + [""] * len(classes))
     print(f"{len(index.paths)} predictions ({len(ckpts)} model(s)), {len(index.skipped)} skipped: {out}")

@@ -17,12 +17,10 @@ per pretraining epoch.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +30,9 @@ import figures
 import runtime as rt
 from checkpoint import prepare_out_dir
 from errors import UserError
-from metrics import Interval, bootstrap_ci, multiclass_metrics, multilabel_metrics, paired_bootstrap
+import predictions
+from metrics import Interval, bootstrap_ci, decide, headline_score, paired_bootstrap
+from predictions import Predictions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,15 +104,6 @@ class Cell:
     thresholds: list[np.ndarray] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """One seed's predictions_seed<N>.csv, rows sorted by path so seeds and rows line up."""
-    paths: tuple[str, ...]
-    targets: np.ndarray  # (N,) class ids, or (N, C) bool for multi-label data
-    probs: np.ndarray  # (N, C) softmax, or sigmoid per label
-    groups: tuple[str, ...] | None  # of each image; None in files without groups (or written before them)
-
-
 def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
     """(data set, metric, experiment, label fraction) -> Cell; seeds of one
     experiment pool also when split over several results.json files."""
@@ -125,32 +116,13 @@ def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
             cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
             file = r["folder"] / f"predictions_seed{run.get('seed')}.csv"
             cell.files.append(file if file.is_file() else None)
-            named = run.get("thresholds")
-            cell.thresholds.append(np.array([named[c] for c in cell.classes] if named else [0.5] * len(cell.classes)))
+            cell.thresholds.append(predictions.thresholds(run.get("thresholds"), cell.classes))
     return cells
-
-
-@cache
-def read_predictions(path: Path, classes: tuple[str, ...], multilabel: bool) -> Predictions:
-    """A prediction file in finetune.py's format (cached: tables, pairs and figures all read it)."""
-    with open(path, newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
-    at = {c: k for k, c in enumerate(classes)}
-    try:
-        probs = np.array([[float(row[f"p_{c}"]) for c in classes] for row in rows]).reshape(len(rows), len(classes))
-        truth = [[at[c] for c in row["true"].split(";") if c] for row in rows]
-    except KeyError as err:
-        raise UserError(f"{path} does not match the classes of its results.json (no {err})") from None
-    targets = np.array([np.isin(range(len(classes)), t) for t in truth]).reshape(len(rows), len(classes)) \
-        if multilabel else np.array([t[0] for t in truth], dtype=int)
-    # an image without a group is its own, as in data.py
-    groups = tuple(row.get("group") or row["path"] for row in rows) if any(row.get("group") for row in rows) else None
-    return Predictions(tuple(row["path"] for row in rows), targets, probs, groups)
 
 
 def seed_predictions(cell: Cell) -> list[Predictions]:
     """The predictions of every seed of the cell that has a file."""
-    return [read_predictions(f, cell.classes, cell.multilabel) for f in cell.files if f]
+    return [predictions.read(f, cell.classes, cell.multilabel) for f in cell.files if f]
 
 
 def shared_groups(preds: list[Predictions]) -> np.ndarray | None:
@@ -174,16 +146,16 @@ def decisions(cell: Cell) -> np.ndarray:
     resample of images (axis 0) applies to every seed at once: (N, S) argmax
     class ids, or (N, S, C) bool at sigmoid > each seed's thresholds, as
     finetune.py. Every seed has a prediction file (see unshared)."""
-    probs = [read_predictions(f, cell.classes, cell.multilabel).probs for f in cell.files]
-    return np.stack([p > t if cell.multilabel else p.argmax(1) for p, t in zip(probs, cell.thresholds)], axis=1)
+    probs = [predictions.read(f, cell.classes, cell.multilabel).probs for f in cell.files]
+    return np.stack([decide(p, cell.multilabel, t) for p, t in zip(probs, cell.thresholds)], axis=1)
 
 
-def seed_mean(headline: str, num_classes: int, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
-    """metric(targets, decisions): the headline metric of each seed, mean over
-    seeds, i.e. the table's mean computed on one (resampled) set of images."""
+def seed_mean(headline: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+    """metric(targets, decisions): the headline metric of each seed (as in
+    results.json: metrics.headline_score), mean over seeds, i.e. the table's
+    mean computed on one (resampled) set of images."""
     def metric(y: np.ndarray, d: np.ndarray) -> float:
-        return float(np.mean([(multilabel_metrics(y, d[:, s]) if multilabel else
-                               multiclass_metrics(y, d[:, s], num_classes))[headline] for s in range(d.shape[1])]))
+        return float(np.mean([headline_score(headline, y, d[:, s], multilabel) for s in range(d.shape[1])]))
     return metric
 
 
@@ -197,7 +169,7 @@ def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | Non
     if unshared(cell):
         return None
     preds = seed_predictions(cell)
-    metric = seed_mean(headline, len(cell.classes), cell.multilabel)
+    metric = seed_mean(headline, cell.multilabel)
     return bootstrap_ci(metric, preds[0].targets, decisions(cell), shared_groups(preds), n=resamples)
 
 
@@ -269,7 +241,7 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
             if why:
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
                 continue
-            metric = seed_mean(headline, len(ca.classes), ca.multilabel)
+            metric = seed_mean(headline, ca.multilabel)
             y, da, db = pa[0].targets, decisions(ca), decisions(cb)
             if metric(y, db) > metric(y, da):
                 (a, da), (b, db) = (b, db), (a, da)
@@ -375,7 +347,7 @@ def main(args: argparse.Namespace) -> Path:
     if missing:
         raise UserError(f"{missing[0]} is not a folder")
     out = prepare_out_dir(Path(args.out))
-    read_predictions.cache_clear()  # files may have changed since an earlier call in this process
+    predictions.read.cache_clear()  # files may have changed since an earlier call in this process
     results = load_results(folders)
     runs = pretraining_runs(folders)
     lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]

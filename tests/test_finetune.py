@@ -10,6 +10,8 @@ import torch
 import finetune
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
+from errors import UserError
+from losses import focal_loss
 from models import from_checkpoint, normalise
 from pixels import load_resized, to_chw
 
@@ -190,3 +192,17 @@ def test_every_seed_writes_its_test_predictions(cass_run, tmp_path):
         assert np.allclose(probs.sum(1), 1, atol=1e-5)
         truth = np.array([results["classes"].index(r["true"]) for r in rows])
         assert run["test"]["accuracy"] == pytest.approx((probs.argmax(1) == truth).mean())  # the file alone suffices
+
+
+def test_a_non_finite_training_loss_stops_fine_tuning_before_it_reaches_the_weights(cass_run, tmp_path, monkeypatch):
+    calls = [0]
+
+    def nan_on_third_step(logits, targets, **kw):
+        calls[0] += 1
+        value = focal_loss(logits, targets, **kw)
+        return value * float("nan") if calls[0] == 3 else value
+
+    monkeypatch.setattr(finetune, "focal_loss", nan_on_third_step)
+    with pytest.raises(UserError, match="non-finite at epoch 1, step 3"):  # fp32: no loss scaling to recover
+        ft("--ckpt", str(cass_run / "cnn.pt"), "--out", str(tmp_path))
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "model_seed0.pt").exists()

@@ -125,9 +125,8 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
     flags = ["--arch", "test_resnet", "--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0",
              "--epochs", "1", "--data", str(grouped_csv), "--group-col", "patient", "--cache", "off"]
     seen = []
-    real_intervals = finetune.headline_intervals
-    monkeypatch.setattr(finetune, "headline_intervals",
-                        lambda *a, **k: seen.append(k["groups"]) or real_intervals(*a, **k))
+    real_evaluate = finetune.evaluate
+    monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: seen.append(k["groups"]) or real_evaluate(*a, **k))
     finetune.main(finetune.parse_args([*flags, "--out", str(tmp_path / "safe")]))
     recorded = json.loads((tmp_path / "safe" / "splits.json").read_text())
     assert recorded["groups"] == dict(zip(grouped.paths, grouped.groups))

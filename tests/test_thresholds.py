@@ -11,7 +11,9 @@ import finetune
 import predict
 from conftest import write_image
 from errors import UserError
-from metrics import best_thresholds, multilabel_decisions, multilabel_metrics, sigmoid
+from sklearn.metrics import f1_score
+
+from metrics import best_thresholds, decide, probabilities
 from models import from_checkpoint, normalise
 from pixels import load_resized, to_chw
 
@@ -42,9 +44,9 @@ def test_ties_go_to_the_threshold_nearest_half_and_half_is_logit_zero():
     y = np.array([[1], [0], [0], [1]])
     assert best_thresholds(y, np.array([[0.9], [0.7], [0.6], [0.1]])) == pytest.approx([0.8])
     assert best_thresholds(y, np.array([[0.99], [0.6], [0.55], [0.5]])) == pytest.approx([0.25])  # not 0.795
-    logits = np.array([[-1e-30, 1e-30, 0.0, 2.0]]).T
-    assert (multilabel_decisions(logits, np.array([0.5])) == (logits > 0)).all()
-    assert multilabel_decisions(logits, np.array([0.0])).all() and not multilabel_decisions(logits, [1.0]).any()
+    probs = np.array([[0.2, 0.5, np.nextafter(0.5, 1), 0.9]]).T
+    assert decide(probs, True, np.array([0.5]))[:, 0].tolist() == [False, False, True, True]
+    assert decide(probs, True).tolist() == decide(probs, True, np.array([0.5])).tolist()  # 0.5 by default
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_thresholds_come_from_the_val_split_and_score_the_test_split(tuned):
         logits = from_checkpoint(ckpt).eval()(normalise(x, ckpt["mean"], ckpt["std"])).numpy()
     truth = np.array([truth_of(p) for p in val])
     assert not truth[:, 2].any() and thresholds[2] == 0.5 and (thresholds[:2] != 0.5).all()
-    assert thresholds == pytest.approx(best_thresholds(truth, sigmoid(logits)), abs=1e-6)
+    assert thresholds == pytest.approx(best_thresholds(truth, probabilities(logits, multilabel=True)), abs=1e-6)
     # the test metrics are those of the prediction file at the recorded thresholds, not at 0.5
     rows = list(csv.DictReader(open(out / "predictions_seed0.csv")))
     probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
@@ -89,7 +91,7 @@ def test_thresholds_come_from_the_val_split_and_score_the_test_split(tuned):
     called = probs > thresholds
     assert (called != (probs > 0.5)).any()  # the thresholds changed some decision
     assert run["test"]["per_class_f1"] == pytest.approx([f1(truth[:, k], called[:, k]) for k in range(3)])
-    assert run["test"]["macro_f1"] == pytest.approx(multilabel_metrics(truth, called)["macro_f1"])
+    assert run["test"]["macro_f1"] == pytest.approx(f1_score(truth, called, average="macro", zero_division=0))
     assert run["test_ci95"]["macro_f1"]["estimate"] == pytest.approx(run["test"]["macro_f1"])
 
 
@@ -125,3 +127,19 @@ def test_val_thresholds_on_multi_class_data_are_one_clear_error(demo_data, tmp_p
         finetune.main(finetune.parse_args(["--arch", "test_resnet", "--no-pretrained", "--data", str(demo_data),
                                            "--out", str(tmp_path), "--thresholds", "val", "--workers", "0"]))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_calibrated_ensemble_predicts_the_class_it_writes_most_probable(tmp_path, monkeypatch):
+    """Two models whose temperatures reorder the ensemble: [2, 0] at T = 4 and [0, 1.5] at T = 0.5."""
+    for i in range(2):
+        write_image(tmp_path / "img" / f"{i}.png", size=(20, 20), seed=i)
+    ckpts = [{"classes": ["a", "b"], "multilabel": False, "temperature": t} for t in (4.0, 0.5)]
+    logits = iter([np.array([[2.0, 0.0]] * 2), np.array([[0.0, 1.5]] * 2)] * 2)
+    monkeypatch.setattr(predict, "load_models", lambda paths: ckpts)
+    monkeypatch.setattr(predict, "logits_of", lambda *a: next(logits))
+    for flags, expected in (([], "a"), (["--calibrated"], "b")):  # means [0.53, 0.47] and [0.33, 0.67]
+        out = predict.main(predict.parse_args(["--ckpt", "x.pt", "--images", str(tmp_path / "img"), "--out",
+                                               str(tmp_path / "p.csv"), "--workers", "0", *flags]))
+        rows = list(csv.DictReader(open(out)))
+        probs = np.array([[float(r["p_a"]), float(r["p_b"])] for r in rows])
+        assert [r["prediction"] for r in rows] == [["a", "b"][k] for k in probs.argmax(1)] == [expected] * 2
