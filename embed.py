@@ -18,15 +18,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
-from torch import nn
 
 import checkpoint
 import runtime as rt
 from data import DataIndex, index_data
-from models import collect, from_checkpoint
-from pixels import AUTO, ImageDataset, eval_loader
+from models import checkpoint_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,23 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
-
-
-def pre_logits(model: nn.Module):
-    """(B, 3, H, W) normalised images -> (B, D) pooled features before the
-    classifier (D = model.num_features): the same for a backbone's 1000- or
-    0-output head and a fine-tuned one."""
-    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
-
-
-def embed(ckpt: dict, index: DataIndex, device: torch.device, bs: int, workers: int) -> torch.Tensor:
-    """(N, D) float32 features of every image of `index`, in index order, in
-    fp32 (no autocast) so that they do not depend on the GPU's precision."""
-    model = from_checkpoint(ckpt).to(device).eval()
-    loader = eval_loader(ImageDataset(index.root, index.paths, index.targets, ckpt["img_size"],
-                                      intensity=ckpt.get("intensity", AUTO)), bs, workers=workers)
-    feats, _ = collect(pre_logits(model), loader, ckpt["mean"], ckpt["std"], device, None)
-    return feats
 
 
 def labels(index: DataIndex) -> list[str] | None:
@@ -83,7 +63,7 @@ def main(args: argparse.Namespace) -> Path:
     device = rt.pick_device(args.device)
     out = checkpoint.prepare_out_dir(Path(args.out))
     index = index_data(args.images, workers=args.workers)
-    feats = embed(ckpt, index, device, args.bs, args.workers)
+    feats, _ = checkpoint_features(ckpt, index, list(range(len(index.paths))), device, args.bs, args.workers)
     if args.normalize:
         feats = F.normalize(feats, dim=1)
     write(out, feats.numpy().astype(np.float32), index)

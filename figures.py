@@ -1,9 +1,11 @@
-"""The report's figures, drawn with matplotlib: ROC curves, reliability
-diagrams and confusion matrices of fine-tuning runs (from their per-image
-prediction files), and per-epoch curves of pretraining runs.
+"""The project's figures, drawn with matplotlib: for report.py, ROC curves,
+reliability diagrams and confusion matrices of fine-tuning runs (from their
+per-image prediction files) and per-epoch curves of pretraining runs; for
+maps.py, heat maps of what a network looks at, over images and side by side,
+and grids of feature maps.
 
-Only report.py imports this module, so the training scripts never load
-matplotlib; the "Agg" backend draws without a display (servers, CI).
+Only report.py and maps.py import this module, so the training scripts never
+load matplotlib; the "Agg" backend draws without a display (servers, CI).
 Every figure is a PNG at 150 dpi, cropped to its contents so no legend or
 label is clipped.
 """
@@ -177,4 +179,67 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
             ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.suptitle(f"{title}: {method} pretraining per epoch", fontsize="medium")
     fig.tight_layout()
+    return save(fig, path)
+
+
+# ====== maps.py: attention, Grad-CAM and feature maps ======
+HEAT = "viridis"  # perceptually ordered, so brighter always reads as more, in grey print too
+UNIT = {"vmin": 0, "vmax": 1, "cmap": HEAT}  # every map comes min-max scaled into [0, 1]
+
+
+def unit_bar(fig: plt.Figure, shown, axes, label: str) -> None:
+    """One colour bar, 0 to 1, beside `axes` (an axes or a list of them)."""
+    fig.colorbar(shown, ax=axes, ticks=[0, 0.5, 1], label=label, fraction=0.046, pad=0.04)
+
+
+def overlay_figure(image: np.ndarray, values: np.ndarray, what: str, title: str, path: Path) -> Path:
+    """An image (H, W, 3) uint8 beside itself under a map (h, w) in [0, 1],
+    stretched over the whole image (bilinear) and half transparent."""
+    fig, (plain, under) = plt.subplots(1, 2, figsize=(6.6, 3.6), layout="constrained")
+    for ax, name in ((plain, "image"), (under, "overlay")):
+        ax.imshow(image)
+        ax.set_title(name, fontsize="small")
+        ax.set_axis_off()
+    h, w = image.shape[:2]
+    shown = under.imshow(values, alpha=0.5, interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                         **UNIT)
+    unit_bar(fig, shown, under, f"{what} (min-max scaled)")
+    fig.suptitle(heading(title, f"{what} over the image"), fontsize="medium")
+    return save(fig, path)
+
+
+def heatmap_figure(heat: dict[str, tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+    """Maps (h, w) in [0, 1] side by side on one colour scale, each under its
+    name, what it shows and its grid; heat: name -> (what, map)."""
+    fig, axes = plt.subplots(1, len(heat), figsize=(3.4 * len(heat) + 0.9, 4), squeeze=False, layout="constrained")
+    for ax, (name, (what, values)) in zip(axes[0], heat.items()):
+        # one square a cell (a ViT patch, a CNN feature-map position): the map's own resolution
+        shown = ax.imshow(values, interpolation="nearest", **UNIT)
+        flat = ", flat: no contrast" if np.ptp(values) == 0 else ""  # scaled to all 0, it would read "looks nowhere"
+        ax.set_title(textwrap.fill(name, 32) + f"\n{what}, {values.shape[0]} x {values.shape[1]} cells{flat}",
+                     fontsize="small")
+        ax.set_axis_off()
+    unit_bar(fig, shown, axes[0].tolist(), "min-max scaled (0: least, 1: most)")
+    fig.suptitle(title, fontsize="medium")
+    return save(fig, path)
+
+
+def channel_figure(image: np.ndarray, maps: np.ndarray, title: str, path: Path, columns: int = 4) -> Path:
+    """An image (H, W, 3) uint8 and its channel maps (C, h, w), each in [0, 1],
+    as a grid of `columns` tiles a row, on one colour scale."""
+    rows = -(-len(maps) // columns)
+    fig = plt.figure(figsize=(1.6 * (columns + rows) + 1, 1.6 * rows + 0.9), layout="constrained")
+    grid = fig.add_gridspec(rows, rows + columns)  # the image, left, as tall as the grid
+    picture = fig.add_subplot(grid[:, :rows])
+    picture.imshow(image)
+    picture.set_title("image", fontsize="small")
+    picture.set_axis_off()
+    tiles = [fig.add_subplot(grid[r, rows + c]) for r in range(rows) for c in range(columns)]
+    for c, ax in enumerate(tiles):
+        ax.set_axis_off()
+        if c < len(maps):
+            shown = ax.imshow(maps[c], interpolation="nearest", **UNIT)
+            ax.set_title(f"channel {c}", fontsize="x-small")
+    unit_bar(fig, shown, tiles, "activation (min-max scaled per channel)")
+    fig.suptitle(title, fontsize="medium")
     return save(fig, path)

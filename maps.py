@@ -3,7 +3,10 @@ token's attention in the last block (heads averaged; attention rollout with
 --rollout), per image and averaged over --n test images as in Figs. 7-10; for a
 CNN, the feature maps after the first convolution (Figs. 5-6) and Grad-CAM for
 the predicted class. Two checkpoints (e.g. supervised and CASS) are also shown
-side by side.
+side by side. Written to --out (figures.py draws them): <name>/<image>.png, each
+image beside its map; <name>_mean.png, the map averaged over the images listed
+in images.txt; <name>_first_conv.png (CNNs); compare.png, both averages on one
+scale, when both checkpoints have one (a headless CNN has no Grad-CAM).
 
     python maps.py --ckpt runs/<run>/finetune-vit-frac1/model_seed0.pt --n 30 --out runs/maps
     python maps.py --ckpt supervised/model_seed0.pt cass/model_seed0.pt --n 30 --out runs/maps
@@ -16,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 import checkpoint
-import plots
+import figures
 import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError
@@ -98,14 +100,6 @@ def first_conv_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return unit_range(out.flatten(0, 1)).view_as(out)
 
 
-def channel_grid(maps: torch.Tensor, count: int = 16) -> Image.Image:
-    """The first `count` channel maps of one image (C, h, w) as a 4-column grid of colour tiles."""
-    tiles = [plots.colorize(m.cpu().numpy()) for m in maps[:count]]
-    rows = [np.concatenate(tiles[i:i + 4] + [np.zeros_like(tiles[0])] * (4 - len(tiles[i:i + 4])), axis=1)
-            for i in range(0, len(tiles), 4)]
-    return Image.fromarray(np.concatenate(rows, axis=0)).resize((256, 64 * len(rows)), Image.NEAREST)
-
-
 def draw_images(index: DataIndex, ids: list[int], n: int, seed: int) -> list[int]:
     """`n` of `ids` drawn at random (seeded), as App. C.4 does; for single-label
     data each class gets its share of the draw (largest remainders), so the
@@ -137,27 +131,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path, device) -> np.ndarray:
-    """Write one checkpoint's per-image overlays and averaged heat map; return the (h, w) average."""
+def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path,
+                   device) -> tuple[str, np.ndarray] | None:
+    """Write one checkpoint's per-image overlays and averaged heat map; return
+    (what the map shows, the (h, w) average), None for a CNN without a head."""
     model = from_checkpoint(ckpt).to(device).eval()
     dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"], intensity=ckpt.get("intensity", AUTO))
     raw = torch.stack([dataset[i][0] for i in range(len(ids))]).to(device)
     x = normalise(raw, ckpt["mean"], ckpt["std"])
+    images = raw.permute(0, 2, 3, 1).cpu().numpy()
     if is_transformer(ckpt["arch"]):
-        kind, maps = "attention rollout" if args.rollout else "class-token attention", vit_attention(model, x,
-                                                                                                  args.rollout)
+        kind = "attention rollout" if args.rollout else "class-token attention"
+        maps = vit_attention(model, x, args.rollout)
     else:
-        plots.save(channel_grid(first_conv_maps(model, x[:1])[0]), out / f"{name}_first_conv.png")
+        channels = first_conv_maps(model, x[:1])[0].cpu().numpy()
+        figures.channel_figure(images[0], channels[:16], f"{name}: {dataset.paths[0]}\nafter the first convolution, "
+                               f"the first {min(16, len(channels))} of {len(channels)} channels",
+                               out / f"{name}_first_conv.png")
         if ckpt["num_classes"] == 0:
             print(f"{name}: no classifier head (a DINO backbone), so no Grad-CAM; first-conv maps only")
-            return np.zeros((1, 1))
-        kind, maps = "Grad-CAM", grad_cam(model, x)
-    images = raw.permute(0, 2, 3, 1).cpu().numpy()
+            return None
+        kind, maps = "Grad-CAM of the predicted class", grad_cam(model, x)
     for path, image, m in zip(dataset.paths, images, maps.cpu().numpy()):
-        plots.save(Image.fromarray(plots.overlay(image, m)), out / name / (Path(path).stem + ".png"))
+        figures.overlay_figure(image, m, kind, f"{name}: {path}", out / name / (Path(path).stem + ".png"))
     average = unit_range(maps.mean(0, keepdim=True))[0].cpu().numpy()
-    plots.save(plots.heatmap(average, f"{name}: {kind}, mean of {len(ids)}"), out / f"{name}_mean.png")
-    return average
+    figures.heatmap_figure({name: (kind, average)}, f"mean over the {len(ids)} images of images.txt",
+                           out / f"{name}_mean.png")
+    return kind, average
 
 
 def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -176,11 +176,12 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "images.txt").write_text("".join(index.paths[i] + "\n" for i in ids))  # what the averages are of
     names = [f"{i}_{Path(p).parent.name}_{Path(p).stem}" for i, p in enumerate(args.ckpt)]
-    averages = {name: map_checkpoint(c, name, index, ids, args, out, device) for name, c in zip(names, ckpts)}
-    if len(averages) == 2:
-        plots.save(plots.panels([(n, plots.heatmap(a, "")) for n, a in averages.items()]), out / "compare.png")
+    drawn = {name: found for name, c in zip(names, ckpts)
+             if (found := map_checkpoint(c, name, index, ids, args, out, device))}
+    if len(drawn) == 2:
+        figures.heatmap_figure(drawn, f"mean over the same {len(ids)} images (images.txt)", out / "compare.png")
     print(f"maps of {len(ids)} images written to {out}")
-    return averages
+    return {name: average for name, (_, average) in drawn.items()}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""predict.py, kNN monitor, attention / feature maps, report.py."""
+"""predict.py, feature extraction and the kNN monitor, attention / feature maps, report.py."""
 import csv
 import json
 from pathlib import Path
@@ -7,17 +7,20 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
+import checkpoint
 import finetune
 import knn
-from models import knn_accuracy
+from models import checkpoint_features, extract_features, knn_accuracy
 import maps
 import predict
 import pretrain_cass
 import report
 from conftest import TINY
-from data import DataIndex
+from data import DataIndex, index_data
 from errors import UserError
+from splits import select
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,28 @@ def test_knn_votes_by_hand():
     assert knn_accuracy((train, labels), (query, torch.tensor([0, 0])), num_classes=2, k=2, temperature=0.5) == 0.5
     # k = 3 at T = 100: every vote weighs about 1, and class 0 has two of the three
     assert knn_accuracy((train, labels), (query, torch.tensor([0, 0])), num_classes=2, k=3, temperature=100) == 1.0
+    # cosine similarity: features of any length vote as their directions do. Raw dot products would make
+    # the long [60, 0] query 0's nearest and score 0.5 here
+    long = train * torch.tensor([[60.0], [1.0], [1.0]])
+    assert knn_accuracy((long, labels), (query * 7, torch.tensor([1, 0])), num_classes=2, k=2, temperature=0.5) == 1.0
+
+
+def test_extract_features_are_the_pre_logits_in_eval_mode_and_leave_the_mode_alone():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4)  # BatchNorm: train and eval mode differ
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    loader = [(images[:3], torch.tensor([0, 1, 2])), (images[3:], torch.tensor([3, 0]))]
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    model.train()
+    feats, targets = extract_features(model, loader, mean, std, torch.device("cpu"), None)
+    assert model.training  # restored for the training loop that called it
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        by_hand = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    assert feats.dtype == torch.float32 and feats.device.type == "cpu" and feats.shape == (5, model.num_features)
+    torch.testing.assert_close(feats, by_hand, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats.norm(dim=1), torch.ones(5))  # raw features, not L2-normalised
+    assert targets.tolist() == [0, 1, 2, 3, 0]
 
 
 def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
@@ -45,8 +70,14 @@ def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
                                                        "--epochs", "2", "--knn-every", "2", *TINY]))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "knn_cnn" not in log[0] and 0 <= log[1]["knn_cnn"] <= 1 and 0 <= log[1]["knn_vit"] <= 1
-    acc = knn.main(knn.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--workers", "0"]))
+    acc = knn.main(knn.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--workers", "0", "--k", "5"]))
     assert 0.25 < acc <= 1  # better than chance on the four learnable demo classes
+    # the script's number is knn_accuracy over the checkpoint's train and val features, k as asked
+    ckpt = checkpoint.load(cass_run / "vit.pt", kind="model")
+    index = index_data(ckpt["data"])
+    train, val = (checkpoint_features(ckpt, index, select(index, ckpt["splits"])[name], torch.device("cpu"), 64, 0)
+                  for name in ("train", "val"))
+    assert acc == knn_accuracy(train, val, len(index.classes), k=5)
 
 
 def test_knn_works_on_fine_tuned_checkpoints_which_carry_their_split(finetuned, cass_run):
@@ -121,13 +152,29 @@ def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_pa
                                           "--out", str(tmp_path), "--workers", "0"]))
     vit_name, cnn_name = list(averages)
     assert averages[vit_name].shape == (2, 2) and averages[vit_name].max() == pytest.approx(1)
-    assert len(list((tmp_path / vit_name).glob("*.png"))) == 4
-    for png in (f"{vit_name}_mean.png", f"{cnn_name}_mean.png", f"{cnn_name}_first_conv.png", "compare.png"):
-        assert (tmp_path / png).stat().st_size > 0, png
+    assert len(list((tmp_path / vit_name).glob("*.png"))) == len(list((tmp_path / cnn_name).glob("*.png"))) == 4
+    size = {png: Image.open(tmp_path / png).size for png in (
+        f"{vit_name}_mean.png", f"{cnn_name}_mean.png", f"{cnn_name}_first_conv.png", "compare.png",
+        next((tmp_path / vit_name).glob("*.png")).relative_to(tmp_path))}
+    assert all(w >= 400 and h >= 300 for w, h in size.values()), size  # figures with titles and a colour bar
+    assert size["compare.png"][0] > 1.5 * size[f"{vit_name}_mean.png"][0]  # two maps side by side
     drawn = (tmp_path / "images.txt").read_text().split()
     test = torch.load(finetuned[1], weights_only=True)["splits"]["test"]
     assert len(drawn) == 4 and set(drawn) <= set(test)  # test images only, listed next to the PNGs
     assert drawn != sorted(test)[:4]  # a random draw, not the first files of one class
+
+
+def test_maps_of_a_headless_cnn_are_first_conv_maps_only_and_nothing_to_compare(cass_run, finetuned, tmp_path):
+    backbone = torch.load(cass_run / "cnn.pt", weights_only=True)  # made headless, as DINO saves its backbones
+    backbone["num_classes"] = 0
+    del backbone["state_dict"]["fc.weight"], backbone["state_dict"]["fc.bias"]
+    (tmp_path / "dino").mkdir()
+    torch.save(backbone, tmp_path / "dino" / "cnn.pt")
+    averages = maps.main(maps.parse_args(["--ckpt", str(tmp_path / "dino" / "cnn.pt"), str(finetuned[1]), "--n", "2",
+                                          "--out", str(tmp_path / "maps"), "--workers", "0"]))
+    assert list(averages) == ["1_finetune-vit-frac1_model_seed0"]  # no head, so no Grad-CAM to average
+    assert (tmp_path / "maps" / "0_dino_cnn_first_conv.png").is_file()
+    assert not (tmp_path / "maps" / "0_dino_cnn_mean.png").exists() and not (tmp_path / "maps" / "compare.png").exists()
 
 
 def test_maps_draw_follows_the_class_distribution_and_the_seed():

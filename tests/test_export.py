@@ -117,7 +117,7 @@ def test_embeddings_are_pre_logit_features_row_aligned_with_the_csv(cass_run, de
     k = 37  # in the sixth batch of 7, not the first
     x = normalise(to_chw(load_resized(demo_data / rows[k]["path"], ckpt["img_size"]))[None], ckpt["mean"], ckpt["std"])
     with torch.no_grad():
-        by_hand = embed.pre_logits(model)(x)[0].numpy()
+        by_hand = model.forward_head(model.forward_features(x), pre_logits=True)[0].numpy()
     np.testing.assert_allclose(feats[k], by_hand, rtol=1e-4, atol=1e-5)
 
 
