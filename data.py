@@ -1,5 +1,5 @@
-"""What is on disk: the images, labels and groups of a data set, which of them can be read, and a
-fingerprint of each image's pixels. How they are split is splits.py; how pixels reach a model, pixels.py.
+"""What is on disk: the images, labels and groups of a data set, and which of them can be read. How
+they are split is splits.py; how pixels reach a model, pixels.py; DICOM files, dicom.py.
 
 Three layouts are read (see README, "Data layouts"):
   1. DIR/<class>/**/*.jpg             class folders (or a flat folder: unlabelled)
@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -26,18 +27,13 @@ from tqdm import tqdm
 
 from errors import UserError
 
-try:  # optional: only .dcm files need it (pixels.py reads them the same way)
-    import pydicom
-except ImportError:
-    pydicom = None
-
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 SPLIT_RATIOS = {"train": 0.7, "val": 0.1, "test": 0.2}  # Sec. 4.1 / App. C
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
 # Larger files are skipped with a reason. This is where Pillow's own guard against decompression
 # bombs turns from a warning into an error; Pillow's global limit is left as it is.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-NO_PYDICOM = "reading DICOM needs pydicom 3 or later: pip install -U 'pydicom>=3'"
+Fingerprint = Callable[[np.ndarray], list]  # an image's decoded pixels -> what the duplicate check compares
 
 
 @dataclass
@@ -54,7 +50,7 @@ class DataIndex:
     given_split: dict[str, list[int]] | None = None
     skipped: list[dict] = field(default_factory=list)
     groups: list[str] | None = None
-    prints: list[list] | None = None  # each image's `fingerprint`, when index_data was asked for them
+    prints: list | None = None  # what index_data's `fingerprint` made of each image, when it was given one
 
     @property
     def labelled(self) -> bool:
@@ -190,12 +186,15 @@ def _index_csv(csv_path: Path, group_col: str | None) -> DataIndex:
 
 
 def index_data(data: str | Path, workers: int = 2, check_images: bool = True, memo_dir: str | Path | None = None,
-               group_col: str | None = None, fingerprints: bool = False) -> DataIndex:
+               group_col: str | None = None, fingerprint: Fingerprint | None = None,
+               fingerprints: bool = False) -> DataIndex:
     """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
     folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
-    decode (all .dcm files without pydicom). `fingerprints`: decode every pixel (no draft mode) and keep
-    each image's `fingerprint` in `prints`, for splits.duplicate_sets. With `memo_dir` the verdicts
-    are kept there (see `keyed_path`), so later runs on unchanged files do not decode them again."""
+    decode (all .dcm files without pydicom). `fingerprint` (e.g. fingerprints.fingerprint, the duplicate
+    check): decode every pixel (no draft mode) and keep what it makes of each image's pixels in
+    `prints`. With `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged
+    files do not decode them again. `fingerprints=True` is finetune.py's older spelling of
+    fingerprint=fingerprints.fingerprint, kept until it passes the function."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -209,10 +208,14 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True, me
         _report_ignored(path)
         index = _index_split_folders(path) if (path / "train").is_dir() else _index_folder(path)
         index.groups = _groups_csv(path / "groups.csv", index.paths) if (path / "groups.csv").is_file() else None
-    index = _drop_unreadable(index, without_pydicom(index.paths))
-    if check_images or fingerprints:
-        verdicts = _check(index, workers, memo_dir, fingerprints)
-        index.prints = verdicts if fingerprints else None  # the unreadable ones' reasons go next
+    if any(p.lower().endswith(".dcm") for p in index.paths):
+        from dicom import without_pydicom  # only DICOM files need it
+        index = _drop_unreadable(index, without_pydicom(index.paths))
+    if fingerprints:
+        from fingerprints import fingerprint
+    if check_images or fingerprint:
+        verdicts = _check(index, workers, memo_dir, fingerprint)
+        index.prints = verdicts if fingerprint else None  # the unreadable ones' reasons go next
         index = _drop_unreadable(index, [v if isinstance(v, str) else None for v in verdicts])
     print(f"data: {index.describe()}", flush=True)
     for item in index.skipped[:10]:
@@ -232,14 +235,6 @@ def _groups_csv(path: Path, paths: list[str]) -> list[str] | None:
     return [given.get(p) or p for p in paths]
 
 
-def without_pydicom(paths: list[str]) -> list[str | None]:
-    """Why each of `paths` cannot be read for want of pydicom (None: it can), announced in one line."""
-    reasons = [NO_PYDICOM if pydicom is None and p.lower().endswith(".dcm") else None for p in paths]
-    if any(reasons):
-        print(f"note: {sum(map(bool, reasons))} .dcm files found but skipped: {NO_PYDICOM}", flush=True)
-    return reasons
-
-
 def _report_ignored(root: Path) -> None:
     """Print how many files under `root` (dot-files aside) a folder layout passes over, by extension:
     a wrong extension (DICOMs without .dcm, say) never leaves a folder silently empty."""
@@ -250,50 +245,33 @@ def _report_ignored(root: Path) -> None:
         print(f"ignored {counts.total()} files: " + ", ".join(f"{ext} {n}" for ext, n in counts.most_common()))
 
 
-# ------------------------------------------------- readability, fingerprints
+# ------------------------------------------------------------- readability
 PLAIN_MODES = ("L", "LA", "RGB", "RGBA", "I", "I;16", "F")  # Pillow modes whose values are the pixels
-_DCT = np.cos(np.pi * np.arange(32)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)  # DCT-II, (freq, pos)
 
 
 def unreadable_reason(path: Path) -> str | None:
     """None if the whole file decodes (DICOM: through pydicom), else why not. JPEG decodes
     in draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
-    return _look(path, fingerprinted=False)
+    return _look(path, fingerprint=None)
 
 
-def _look(path: Path, fingerprinted: bool) -> str | list | None:
-    """Why `path` cannot be read; else None, or with `fingerprinted` its `fingerprint` (a full decode)."""
+def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
+    """Why `path` cannot be read; else None, or with `fingerprint` what it makes of every decoded pixel."""
     try:
         if path.suffix.lower() == ".dcm":
-            pixels = pydicom.dcmread(path).pixel_array  # decodes every frame: a truncated file raises
+            from dicom import stored_values  # only DICOM files need it
+            pixels = stored_values(path)
         else:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
-                if not fingerprinted:
+                if not fingerprint:
                     img.draft("RGB", (64, 64))
                 img.load()
-                pixels = np.asarray(img if img.mode in PLAIN_MODES else img.convert("RGB")) if fingerprinted else None
+                pixels = np.asarray(img if img.mode in PLAIN_MODES else img.convert("RGB")) if fingerprint else None
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
-    return fingerprint(pixels) if fingerprinted else None
-
-
-def fingerprint(pixels: np.ndarray) -> list:
-    """[exact, near] of an image's decoded pixels (H, W[, C]) or DICOM frames (F, H, W[, C]): a hash of
-    every value (equal: the same pixels) and a 64-bit perceptual hash, the 8x8 lowest 2-D DCT frequencies
-    of a 32x32 grey thumbnail above their median (a few bits apart: one picture resized, recompressed or
-    re-exposed; see splits.duplicate_sets)."""
-    exact = hashlib.blake2b(f"{pixels.shape} {pixels.dtype}".encode(), digest_size=16)
-    exact.update(np.ascontiguousarray(pixels).tobytes())
-    grey = pixels.astype(np.float32)
-    if grey.ndim == 4 or (grey.ndim == 3 and grey.shape[-1] > 4):  # several DICOM frames: the first
-        grey = grey[0]
-    if grey.ndim == 3:  # colour (alpha aside), or grey + alpha
-        grey = grey[..., :3].mean(-1) if grey.shape[-1] >= 3 else grey[..., 0]
-    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize((32, 32), Image.Resampling.BOX))
-    low = (_DCT @ thumb.astype(np.float64) @ _DCT.T)[:8, :8]
-    return [exact.hexdigest(), int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")]
+    return fingerprint(pixels) if fingerprint else None
 
 
 def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:
@@ -315,17 +293,17 @@ def drop_stale(path: Path) -> None:
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
 
 
-def _check(index: DataIndex, workers: int, memo_dir: str | Path | None, fingerprinted: bool) -> list:
+def _check(index: DataIndex, workers: int, memo_dir: str | Path | None, fingerprint: Fingerprint | None) -> list:
     """What `_look` says of each image (a reason, None or a fingerprint), remembered in `memo_dir`."""
-    tag = "fingerprinted" if fingerprinted else "checked"
+    tag = "fingerprinted" if fingerprint else "checked"
     memo = keyed_path(memo_dir, index.root, index.paths, tag) if memo_dir else None
     if memo is not None and memo.is_file():
         known = json.loads(memo.read_text())
         return [known.get(p) for p in index.paths]
-    look = partial(_look, fingerprinted=True) if fingerprinted else unreadable_reason
+    look = partial(_look, fingerprint=fingerprint) if fingerprint else unreadable_reason
     with ThreadPoolExecutor(max(1, workers)) as pool:
         verdicts = list(tqdm(pool.map(look, (index.root / p for p in index.paths)),
-                             total=len(index.paths), desc=f"checking images{' (fingerprints)' * fingerprinted}",
+                             total=len(index.paths), desc=f"checking images{' (fingerprints)' * bool(fingerprint)}",
                              leave=False))
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -27,20 +27,6 @@ def cass_loss(r: torch.Tensor, t: torch.Tensor, eps: float = 1e-12) -> torch.Ten
     return (2 - 2 * cos).mean()
 
 
-def variance_hinge(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """VICReg's variance term (Bardes et al. 2022) on one arm's outputs z (B, D),
-    L2-normalised and scaled by sqrt(D) so that outputs pointing in random
-    directions have a standard deviation of about 1 in every dimension (the
-    `healthy_std` of the collapse signals, in these units): the mean over
-    dimensions of relu(1 - std_d) is 0 when every dimension spreads at least as
-    much as random directions would, and 1 when the whole batch maps to one
-    direction. (VICReg's covariance term is left out: at CASS's batch of 16 and
-    D = 1000 outputs it is about D / B even for random directions and drowns
-    the rest of the loss.)"""
-    z = F.normalize(z.float(), dim=1) * z.shape[1] ** 0.5
-    return F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean()
-
-
 def class_weights(counts: Sequence[int], scheme: str = "minmax") -> torch.Tensor | None:
     """Per-class loss weights from training counts (C,).
 

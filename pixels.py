@@ -1,5 +1,5 @@
 """How pixels reach a model: decoding any image to RGB (16-bit, float and
-DICOM pixels under an intensity setting), the paper's
+DICOM pixels under an intensity setting: intensity.py, dicom.py), the paper's
 augmentations (App. C.5.2), a decode-once cache, the dataset, and loaders whose
 order and augmentations depend only on (seed, epoch, image).
 
@@ -25,31 +25,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-try:  # 3.0 or later: it decodes one frame alone and turns YBR colour into RGB
-    import pydicom
-    import pydicom.pixels
-except ImportError:
-    pydicom = None
-
-
 AUGMENTATIONS = ("paper", "blur", "solarize", "blur+solarize")  # Table 9
 
 
-# ------------------------------------------ intensity settings and DICOM
-# How pixels that are not 8-bit reach 0..255 (`--intensity`), and DICOM files,
-# read through pydicom (optional: only .dcm files need it). 8-bit RGB and
-# grayscale images never pass through a setting. A setting is a plain tuple,
-# so that it pickles into loader workers, loads from a weights_only checkpoint
-# and survives JSON (as a list, which `parse_intensity` takes back):
+# ---------------------------------------------------------- intensity settings
+# How pixels that are not 8-bit reach 0..255 (`--intensity`; the conversion
+# itself is intensity.py, DICOM files dicom.py, imported when such an image is
+# met). 8-bit RGB and grayscale images never pass through a setting. A setting
+# is a plain tuple, so that it pickles into loader workers, loads from a
+# weights_only checkpoint and survives JSON (as a list, which `parse_intensity`
+# takes back):
 #   ("auto",)           DICOM: the file's own VOI window, else min-max; other files: min-max
 #   ("minmax",)         per image: its minimum -> 0, its maximum -> 255
 #   ("percentile",)     per image: the 0.5th..99.5th percentiles, clipped outside
 #   ("window", lo, hi)  fixed, in the image's own units (DICOM: after the rescale, e.g. HU)
 Intensity = tuple
 AUTO: Intensity = ("auto",)
-PERCENTILES = (0.5, 99.5)
-NO_PYDICOM = "reading DICOM needs pydicom 3 or later: pip install -U 'pydicom>=3'"
-_noted: set[str] = set()  # notes already printed by this process: one per run, not one per file
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow modes a plain convert would clip
 
 
 def parse_intensity(value: str | Sequence) -> Intensity:
@@ -65,7 +57,7 @@ def parse_intensity(value: str | Sequence) -> Intensity:
         if np.isfinite([lo, hi]).all() and lo < hi:
             return ("window", lo, hi)
     raise ValueError("intensity must be auto, minmax, percentile or window LO HI (two numbers, LO < HI), "
-                    f"got {' '.join(words)!r}")
+                     f"got {' '.join(words)!r}")
 
 
 class IntensityFlag(argparse.Action):
@@ -86,78 +78,12 @@ def intensity_tag(setting: Intensity) -> str:
     return "" if setting == AUTO else "".join(f"_{word}".replace("-", "m") for word in setting)
 
 
-def to_uint8(values: np.ndarray, setting: Intensity, voi: tuple[float, float] | None = None) -> np.ndarray:
-    """Numbers of any shape -> uint8 under `setting`: <= lo is 0, >= hi is 255,
-    linear between. `voi` is a DICOM file's own window, which `auto` prefers."""
-    values = np.asarray(values, dtype=np.float64)
-    name = setting[0]
-    if name == "window":
-        lo, hi = setting[1], setting[2]
-    elif name == "auto" and voi is not None:
-        lo, hi = voi
-    elif name == "percentile":
-        lo, hi = np.percentile(values, PERCENTILES)
-    elif name in ("auto", "minmax"):
-        lo, hi = values.min(), values.max()
-    else:
-        raise ValueError(f"unknown intensity setting {setting!r}")
-    if hi <= lo:  # a constant image is black; percentiles that meet leave what is above white
-        return np.where(values > lo, 255, 0).astype(np.uint8)
-    return np.rint((np.clip(values, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-# --------------------------------------------------------------------- DICOM
-def _number(ds, keyword: str, default: float | None) -> float | None:
-    """A numeric attribute: its first value when it holds several, `default` when absent or empty."""
-    value = ds.get(keyword)
-    if isinstance(value, pydicom.multival.MultiValue):
-        value = value[0] if len(value) else None
-    return default if value is None or value == "" else float(value)
-
-
-def _voi_window(ds) -> tuple[float, float] | None:
-    """(lo, hi) of the file's first linear VOI window (DICOM PS3.3 C.11.2.1.2:
-    lo, hi = centre - 0.5 -+ (width - 1) / 2), or None without a usable one."""
-    centre, width = _number(ds, "WindowCenter", None), _number(ds, "WindowWidth", None)
-    if centre is None or width is None or width < 1:
-        return None
-    return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
-
-
-def read_dicom(path: Path, setting: Intensity = AUTO) -> Image.Image:
-    """A DICOM file as an RGB image, as a viewer shows it: its first frame (a
-    multi-frame file is noted once per process), the rescale slope and
-    intercept applied (stored values -> e.g. Hounsfield units), then `setting`,
-    then MONOCHROME1 (whose low values display bright) inverted. 8-bit colour
-    stays as it is."""
-    if pydicom is None:
-        raise ImportError(f"{path}: {NO_PYDICOM}")
-    ds = pydicom.dcmread(path)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        if "frames" not in _noted:
-            _noted.add("frames")
-            print(f"note: multi-frame DICOM files are read as their first frame (e.g. {Path(path).name}, "
-                  f"{frames} frames)", flush=True)
-        ds.pixel_array_options(index=0)  # decodes that frame alone
-    stored = ds.pixel_array
-    if int(ds.get("SamplesPerPixel", 1)) == 3:
-        return Image.fromarray(stored if stored.dtype == np.uint8 else to_uint8(stored, setting))
-    slope, intercept, voi = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0), _voi_window(ds)
-    if setting[0] == "auto" and voi is None and stored.dtype == np.uint8 and (slope, intercept) == (1.0, 0.0):
-        gray = stored  # an 8-bit image, kept as a PNG's pixels would be
-    else:
-        gray = to_uint8(stored * slope + intercept, setting, voi)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        gray = 255 - gray
-    return Image.fromarray(gray).convert("RGB")
-
-
 # ---------------------------------------------------------------- decoding
 def to_rgb(img: Image.Image, intensity: Intensity = AUTO) -> Image.Image:
     """Any PIL mode to RGB. 16-bit and float grayscale reach 0..255 by
     `intensity` (a plain convert would clip them); palette/alpha go through RGBA."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in HIGH_BIT_MODES:
+        from intensity import to_uint8  # only 16-bit and float images need it
         img = Image.fromarray(to_uint8(np.asarray(img), intensity))
     elif img.mode == "P" or img.mode == "LA":
         img = img.convert("RGBA")
@@ -167,6 +93,7 @@ def to_rgb(img: Image.Image, intensity: Intensity = AUTO) -> Image.Image:
 def load_image(path: Path, intensity: Intensity = AUTO) -> Image.Image:
     """Any image file, DICOM (.dcm) included, as RGB; `intensity`: see the settings above."""
     if Path(path).suffix.lower() == ".dcm":
+        from dicom import read_dicom  # only DICOM files need it (and pydicom)
         return read_dicom(path, intensity)
     with Image.open(path) as img:
         return to_rgb(ImageOps.exif_transpose(img), intensity)

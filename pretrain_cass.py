@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime as rt
-from data import DataIndex, index_data
+from data import DataIndex
 from errors import UserError
-from losses import cass_loss, variance_hinge
+from losses import cass_loss
 from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
     val_knn_accuracy
 from pixels import ImageDataset, train_augment, train_loader
-from splits import make_splits, mark_duplicates, select
+from splits import select
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -42,33 +42,36 @@ DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
-    rt.add_common_args(p, epochs=100, epochs_source="App. C.5.3")
-    rt.add_pretraining_args(p)
-    p.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
-    p.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
-    p.add_argument("--cnn-weights", help="local file of ImageNet weights for --cnn (offline machines)")
-    p.add_argument("--vit-weights", help="local file of ImageNet weights for --vit (offline machines)")
-    p.add_argument("--lr", type=rt.positive_float, default=1e-3, help="Adam learning rate, both arms (App. C.5.3)")
-    p.add_argument("--cnn-opt", choices=("adam", "sgd"), default="adam",
-                   help="optimiser of the CNN arm (Table 10 ablation: SGD, momentum 0.9)")
-    p.add_argument("--t-max", type=int, default=16, help="cosine annealing T_max (App. C.5.3)")
-    p.add_argument("--eta-min", type=float, default=1e-6, help="cosine annealing minimum lr (App. C.5.3)")
-    p.add_argument("--sched-step", choices=("batch", "epoch"), default="batch",
-                   help="step the cosine schedule every batch (published code) or every epoch")
-    p.add_argument("--swa", action=argparse.BooleanOptionalAction, default=True,
-                   help="stochastic weight averaging (Sec. 3.1)")
-    p.add_argument("--swa-start", type=int, help="first epoch (1-based) averaged; default: last quarter")
-    p.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
-                   help="activation on the logits before the loss (Table 11 ablation)")
-    p.add_argument("--anti-collapse", choices=ANTI_COLLAPSE, default="none",
-                   help="ours, beyond the paper (none = the paper): add VICReg's variance hinge on each arm's "
-                        "outputs (variance), or give each arm a SimSiam predictor that predicts the other arm's "
-                        "stopped output (predictor)")
-    p.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
-    p.add_argument("--predictor-dim", type=rt.positive_int, default=512,
-                   help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
+    g = rt.arg_groups(p)
+    rt.add_common_args(g, epochs=100, epochs_source="App. C.5.3")
+    rt.add_pretraining_args(g)
+    g.paper.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
+    g.paper.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
+    g.paper.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                         help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
+    g.paper.add_argument("--lr", type=rt.positive_float, default=1e-3,
+                         help="Adam learning rate, both arms (App. C.5.3)")
+    g.paper.add_argument("--t-max", type=int, default=16, help="cosine annealing T_max (App. C.5.3)")
+    g.paper.add_argument("--eta-min", type=float, default=1e-6, help="cosine annealing minimum lr (App. C.5.3)")
+    g.paper.add_argument("--sched-step", choices=("batch", "epoch"), default="batch",
+                         help="step App. C.5.3's cosine schedule every batch (published code) or every epoch")
+    g.paper.add_argument("--swa", action=argparse.BooleanOptionalAction, default=True,
+                         help="stochastic weight averaging (Sec. 3.1)")
+    g.paper.add_argument("--swa-start", type=int,
+                         help="first epoch (1-based) averaged (Sec. 3.1 gives none); default: last quarter")
+    g.ablations.add_argument("--cnn-opt", choices=("adam", "sgd"), default="adam",
+                             help="optimiser of the CNN arm (Table 10 ablation: SGD, momentum 0.9)")
+    g.ablations.add_argument("--head-act", choices=tuple(HEAD_ACTS), default="none",
+                             help="activation on the logits before the loss (Table 11 ablation)")
+    g.ours.add_argument("--anti-collapse", choices=ANTI_COLLAPSE, default="none",
+                        help="none = the paper; add VICReg's variance hinge on each arm's outputs (variance), or "
+                             "give each arm a SimSiam predictor that predicts the other arm's stopped output "
+                             "(predictor): anticollapse.py")
+    g.ours.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
+    g.ours.add_argument("--predictor-dim", type=rt.positive_int, default=512,
+                        help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
+    g.running.add_argument("--cnn-weights", help="local file of ImageNet weights for --cnn (offline machines)")
+    g.running.add_argument("--vit-weights", help="local file of ImageNet weights for --vit (offline machines)")
     return rt.parse_pretraining(p, argv, DEMO_MODELS)
 
 
@@ -114,9 +117,8 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     net = torch.compile(net) if cfg.compile else net
     predictor = None
     if cfg.anti_collapse == "predictor":
-        d, h = model.num_classes, cfg.predictor_dim
-        predictor = nn.Sequential(nn.Linear(d, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
-                                  nn.Linear(h, d)).to(device)
+        from anticollapse import predictor  # ours, beyond the paper: only the option needs it
+        predictor = predictor(model.num_classes, cfg.predictor_dim).to(device)
     params = [*model.parameters(), *(predictor.parameters() if predictor else [])]
     if name == "cnn" and cfg.cnn_opt == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
@@ -146,18 +148,11 @@ def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool
 
 
 def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.Namespace) -> torch.Tensor:
-    """The loss the step minimises: Eq. 1 for the paper (--anti-collapse none);
-    with `variance` plus each arm's variance hinge (losses.variance_hinge);
-    with `predictor`, SimSiam's symmetric form: each arm's predictor output
-    against the other arm's output with its gradient stopped."""
-    mode = cfg.anti_collapse
-    if mode == "predictor":
-        cnn, vit = arms
-        return 0.5 * (cass_loss(cnn.pred_net(r), t.detach()) + cass_loss(vit.pred_net(t), r.detach()))
-    loss = cass_loss(r, t)
-    if mode == "variance":
-        loss = loss + cfg.variance_weight * (variance_hinge(r) + variance_hinge(t))
-    return loss
+    """The loss the step minimises: Eq. 1, the paper's (--anti-collapse none), or one of ours."""
+    if cfg.anti_collapse == "none":
+        return cass_loss(r, t)
+    from anticollapse import objective as ours  # only the option needs it
+    return ours(r, t, cfg.anti_collapse, cfg.variance_weight, [arm.pred_net for arm in arms])
 
 
 def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
@@ -242,21 +237,24 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
     device = rt.start_distributed(args.device)
+    rt.set_threads(args.threads, args.workers)
     cfg, state = rt.run_settings(args, "cass")
+    if cfg.demo:
+        rt.write_demo_data(cfg)
     validate(cfg)
-    out, dtype = rt.prepare_run(cfg, device)
+    rt.print_args(cfg)
+    out = rt.make_run_folder(cfg)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
+    rt.seed_everything(cfg.seed)
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
     if rt.is_main():  # weights, Adam's two moments and the SWA average
         rt.check_disk(out, [arm.model for arm in arms], copies=4)
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
-    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
-                       group_col=cfg.group_col, fingerprints=True)
-    splits = state["splits"] if state else \
-        mark_duplicates(index, make_splits(index, cfg.seed, together=cfg.duplicates == "together"))
+    index = rt.index_and_fingerprint(cfg)
+    splits = state["splits"] if state else rt.new_split(index, cfg)
     parts = select(index, splits)
     cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None
@@ -265,16 +263,13 @@ def main(args: argparse.Namespace) -> Path:
                           cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():
-        rt.write_run_files(out, cfg, index, splits)
+        rt.write_splits(out, index, splits, seed=cfg.seed)
 
-    # ---- resume
+    # ---- precision, resume
+    dtype = rt.amp_dtype(cfg.amp, device)
     scaler = rt.grad_scaler(device, dtype)
     saved = {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}
-    if state:
-        checkpoint.restore(saved, state)
-    start = state["epoch"] if state else 0
-    if rt.is_main():
-        checkpoint.keep_log_until(out / "log.jsonl", start)
+    start = rt.resume_at(state, saved, out)
 
     # ---- the epoch loop
     with rt.stop_cleanly(out):

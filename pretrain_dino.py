@@ -23,14 +23,13 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime as rt
-from data import DataIndex, index_data
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
 from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
                     prepare_for_training, val_knn_accuracy)
 from pixels import ImageDataset, train_loader
-from splits import make_splits, mark_duplicates, select
+from splits import select
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
@@ -48,37 +47,43 @@ DEMO_MODELS = dict(arch="test_resnet", out_dim=4096)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
-    rt.add_common_args(p, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
-                       img_size_help="global crop size; the fine-tuning input size", aug=False)
-    rt.add_pretraining_args(p)
-    p.add_argument("--arch", default="resnet50", help="timm model name (the paper: resnet50, vit_base_patch16_384)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
-    p.add_argument("--weights", help="local file of ImageNet weights for --arch (offline machines)")
-    p.add_argument("--out-dim", type=rt.positive_int, default=65536, help="K, the head's output dimension")
-    p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="number of local crops")
-    p.add_argument("--local-size", type=rt.positive_int,
-                   help="local crop size (default: 96 * img-size / 224, a multiple of 16)")
-    p.add_argument("--global-scale", type=float, nargs=2, help="global crop scale range (default: by recipe)")
-    p.add_argument("--local-scale", type=float, nargs=2, help="local crop scale range (default: by recipe)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: adamw for Transformers, sgd for CNNs")
-    p.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by the global batch / 256 "
-                   "(default: 5e-4 AdamW for Transformers, 0.03 SGD for CNNs)")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine schedule")
-    p.add_argument("--warmup-epochs", type=rt.non_negative_int, default=10, help="linear lr warm-up (clipped to run)")
-    p.add_argument("--weight-decay", type=float, help="start of the weight-decay cosine (0.04 ViT, 1e-4 CNN)")
-    p.add_argument("--weight-decay-end", type=float, help="end of the weight-decay cosine (0.4 ViT, 1e-4 CNN)")
-    p.add_argument("--momentum-teacher", type=float, default=0.996,
-                   help="teacher EMA momentum, cosine to 1 (the authors advise 0.9995 for small batches)")
-    p.add_argument("--teacher-temp", type=rt.positive_float, default=0.07, help="final teacher temperature")
-    p.add_argument("--warmup-teacher-temp", type=rt.positive_float, default=0.04, help="initial teacher temperature")
-    p.add_argument("--warmup-teacher-temp-epochs", type=rt.non_negative_int, default=30,
-                   help="epochs of linear teacher-temperature warm-up (clipped to the run)")
-    p.add_argument("--drop-path", type=float,
-                   help="the student's stochastic depth; the teacher has none (0.1 for Transformers, 0 for CNNs)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm cap (0: off)")
-    p.add_argument("--freeze-last-layer", type=rt.non_negative_int, default=1,
-                   help="epochs during which the head's last layer is not updated")
+    g = rt.arg_groups(p)
+    rt.add_common_args(g, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
+                       img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
+    rt.add_pretraining_args(g)
+    # The CASS paper runs DINO with its official recipe (Caron et al. 2021, and the repository's README)
+    recipe = g.paper
+    recipe.add_argument("--arch", default="resnet50",
+                        help="timm model name (Sec. 4.2: resnet50, vit_base_patch16_384)")
+    recipe.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
+    recipe.add_argument("--out-dim", type=rt.positive_int, default=65536, help="K, the head's output dimension")
+    recipe.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="number of local crops")
+    recipe.add_argument("--local-size", type=rt.positive_int,
+                        help="local crop size (default: 96 * img-size / 224, a multiple of 16)")
+    recipe.add_argument("--global-scale", type=float, nargs=2, help="global crop scale range (default: by recipe)")
+    recipe.add_argument("--local-scale", type=float, nargs=2, help="local crop scale range (default: by recipe)")
+    recipe.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: adamw for Transformers, sgd for CNNs")
+    recipe.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by the global batch / "
+                        "256 (default: 5e-4 AdamW for Transformers, 0.03 SGD for CNNs)")
+    recipe.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine schedule")
+    recipe.add_argument("--warmup-epochs", type=rt.non_negative_int, default=10,
+                        help="linear lr warm-up (clipped to run)")
+    recipe.add_argument("--weight-decay", type=float, help="start of the weight-decay cosine (0.04 ViT, 1e-4 CNN)")
+    recipe.add_argument("--weight-decay-end", type=float, help="end of the weight-decay cosine (0.4 ViT, 1e-4 CNN)")
+    recipe.add_argument("--momentum-teacher", type=float, default=0.996,
+                        help="teacher EMA momentum, cosine to 1 (the authors advise 0.9995 for small batches)")
+    recipe.add_argument("--teacher-temp", type=rt.positive_float, default=0.07, help="final teacher temperature")
+    recipe.add_argument("--warmup-teacher-temp", type=rt.positive_float, default=0.04,
+                        help="initial teacher temperature")
+    recipe.add_argument("--warmup-teacher-temp-epochs", type=rt.non_negative_int, default=30,
+                        help="epochs of linear teacher-temperature warm-up (clipped to the run)")
+    recipe.add_argument("--drop-path", type=float,
+                        help="the student's stochastic depth; the teacher has none (0.1 for Transformers, 0 for CNNs)")
+    recipe.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm cap (0: off)")
+    recipe.add_argument("--freeze-last-layer", type=rt.non_negative_int, default=1,
+                        help="epochs during which the head's last layer is not updated")
+    g.running.add_argument("--weights", help="local file of ImageNet weights for --arch (offline machines)")
     return rt.parse_pretraining(p, argv, DEMO_MODELS)
 
 
@@ -105,7 +110,9 @@ def validate(cfg: argparse.Namespace) -> None:
 
 def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, MultiCropNet, list, list]:
     """Student and teacher (same start, no gradient for the teacher, no
-    stochastic depth in the teacher, as in the official code), input mean and std."""
+    stochastic depth in the teacher, as in the official code), input mean and
+    std. Seeded first: the head's (and a random init's) draws follow --seed."""
+    rt.seed_everything(cfg.seed)
     extra = {"dynamic_img_size": True} if is_transformer(cfg.arch) else {}  # local crops are smaller
     nets = []
     for drop_path in (cfg.drop_path, 0.0):
@@ -231,10 +238,14 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
     device = rt.start_distributed(args.device)
+    rt.set_threads(args.threads, args.workers)
     cfg, state = rt.run_settings(args, "dino")
+    if cfg.demo:
+        rt.write_demo_data(cfg)
     cfg = with_recipe(cfg)
     validate(cfg)
-    out, dtype = rt.prepare_run(cfg, device)
+    rt.print_args(cfg)
+    out = rt.make_run_folder(cfg)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     student, teacher, mean, std = build(cfg, device)
@@ -243,10 +254,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- data: the train split only; crops come from the original image, or from a
     # cached copy whose longer side is 2 x img-size
-    index = index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
-                       group_col=cfg.group_col, fingerprints=True)
-    splits = state["splits"] if state else \
-        mark_duplicates(index, make_splits(index, cfg.seed, together=cfg.duplicates == "together"))
+    index = rt.index_and_fingerprint(cfg)
+    splits = state["splits"] if state else rt.new_split(index, cfg)
     parts = select(index, splits)
     cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None
@@ -260,20 +269,17 @@ def main(args: argparse.Namespace) -> Path:
                           seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():
-        rt.write_run_files(out, cfg, index, splits)
+        rt.write_splits(out, index, splits, seed=cfg.seed)
 
-    # ---- optimiser, loss, schedules, resume
+    # ---- optimiser, loss, schedules, precision, resume
     opt, loss_fn = optimizer_and_loss(cfg, student, device)
+    dtype = rt.amp_dtype(cfg.amp, device)
     student_step, teacher_step = rt.ddp(student, device), rt.sync_batchnorm(teacher, device)
     if cfg.compile:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
     run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, rt.grad_scaler(device, dtype),
                    schedules(cfg, len(loader), rt.world_size()), mean, std)
-    if state:
-        checkpoint.restore(run.parts(), state)
-    start = state["epoch"] if state else 0
-    if rt.is_main():
-        checkpoint.keep_log_until(out / "log.jsonl", start)
+    start = rt.resume_at(state, run.parts(), out)
 
     # ---- the epoch loop
     with rt.stop_cleanly(out):

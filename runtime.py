@@ -1,7 +1,7 @@
-"""How a stage script starts and runs: its flags, the device, precision and
-torchrun process group, seeding, the settings of a pretraining run (fresh,
-demo or resumed) and the guards around its epoch loop. The loops themselves
-live in the stage scripts."""
+"""How a stage script starts and runs: its flags (in --help's four groups), the
+device, precision and torchrun process group, seeding, the settings, folder,
+data and split of a pretraining run (fresh, demo or resumed), and the guards
+around its epoch loop. The loops themselves live in the stage scripts."""
 from __future__ import annotations
 
 import argparse
@@ -11,24 +11,22 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 
 import checkpoint
-from data import DataIndex, drop_stale, keyed_path
+from data import DataIndex, drop_stale, index_data, keyed_path
 from errors import UserError
 from pixels import AUGMENTATIONS, AUTO, ImageCache, Intensity, IntensityFlag, intensity_tag, open_cache
+from splits import make_splits
 
 T = TypeVar("T")
-# What --demo puts in place of the paper's defaults (explicit flags still win);
-# each pretraining script adds its tiny timm models.
-DEMO_SETTINGS = dict(img_size=64, epochs=5, bs=16, pretrained=False, knn_every=1)
 MAX_NONFINITE = 10  # consecutive skipped fp16 steps before a run is stopped
 
 
@@ -63,65 +61,83 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_common_args(p: argparse.ArgumentParser, *, epochs: int, epochs_source: str, img_size: int | None = 384,
-                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True,
-                    seed: bool = True) -> None:
-    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something)."""
-    p.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
-    p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
-    p.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
-    p.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
-    p.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)
+@dataclass
+class ArgGroups:
+    """A stage script's flags as --help shows them: by where each default comes from."""
+    paper: argparse._ArgumentGroup  # each default names its section of the paper
+    ablations: argparse._ArgumentGroup  # what the paper's ablation tables vary
+    ours: argparse._ArgumentGroup
+    running: argparse._ArgumentGroup  # where and how a run executes: results do not depend on them
+
+
+def arg_groups(p: argparse.ArgumentParser) -> ArgGroups:
+    return ArgGroups(p.add_argument_group("the paper's settings"), p.add_argument_group("the paper's ablations"),
+                     p.add_argument_group("ours, beyond the paper"), p.add_argument_group("running"))
+
+
+def add_common_args(groups: ArgGroups | argparse.ArgumentParser, *, epochs: int, epochs_source: str,
+                    img_size: int | None = 384, img_size_help: str = "square input size (App. C.5.2)",
+                    aug: bool = True, seed: bool = True) -> None:
+    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something).
+    A parser (finetune.py's call until it makes the groups itself) gets `arg_groups` of its own."""
+    g = arg_groups(groups) if isinstance(groups, argparse.ArgumentParser) else groups
+    g.running.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
+    g.running.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    g.paper.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
+    g.paper.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
+    g.paper.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)
     if aug:
-        p.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
-                       help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
-    p.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO,
-                   metavar=("MODE", "LO HI"),
-                   help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
-                        "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
-                        "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (README)")
-    p.add_argument("--norm", choices=("model", "imagenet"), default="model",
-                   help="input normalisation: what each model's weights expect, or ImageNet "
-                        "statistics for every model as in App. C.5.2")
+        g.ablations.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
+                                 help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
+    g.ours.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO, metavar=("MODE", "LO HI"),
+                        help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
+                             "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
+                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (README)")
+    g.ours.add_argument("--norm", choices=("model", "imagenet"), default="model",
+                        help="input normalisation: what each model's weights expect, or ImageNet "
+                             "statistics for every model as in App. C.5.2")
     if seed:
-        p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
-    p.add_argument("--group-col", metavar="COL",
-                   help="labels CSV column naming each image's group (patient, lesion): a group is never split "
-                        "across train/val/test; folder layouts read DIR/groups.csv (columns path, group) instead")
-    p.add_argument("--duplicates", choices=("list", "together"), default="list",
-                   help="images showing one picture twice (same pixels, or resized / recompressed) are counted "
-                        "and listed in splits.json; together: each such set also goes into one split")
-    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading worker processes")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
-    p.add_argument("--threads", type=non_negative_int,
-                   help="CPU threads of the training process (default: the cores left beside the loader "
-                        "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: see README")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
-    p.add_argument("--cache", choices=("on", "off"), default="on",
-                   help="decode and resize every image once into a memory-mapped cache (same pixels)")
-    p.add_argument("--cache-dir", default="runs/cache", help="where image caches live")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models (slow start, faster steps)")
-    p.add_argument("--grad-ckpt", action="store_true",
-                   help="gradient checkpointing (timm): less GPU memory for some extra compute")
+        g.running.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    g.ours.add_argument("--group-col", metavar="COL",
+                        help="labels CSV column naming each image's group (patient, lesion): a group is never "
+                             "split across train/val/test; folder layouts read DIR/groups.csv (columns path, "
+                             "group) instead")
+    g.ours.add_argument("--duplicates", choices=("list", "together"), default="list",
+                        help="images showing one picture twice (same pixels, or resized / recompressed) are "
+                             "counted and listed in splits.json; together: each such set also goes into one split")
+    g.running.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                           help="data-loading worker processes")
+    g.running.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    g.running.add_argument("--threads", type=non_negative_int,
+                           help="CPU threads of the training process (default: the cores left beside the loader "
+                                "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: see README")
+    g.running.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                           help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
+    g.running.add_argument("--cache", choices=("on", "off"), default="on",
+                           help="decode and resize every image once into a memory-mapped cache (same pixels)")
+    g.running.add_argument("--cache-dir", default="runs/cache", help="where image caches live")
+    g.running.add_argument("--compile", action="store_true",
+                           help="torch.compile the models (slow start, faster steps)")
+    g.running.add_argument("--grad-ckpt", action="store_true",
+                           help="gradient checkpointing (timm): less GPU memory for some extra compute")
 
 
-def add_pretraining_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--demo", action="store_true",
-                   help="generate a small image set and default to tiny models (no data, GPU or internet needed)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
-                   "(its own settings are used; only --workers, --threads and --device may change)")
-    p.add_argument("--save-every", type=positive_int, default=1,
-                   help="write last.pt every N epochs (and after the last one)")
-    p.add_argument("--knn-every", type=non_negative_int, default=10,
-                   help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the val "
-                        "split, for labelled single-label data (0: never)")
+def add_pretraining_args(groups: ArgGroups) -> None:
+    groups.running.add_argument("--demo", action="store_true", help="generate a small image set and default to "
+                                "tiny models (no data, GPU or internet needed)")
+    groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                                "(its own settings are used; only --workers, --threads and --device may change)")
+    groups.running.add_argument("--save-every", type=positive_int, default=1,
+                                help="write last.pt every N epochs (and after the last one)")
+    groups.ours.add_argument("--knn-every", type=non_negative_int, default=10,
+                             help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the "
+                                  "val split, for labelled single-label data (0: never)")
 
 
 def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.demo:  # the demo's settings become defaults, so explicit flags still win
+        from demo import DEMO_SETTINGS  # only --demo needs it
         p.set_defaults(**DEMO_SETTINGS, **demo_models)
         args = p.parse_args(argv)
     return args
@@ -243,7 +259,7 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------- pretraining runs
 def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:
     """The run's effective settings (a new namespace; `args` is never changed)
-    and, when resuming, the saved state."""
+    and, when resuming, the saved state. --demo's data is out/data (`write_demo_data`)."""
     if args.resume:
         state = checkpoint.load(Path(args.resume) / "last.pt", kind="resume")
         if state.get("method") != method:
@@ -255,21 +271,26 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
                                          threads=args.threads, resume=args.resume)), state
     if args.demo:
         out = args.out or f"runs/demo-{method}"
-        data = main_first(lambda: make_demo_dataset(Path(out) / "data", seed=args.seed))
-        return argparse.Namespace(**{**vars(args), "data": str(data), "out": out}), None
+        return argparse.Namespace(**{**vars(args), "data": str(Path(out) / "data"), "out": out}), None
     if not args.data:
         raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
     return argparse.Namespace(**{**vars(args), "out": args.out or str(checkpoint.default_out(method))}), None
 
 
-def prepare_run(cfg: argparse.Namespace, device: torch.device) -> tuple[Path, torch.dtype | None]:
-    """Print the settings, set the CPU threads, create the run folder (rank 0),
-    seed; the run folder and the autocast dtype."""
-    print_args(cfg)
-    set_threads(cfg.threads, cfg.workers)
-    out = checkpoint.prepare_out_dir(Path(cfg.out)) if is_main() else Path(cfg.out)
-    seed_everything(cfg.seed)
-    return out, amp_dtype(cfg.amp, device)
+def write_demo_data(cfg: argparse.Namespace) -> None:
+    """--demo: the generated image set at cfg.data (rank 0 writes it, the others wait; a complete
+    earlier copy is kept)."""
+    from demo import make_demo_dataset  # only --demo needs it
+    main_first(lambda: make_demo_dataset(Path(cfg.data), seed=cfg.seed))
+
+
+def make_run_folder(cfg: argparse.Namespace) -> Path:
+    """cfg.out, made by rank 0 and proven writable before any model is built, holding args.json (the settings)."""
+    out = Path(cfg.out)
+    if is_main():
+        checkpoint.prepare_out_dir(out)
+        checkpoint.write_json(out / "args.json", vars(cfg))
+    return out
 
 
 def check_run(cfg: argparse.Namespace) -> None:
@@ -288,11 +309,31 @@ def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
         raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
 
 
-def write_run_files(out: Path, cfg: argparse.Namespace, index: DataIndex, splits: dict[str, list[str]]) -> None:
-    """splits.json (the split as relative paths, the classes, the skipped files) and args.json (the settings)."""
-    checkpoint.write_json(out / "splits.json", {"data": str(index.source), "layout": index.layout, "seed": cfg.seed,
-                                                "classes": index.classes, "skipped": index.skipped, **splits})
-    checkpoint.write_json(out / "args.json", vars(cfg))
+def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
+    """The images of cfg.data, each decoded in full once (no reduced-scale JPEG): files that cannot be
+    read are dropped, the others fingerprinted for the duplicate check (fingerprints.py). With the
+    cache on, the verdicts are kept in --cache-dir, so this happens once per state of the data."""
+    from fingerprints import fingerprint  # the duplicate check, ours: loaded where --duplicates is handled
+    return index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
+                      group_col=cfg.group_col, fingerprint=fingerprint)
+
+
+def new_split(index: DataIndex, cfg: argparse.Namespace) -> dict:
+    """A new seeded split (splits.make_splits, Sec. 4.1) with its duplicate sets listed; with
+    --duplicates together each set is kept in one split."""
+    from fingerprints import duplicate_sets, list_duplicates
+    join = duplicate_sets(index) if cfg.duplicates == "together" else ()
+    return list_duplicates(index, make_splits(index, cfg.seed, join=join))
+
+
+def write_splits(out: Path, index: DataIndex, splits: dict[str, list[str]], **extra) -> None:
+    """splits.json: the data set, its layout, `extra` (e.g. the seed), the classes, the skipped files,
+    each image's group when the data has groups, and the split as relative paths."""
+    record = {"data": str(index.source), "layout": index.layout, **extra, "classes": index.classes,
+              "skipped": index.skipped, **splits}
+    if index.groups and "groups" not in splits:
+        record["groups"] = dict(zip(index.paths, index.groups))
+    checkpoint.write_json(out / "splits.json", record)
 
 
 def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int,
@@ -304,6 +345,18 @@ def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers:
     if is_main():
         drop_stale(folder)
     return cache
+
+
+def resume_at(state: dict | None, parts: dict, out: Path) -> int:
+    """The first epoch to train: 0 for a fresh run; for a resumed one, after its
+    saved state is loaded into `parts` (checkpoint.restore) and the log lines of
+    later epochs are dropped (rank 0)."""
+    if state:
+        checkpoint.restore(parts, state)
+    start = state["epoch"] if state else 0
+    if is_main():
+        checkpoint.keep_log_until(out / "log.jsonl", start)
+    return start
 
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
@@ -339,47 +392,3 @@ def stop_cleanly(out: Path) -> Iterator[None]:
         print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}",
               flush=True)
         raise SystemExit(130) from None
-
-
-# ------------------------------------------------------------- the demo set
-DEMO_CLASSES = ("stripes", "rings", "checks", "blobs")
-DEMO_HUES = np.array([[220, 60, 60], [60, 200, 60], [70, 90, 230], [230, 200, 50]], dtype=float)
-
-
-def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) float pattern in [0, 1]; position, scale and angle vary per image."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    cx, cy = rng.uniform(0.2, 0.8, 2)
-    freq = rng.uniform(4, 9)
-    if kind == "stripes":
-        angle = rng.uniform(0, np.pi)
-        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-    if kind == "rings":
-        return 0.5 + 0.5 * np.sin(2 * np.pi * freq * np.hypot(xx - cx, yy - cy))
-    if kind == "checks":
-        return ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(float)
-    blobs = np.zeros((size, size))
-    for bx, by, r in rng.uniform([0, 0, 0.05], [1, 1, 0.15], (4, 3)):
-        blobs += np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * r**2))
-    return np.clip(blobs, 0, 1)
-
-
-def make_demo_dataset(root: Path, per_class: int = 40, size: int = 96, seed: int = 0) -> Path:
-    """Write `per_class` images of each of four learnable texture classes to
-    root/<class>/ (PNG and JPEG alternately; a texture in a class tint over a
-    dark random background) and return root. Reuses a complete earlier copy."""
-    root = Path(root)
-    marker = root / ".complete"
-    if marker.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    for kind, hue in zip(DEMO_CLASSES, DEMO_HUES):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            fg, bg = np.clip(hue + rng.normal(0, 30, 3), 0, 255), rng.uniform(0, 90, 3)
-            mix = _pattern(kind, size, rng)[..., None]
-            img = mix * fg + (1 - mix) * bg + rng.normal(0, 12, (size, size, 3))
-            ext = "png" if i % 2 == 0 else "jpg"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / kind / f"{kind}_{i:03d}.{ext}")
-    marker.write_text("demo data set complete\n")
-    return root

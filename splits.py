@@ -1,25 +1,18 @@
 """How the images of a data set are divided: seeded stratified 70/10/20 splits and label fractions
-that keep each group (patient, lesion) whole, and the images that show one picture twice (the same
-pixels, or the same picture resized or recompressed), counted, listed and, on request, kept in one
-split. Copy it with data.py, whose DataIndex it divides.
+that keep each group (patient, lesion) whole, and, on request, each given set of images (the
+duplicates of fingerprints.py) in one split. Copy it with data.py, whose DataIndex it divides.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from data import SPLIT_RATIOS, DataIndex
 from errors import UserError
 
-# Perceptual hashes (data.fingerprint) at most this many of their 64 bits apart mark near duplicates.
-# Measured on 21 real pictures of scikit-image's data module (README, "Duplicates"): copies resized,
-# recompressed, brightened or made grey lay within 4 bits in 172 of 176 cases (median 0); different
-# pictures, and quarter crops of one picture, 20 or more apart.
-NEAR_BITS = 4
 
-
-def _connect(labels: list, pairs: Iterable[tuple]) -> list:
+def connect(labels: list, pairs: Iterable[tuple]) -> list:
     """Each label's representative once the two sides of every pair are joined (union-find)."""
     parent = {x: x for x in labels}
 
@@ -31,44 +24,6 @@ def _connect(labels: list, pairs: Iterable[tuple]) -> list:
     for a, b in pairs:
         parent[root(a)] = root(b)
     return [root(x) for x in labels]
-
-
-def duplicate_sets(index: DataIndex, near_bits: int = NEAR_BITS) -> list[list[int]]:
-    """Positions of the images that show one picture: equal exact hashes, or perceptual hashes at most
-    `near_bits` apart, joined transitively; sets of two or more. Needs `index.prints`
-    (data.index_data(..., fingerprints=True))."""
-    if index.prints is None:
-        raise UserError("finding duplicates needs fingerprints: data.index_data(..., fingerprints=True)")
-    exact = [p[0] for p in index.prints]
-    near = np.array([p[1] for p in index.prints], dtype=np.uint64)
-    first: dict[str, int] = {}
-    pairs = [(first.setdefault(h, i), i) for i, h in enumerate(exact)]
-    step = max(1, 2**22 // max(1, len(near)))  # rows per block: about 32 MB of XORs at a time
-    for start in range(0, len(near), step):
-        a, b = np.nonzero(np.bitwise_count(near[start:start + step, None] ^ near[None, :]) <= near_bits)
-        pairs += [(start + i, j) for i, j in zip(a.tolist(), b.tolist()) if start + i < j]
-    members: dict[int, list[int]] = {}
-    for i, r in enumerate(_connect(list(range(len(exact))), pairs)):
-        members.setdefault(r, []).append(i)
-    return [m for m in members.values() if len(m) > 1]
-
-
-def mark_duplicates(index: DataIndex, splits: dict) -> dict:
-    """`splits` with "duplicates": each set of `duplicate_sets` as {"identical": all the same pixels,
-    "images": {path: its split}}, and one printed line counting them and those that span splits.
-    Unchanged without fingerprints."""
-    if index.prints is None:
-        return splits
-    where = {p: name for name in SPLIT_RATIOS for p in splits.get(name, [])}
-    found = [{"identical": len({index.prints[i][0] for i in s}) == 1,
-              "images": {index.paths[i]: where.get(index.paths[i]) for i in s}} for s in duplicate_sets(index)]
-    across = sum(len(set(d["images"].values())) > 1 for d in found)
-    same = sum(d["identical"] for d in found)
-    print(f"duplicates: {same} sets of identical images and {len(found) - same} of near-identical ones "
-          f"({sum(len(d['images']) for d in found)} of {len(index.paths)} images), {across} of the sets "
-          "across splits; listed in splits.json" + (" (--duplicates together keeps each set in one split)"
-                                                     if across else ""), flush=True)
-    return splits | {"duplicates": found}
 
 
 def _strata(index: DataIndex) -> np.ndarray:
@@ -88,7 +43,7 @@ def _units(index: DataIndex, ids: np.ndarray, join: list[list[int]] = ()) -> tup
     made one) with their images' most common stratum."""
     names = index.groups or index.paths  # paths: each image alone
     if join:
-        names = _connect(list(names), [(names[s[0]], names[i]) for s in join for i in s[1:]])
+        names = connect(list(names), [(names[s[0]], names[i]) for s in join for i in s[1:]])
     keys, members = _strata(index), {}
     for i in ids:
         members.setdefault(names[i], []).append(int(i))
@@ -96,18 +51,23 @@ def _units(index: DataIndex, ids: np.ndarray, join: list[list[int]] = ()) -> tup
     return units, np.array([np.bincount(keys[u]).argmax() for u in units], dtype=np.int64)
 
 
-def make_splits(index: DataIndex, seed: int, together: bool = False) -> dict:
+def make_splits(index: DataIndex, seed: int, together: bool = False, *,
+                join: Sequence[Sequence[int]] = ()) -> dict:
     """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's split is kept and
     only its missing parts are carved out of train, per stratum (round(f * n) units each, at least
     one left in train; see `_units`); unlabelled data is all train. Groups add {"groups": {path: group}}.
-    `together`: each set of `duplicate_sets` joins one unit with the groups of its images."""
+    `join`: each set of positions (fingerprints.duplicate_sets) becomes one unit with the groups of its
+    images. `together=True` is finetune.py's older spelling of join=duplicate_sets(index), kept until
+    it passes the sets."""
     if not index.labelled:
         return {"train": index.paths[:], "val": [], "test": []}
     given = index.given_split or {}
     pool = np.array(given.get("train", range(len(index.paths))), dtype=np.int64)
     missing = [name for name in ("val", "test") if name not in given]
     share = SPLIT_RATIOS["train"] + sum(SPLIT_RATIOS[m] for m in missing)
-    join = duplicate_sets(index) if together else []
+    if together:
+        from fingerprints import duplicate_sets
+        join = duplicate_sets(index)
     rng, (units, keys) = np.random.default_rng(seed), _units(index, pool, join)
     parts = {"train": [], **{name: idx for name, idx in given.items() if name != "train"}}
     parts.update({m: [] for m in missing})
@@ -161,3 +121,9 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
             if len(positives) and not index.targets[sorted(chosen), c].any():
                 chosen.update(units[unit_of[int(rng.choice(positives))]])
     return sorted(chosen)
+
+
+def mark_duplicates(index: DataIndex, splits: dict) -> dict:
+    """finetune.py's older name of fingerprints.list_duplicates, kept until it imports that."""
+    from fingerprints import list_duplicates
+    return list_duplicates(index, splits)

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import runtime  # noqa: E402
+import demo  # noqa: E402
 import pretrain_cass  # noqa: E402
 
 TINY = ["--cnn", "test_resnet", "--vit", "test_vit", "--no-pretrained", "--img-size", "32",
@@ -61,7 +61,7 @@ def _work_in_a_temporary_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    return runtime.make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", per_class=15, size=40)
+    return demo.make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", per_class=15, size=40)
 
 
 @pytest.fixture(scope="session")

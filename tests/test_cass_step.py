@@ -16,7 +16,8 @@ import pretrain_cass
 import runtime
 from bench import Batches
 from conftest import TINY
-from losses import cass_loss, variance_hinge
+from anticollapse import variance_hinge
+from losses import cass_loss
 from models import normalise
 from pixels import train_augment
 

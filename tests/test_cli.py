@@ -1,4 +1,6 @@
-"""Errors a user can cause end in one sentence and exit code 2, before training."""
+"""Errors a user can cause end in one sentence and exit code 2, before training; --help in four groups;
+the one writer of splits.json."""
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import torch
 import checkpoint
 import finetune
 import pretrain_cass
+import pretrain_dino
 import runtime
 from conftest import TINY, class_folders, write_image
+from data import DataIndex
 from models import create_model
 from errors import UserError
 
@@ -138,3 +142,33 @@ def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
         assert torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("script, ablation", [(pretrain_cass, "--cnn-opt"), (pretrain_dino, None)])
+def test_help_shows_every_flag_in_one_of_the_four_groups(script, ablation, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    sections = {block.split(":\n")[0]: block for block in capsys.readouterr().out.split("\n\n")}
+    assert sections["options"].count("\n  -") == 1  # -h alone outside the groups
+    for title, flag in (("the paper's settings", "--epochs"), ("ours, beyond the paper", "--duplicates"),
+                        ("running", "--resume"), ("the paper's ablations", ablation)):
+        assert f"  {flag} " in sections[title] if flag else title not in sections, (title, flag)  # DINO has none
+    paper = sections["the paper's settings"]
+    assert paper.count("App. C.5") + paper.count("Sec. ") >= 4
+
+
+def test_a_parser_still_gets_the_common_flags_in_groups(capsys):
+    p = runtime.new_parser("x")
+    runtime.add_common_args(p, epochs=1, epochs_source="test")  # finetune.py's call until it passes the groups
+    assert p.parse_args(["--bs", "4"]).bs == 4
+    assert {g.title for g in p._action_groups} >= {"the paper's settings", "running"}
+
+
+def test_write_splits_records_the_data_the_split_and_each_images_group(tmp_path):
+    index = DataIndex(tmp_path, tmp_path, "class folders", ["a.png", "b.png"], None, [], groups=["p1", "p1"])
+    runtime.write_splits(tmp_path, index, {"train": ["a.png"], "val": [], "test": ["b.png"]}, seed=3)
+    written = json.loads((tmp_path / "splits.json").read_text())
+    assert list(written) == ["data", "layout", "seed", "classes", "skipped", "train", "val", "test", "groups"]
+    assert written["groups"] == {"a.png": "p1", "b.png": "p1"} and written["seed"] == 3
+    runtime.write_splits(tmp_path, index, {"train": [], "groups": {"a.png": "old"}})
+    assert json.loads((tmp_path / "splits.json").read_text())["groups"] == {"a.png": "old"}  # a saved split's own

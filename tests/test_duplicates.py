@@ -12,8 +12,9 @@ from PIL import Image, ImageEnhance
 import data
 import finetune
 from conftest import TINY, class_folders, write_image
-from data import DataIndex, fingerprint, index_data
-from splits import NEAR_BITS, duplicate_sets, make_splits, mark_duplicates, select
+from data import DataIndex, index_data
+from fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
+from splits import make_splits, select
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -69,10 +70,10 @@ def copies(photos, tmp_path) -> Path:
 
 
 def test_duplicate_sets_join_identical_and_near_copies_and_nothing_else(copies, capsys):
-    index = index_data(copies, workers=1, fingerprints=True)
+    index = index_data(copies, workers=1, fingerprint=fingerprint)
     assert [[index.paths[i] for i in s] for s in duplicate_sets(index)] == \
         [["a/china.png", "b/china.bmp", "b/china_small.jpg"]]
-    splits = mark_duplicates(index, make_splits(index, 0))
+    splits = list_duplicates(index, make_splits(index, 0))
     listed = splits["duplicates"]
     assert len(listed) == 1 and listed[0]["identical"] is False  # the JPEG differs in its pixels
     where = {p: name for name in ("train", "val", "test") for p in splits[name]}
@@ -81,7 +82,7 @@ def test_duplicate_sets_join_identical_and_near_copies_and_nothing_else(copies, 
     assert (f"duplicates: 0 sets of identical images and 1 of near-identical ones (3 of 45 images), "
             f"{across} of the sets across splits") in capsys.readouterr().out
     without = index_data(copies, workers=1)
-    assert without.prints is None and mark_duplicates(without, {"train": []}) == {"train": []}
+    assert without.prints is None and list_duplicates(without, {"train": []}) == {"train": []}
 
 
 def test_blocks_of_hash_comparisons_find_exactly_the_pairs_a_full_comparison_finds():
@@ -93,6 +94,15 @@ def test_blocks_of_hash_comparisons_find_exactly_the_pairs_a_full_comparison_fin
     prints[2000][0] = prints[10][0]  # same pixels
     index = DataIndex(Path("x"), Path("x"), "t", [f"{i}.png" for i in range(3000)], None, [], prints=prints)
     assert sorted(map(sorted, duplicate_sets(index))) == [[5, 2999], [10, 2000]]
+
+
+def test_popcount_counts_the_set_bits_as_numpy_2s_bitwise_count_does():
+    x = np.random.default_rng(0).integers(0, 2**63, (50, 7), dtype=np.int64).astype(np.uint64) * np.uint64(3)
+    expected = np.vectorize(lambda v: bin(int(v)).count("1"))(x)
+    assert popcount(x).tolist() == expected.tolist()
+    assert popcount(np.array([0, 2**64 - 1], dtype=np.uint64)).tolist() == [0, 64]
+    if hasattr(np, "bitwise_count"):
+        assert popcount(x).tolist() == np.bitwise_count(x).tolist()
 
 
 def test_together_keeps_each_set_in_one_split_with_the_groups_of_its_images(photos, tmp_path):
@@ -107,7 +117,7 @@ def test_together_keeps_each_set_in_one_split_with_the_groups_of_its_images(phot
     (root / "labels.csv").write_text("path,label,patient\n" + "".join(
         f"{i}{suffix},{'ab'[i % 2]},{'p' if suffix == '.png' else 'q'}{i}\n"
         for i in range(len(tiles)) for suffix in (".png", "_copy.bmp")))
-    index = index_data(root, workers=1, fingerprints=True, group_col="patient")
+    index = index_data(root, workers=1, fingerprint=fingerprint, group_col="patient")
     sets = duplicate_sets(index)
     assert sorted(sorted(index.paths[i] for i in s) for s in sets) == \
         sorted([f"{i}.png", f"{i}_copy.bmp"] for i in range(len(tiles)))
@@ -117,22 +127,22 @@ def test_together_keeps_each_set_in_one_split_with_the_groups_of_its_images(phot
         return sum(len({where[index.paths[i]] for i in s}) > 1 for s in sets)
     assert max(spans(make_splits(index, seed)) for seed in range(3)) > 0
     for seed in range(3):
-        together = make_splits(index, seed, together=True)
+        together = make_splits(index, seed, join=duplicate_sets(index))
         assert spans(together) == 0 and {len(together[n]) for n in ("val", "test")} != {0}
         select(index, together, apart=True)  # patients p<i> and q<i> kept apart from test as well
 
 
 def test_fingerprints_are_remembered_until_a_file_changes(copies, tmp_path, monkeypatch):
-    first = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprints=True)
+    first = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
 
-    def no_decoding(path, fingerprinted):
+    def no_decoding(path, fingerprint):
         raise AssertionError(f"{path} was decoded again")
     monkeypatch.setattr(data, "_look", no_decoding)
-    again = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprints=True)
+    again = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
     assert again.prints == first.prints and duplicate_sets(again) == duplicate_sets(first)
     monkeypatch.undo()
     (copies / "a" / "flower.png").unlink()
-    changed = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprints=True)
+    changed = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
     assert len(changed.prints) == len(first.prints) - 1
     assert len(list((tmp_path / "cache").glob("*-fingerprinted-*"))) == 1
 

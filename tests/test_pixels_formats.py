@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import pixels
+import dicom
 import runtime
 from conftest import class_folders
 from data import index_data, keyed_path, unreadable_reason
 from errors import UserError
-from pixels import AUTO, ImageDataset, intensity_tag, load_image, load_resized, open_cache, parse_intensity, to_uint8
+from intensity import to_uint8
+from pixels import AUTO, ImageDataset, intensity_tag, load_image, load_resized, open_cache, parse_intensity
 
 WINDOW = ("window", 0.0, 510.0)  # 255 / 510: every even value maps to a whole number
 
@@ -83,7 +83,7 @@ def test_settings_parse_round_trip_through_json_pickle_and_checkpoints_and_name_
 
 def test_intensity_flag_parses_negative_bounds_and_rejects_bad_ones_with_a_usage_error(capsys):
     p = runtime.new_parser("x")
-    runtime.add_common_args(p, epochs=1, epochs_source="test")
+    runtime.add_common_args(runtime.arg_groups(p), epochs=1, epochs_source="test")
     assert p.parse_args([]).intensity == AUTO
     assert p.parse_args(["--intensity", "window", "-1000", "400"]).intensity == ("window", -1000.0, 400.0)
     assert p.parse_args(["--intensity", "percentile", "--bs", "4"]).intensity == ("percentile",)
@@ -145,7 +145,7 @@ def test_dicom_8_bit_gray_and_rgb_are_kept_and_broken_files_are_reasons(tmp_path
 
 
 def test_multi_frame_dicom_is_its_first_frame_with_one_note_per_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(pixels, "_noted", set())
+    monkeypatch.setattr(dicom, "_noted", set())
     frames = np.stack([np.array([[0, 100], [300, 510]]), np.full((2, 2), 7), np.full((2, 2), 9)]).astype(np.uint16)
     for name in ("a.dcm", "b.dcm"):
         write_dicom(tmp_path / name, frames, frames=3)
@@ -167,7 +167,7 @@ def test_dicom_folders_are_indexed_and_reach_the_dataset_windowed(tmp_path):
 
 # ---------------------------------------------------- what the index passes over
 def test_without_pydicom_dcm_files_are_skipped_in_one_line_naming_the_package(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "pydicom", None)  # as if it were not installed
+    monkeypatch.setattr(dicom, "pydicom", None)  # as if it were not installed
     class_folders(tmp_path / "d", {"photo": 2})
     for name in ("a.dcm", "b.DCM", "c.dcm"):
         (tmp_path / "d" / "ct" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,86 @@
+"""The duplicate check (ours, beyond the paper; README "Duplicates"): images that
+show one picture twice (the same pixels, or the same picture resized,
+recompressed or re-exposed) in train and test inflate a test score as a leaked
+patient does. Each image is fingerprinted while the data is indexed
+(data.index_data(..., fingerprint=fingerprint) decodes every pixel then, no
+reduced-scale JPEG decode); the sets are counted and listed in splits.json,
+and with --duplicates together kept in one split (splits.make_splits' `join`).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from data import SPLIT_RATIOS, DataIndex
+from errors import UserError
+from splits import connect
+
+# Perceptual hashes at most this many of their 64 bits apart mark near duplicates. Measured on 21
+# real pictures of scikit-image's data module (README, "Duplicates"): copies resized, recompressed,
+# brightened or made grey lay within 4 bits in 172 of 176 cases (median 0); different pictures, and
+# quarter crops of one picture, 20 or more apart.
+NEAR_BITS = 4
+_DCT = np.cos(np.pi * np.arange(32)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)  # DCT-II, (freq, pos)
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def fingerprint(pixels: np.ndarray) -> list:
+    """[exact, near] of an image's decoded pixels (H, W[, C]) or DICOM frames (F, H, W[, C]): a hash of
+    every value (equal: the same pixels) and a 64-bit perceptual hash, the 8x8 lowest 2-D DCT frequencies
+    of a 32x32 grey thumbnail above their median (a few bits apart: one picture resized, recompressed or
+    re-exposed)."""
+    exact = hashlib.blake2b(f"{pixels.shape} {pixels.dtype}".encode(), digest_size=16)
+    exact.update(np.ascontiguousarray(pixels).tobytes())
+    grey = pixels.astype(np.float32)
+    if grey.ndim == 4 or (grey.ndim == 3 and grey.shape[-1] > 4):  # several DICOM frames: the first
+        grey = grey[0]
+    if grey.ndim == 3:  # colour (alpha aside), or grey + alpha
+        grey = grey[..., :3].mean(-1) if grey.shape[-1] >= 3 else grey[..., 0]
+    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize((32, 32), Image.Resampling.BOX))
+    low = (_DCT @ thumb.astype(np.float64) @ _DCT.T)[:8, :8]
+    return [exact.hexdigest(), int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")]
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 of `x` (same shape): np.bitwise_count, which NumPy only has from 2.0 on."""
+    return _BYTE_BITS[np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8)].reshape(*x.shape, 8).sum(-1)
+
+
+def duplicate_sets(index: DataIndex, near_bits: int = NEAR_BITS) -> list[list[int]]:
+    """Positions of the images that show one picture: equal exact hashes, or perceptual hashes at most
+    `near_bits` apart, joined transitively; sets of two or more. Needs `index.prints`
+    (data.index_data(..., fingerprint=fingerprint))."""
+    if index.prints is None:
+        raise UserError("finding duplicates needs fingerprints: data.index_data(..., fingerprint=fingerprint)")
+    exact = [p[0] for p in index.prints]
+    near = np.array([p[1] for p in index.prints], dtype=np.uint64)
+    first: dict[str, int] = {}
+    pairs = [(first.setdefault(h, i), i) for i, h in enumerate(exact)]
+    step = max(1, 2**22 // max(1, len(near)))  # rows per block: about 32 MB of XORs at a time
+    for start in range(0, len(near), step):
+        a, b = np.nonzero(popcount(near[start:start + step, None] ^ near[None, :]) <= near_bits)
+        pairs += [(start + i, j) for i, j in zip(a.tolist(), b.tolist()) if start + i < j]
+    members: dict[int, list[int]] = {}
+    for i, r in enumerate(connect(list(range(len(exact))), pairs)):
+        members.setdefault(r, []).append(i)
+    return [m for m in members.values() if len(m) > 1]
+
+
+def list_duplicates(index: DataIndex, splits: dict) -> dict:
+    """`splits` with "duplicates": each set of `duplicate_sets` as {"identical": all the same pixels,
+    "images": {path: its split}}, and one printed line counting them and those that span splits.
+    Unchanged without fingerprints."""
+    if index.prints is None:
+        return splits
+    where = {p: name for name in SPLIT_RATIOS for p in splits.get(name, [])}
+    found = [{"identical": len({index.prints[i][0] for i in s}) == 1,
+              "images": {index.paths[i]: where.get(index.paths[i]) for i in s}} for s in duplicate_sets(index)]
+    across = sum(len(set(d["images"].values())) > 1 for d in found)
+    same = sum(d["identical"] for d in found)
+    print(f"duplicates: {same} sets of identical images and {len(found) - same} of near-identical ones "
+          f"({sum(len(d['images']) for d in found)} of {len(index.paths)} images), {across} of the sets "
+          "across splits; listed in splits.json" + (" (--duplicates together keeps each set in one split)"
+                                                     if across else ""), flush=True)
+    return splits | {"duplicates": found}
