@@ -62,6 +62,12 @@ class DataIndex:
         return (f"{self.layout} at {self.source}: {len(self.paths)} images, "
                 f"{len(self.classes)} classes, {kind}{given}, {len(self.skipped)} skipped")
 
+    def label(self, i: int) -> str:
+        """Image i's class name; for multi-label data its labels' names, ';'-joined (empty: none)."""
+        if self.multilabel:
+            return ";".join(c for c, on in zip(self.classes, self.targets[i]) if on > 0.5)
+        return self.classes[int(self.targets[i])]
+
     def part(self, ids: list[int]) -> tuple[list[str], np.ndarray | None]:
         """(paths, targets) of the images at positions `ids`: what pixels.ImageDataset takes."""
         return [self.paths[i] for i in ids], None if self.targets is None else self.targets[ids]

@@ -1,5 +1,5 @@
 """The demo (--demo): a small generated image set and the settings that let a
-pretraining run on it finish in about a minute on a CPU. Imported only under --demo."""
+pretraining run on it finish in about 10 s on two CPU cores. Imported only under --demo."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -38,20 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def labels(index: DataIndex) -> list[str] | None:
-    """Each image's label as text; None for unlabelled data."""
-    if not index.labelled:
-        return None
-    if index.multilabel:
-        return [";".join(c for c, on in zip(index.classes, row) if on > 0.5) for row in index.targets]
-    return [index.classes[int(i)] for i in index.targets]
-
-
 def write(out: Path, feats: np.ndarray, index: DataIndex) -> None:
     """embeddings.npy and embeddings.csv, row for row, each written atomically."""
     text = io.StringIO()
     writer = csv.writer(text)
-    names = labels(index)
+    names = [index.label(i) for i in range(len(index.paths))] if index.labelled else None
     writer.writerow(["path"] if names is None else ["path", "label"])
     writer.writerows([[p] for p in index.paths] if names is None else zip(index.paths, names))
     checkpoint.atomic_write(out / "embeddings.npy", lambda f: np.save(f, feats))

@@ -24,15 +24,15 @@ from tqdm import tqdm
 import checkpoint
 import predictions
 import runtime as rt
-from data import DataIndex, index_data
+from data import DataIndex
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import HEADLINES, evaluate, probabilities
-from models import (check_arch, create_model, extract_features, from_checkpoint, model_norm, normalise,
-                    optimizer_kwargs, prepare_for_training)
+from metrics import HEADLINES, evaluate, over_seeds, probabilities
+from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
+                    prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
                     train_loader)
-from splits import label_fraction, make_splits, mark_duplicates, select
+from splits import label_fraction, select
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
@@ -40,48 +40,49 @@ PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = rt.new_parser(__doc__)
-    rt.add_common_args(p, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
-                       img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
-                       seed=False)  # --seeds and --split-seed
     p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
                    "architecture, image size, normalisation, data and split come from it")
     p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="--arch only: start from timm's ImageNet weights")
     p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
-    p.add_argument("--linear", action="store_true",
-                   help="linear probe: the backbone frozen, its features extracted once, only a new linear head "
-                        "trained (same fractions, seeds, loss, early stopping and metrics)")
-    p.add_argument("--frac", type=rt.fraction, default=1.0,
-                   help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
-    p.add_argument("--seeds", type=rt.non_negative_int, nargs="+", default=[0],
-                   help="one fine-tuning run per seed (the paper: five)")
-    p.add_argument("--split-seed", type=rt.non_negative_int, default=0,
-                   help="seed of a new 70/10/20 split when the checkpoint brings none")
-    p.add_argument("--lr", type=rt.positive_float,
-                   help="Adam learning rate (default: 3e-4 as in App. C.6.2; 1e-3 for --linear, ours: a lone "
-                        "linear head on few labels needs larger steps to converge within --epochs)")
-    p.add_argument("--schedule", choices=("run", "published"), default="run",
-                   help="cosine annealing to 1e-6 (App. C.6.2): run = one half-cosine over --epochs, stepped per "
-                        "epoch; published = the published code's T_max 16 stepped every batch (cycles every 32)")
-    p.add_argument("--patience", type=rt.positive_int, default=5,
-                   help="early stopping patience on validation loss (App. C.6.2)")
-    p.add_argument("--focal", choices=FOCAL_FORMS, default="sigmoid",
-                   help="focal loss form: sigmoid on one-hot targets (published code) or softmax")
-    p.add_argument("--class-weights-from", choices=("train", "labelled"), default="train",
-                   help="class counts the weights come from: the whole train split (the published code: the "
-                        "data's class distribution) or only the labelled fraction")
-    p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="minmax",
-                   help="focal class weights: counts min-max scaled into [0.2, 1] (App. C.6.2)")
-    p.add_argument("--alpha", type=rt.positive_float, default=1.0, help="focal alpha (App. C.6.2)")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
-    p.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
-                   help="headline metric: macro F1, or macro recall (= balanced accuracy, ISIC-2019)")
-    p.add_argument("--resamples", type=rt.positive_int, default=1000,
-                   help="bootstrap resamples of the test images (or groups) for the intervals in results.json")
-    p.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
-                   help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
-                        "threshold maximising its F1 on the validation split (ours; metrics.best_thresholds)")
+    g = rt.arg_groups(p)
+    rt.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
+                       img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
+                       seed=False)  # --seeds and --split-seed
+    g.paper.add_argument("--frac", type=rt.fraction, default=1.0,
+                         help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
+    g.paper.add_argument("--seeds", type=rt.non_negative_int, nargs="+", default=[0],
+                         help="one fine-tuning run per seed (Sec. 4.3: five)")
+    g.paper.add_argument("--split-seed", type=rt.non_negative_int, default=0,
+                         help="seed of a new 70/10/20 split (Sec. 4.1) when the checkpoint brings none")
+    g.paper.add_argument("--lr", type=rt.positive_float,
+                         help="Adam learning rate (default: 3e-4 as in App. C.6.2; for --linear 1e-3, ours)")
+    g.paper.add_argument("--schedule", choices=("run", "published"), default="run",
+                         help="cosine annealing to 1e-6 (App. C.6.2): run = one half-cosine over --epochs, stepped "
+                              "per epoch; published = the published code's T_max 16 stepped every batch")
+    g.paper.add_argument("--patience", type=rt.positive_int, default=5,
+                         help="early stopping patience on validation loss (App. C.6.2)")
+    g.paper.add_argument("--focal", choices=FOCAL_FORMS, default="sigmoid",
+                         help="focal loss form: sigmoid on one-hot targets (App. C.6.2, published code) or softmax")
+    g.paper.add_argument("--class-weights-from", choices=("train", "labelled"), default="train",
+                         help="class counts the weights come from: the whole train split (the published code: "
+                              "the data's class distribution) or only the labelled fraction")
+    g.paper.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="minmax",
+                         help="focal class weights: counts min-max scaled into [0.2, 1] (App. C.6.2)")
+    g.paper.add_argument("--alpha", type=rt.positive_float, default=1.0, help="focal alpha (App. C.6.2)")
+    g.paper.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
+    g.paper.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
+                         help="headline metric (App. D.1): macro F1, or macro recall (= balanced accuracy, "
+                              "ISIC-2019)")
+    g.ablations.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                             help="--arch only: start from timm's ImageNet weights (App. B: random vs ImageNet)")
+    g.ours.add_argument("--linear", action="store_true",
+                        help="linear probe: the backbone frozen, its features extracted once, only a new linear "
+                             "head trained (same fractions, seeds, loss, early stopping and metrics)")
+    g.ours.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
+                        help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
+                             "threshold maximising its F1 on the validation split (metrics.best_thresholds)")
+    g.ours.add_argument("--resamples", type=rt.positive_int, default=1000,
+                        help="bootstrap resamples of the test images (or groups) for the intervals")
     return p.parse_args(argv)
 
 
@@ -126,31 +127,20 @@ def load_source(args: argparse.Namespace) -> Source:
                   args.intensity)
 
 
-def choose_splits(source: Source, index: DataIndex, split_seed: int, together: bool) -> dict[str, list[str]]:
+def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> dict[str, list[str]]:
     """The pretraining run's split when it had one for labelled data, so
     pretraining never saw the test images; otherwise a new seeded split
-    (`together`: duplicate images kept in one split, splits.make_splits)."""
+    (rt.new_split); duplicate images listed either way."""
+    from fingerprints import list_duplicates  # the duplicate check, ours
     splits = source.splits
     if splits and splits.get("val") and splits.get("test"):
-        if together:
+        if cfg.duplicates == "together":
             print("note: --duplicates together moves nothing here: the checkpoint's split is kept as made")
-        return {k: splits[k] for k in ("train", "val", "test")}
+        return list_duplicates(index, {k: splits[k] for k in ("train", "val", "test")})
     if splits:
         print("note: the checkpoint was pretrained on unlabelled data; making a new 70/10/20 split "
               "(pretraining may have seen some of its test images)")
-    return make_splits(index, split_seed, together)
-
-
-def frozen_features(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
-                    args: argparse.Namespace, device: torch.device,
-                    dtype: torch.dtype | None) -> dict[str, TensorDataset]:
-    """--linear: the frozen backbone's pre-logit features (N, D) and targets of
-    every split, extracted once (no augmentation) for all seeds."""
-    model = source.model.to(device)
-    return {name: TensorDataset(*extract_features(
-        model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), source.img_size, cache=cache,
-                                        intensity=source.intensity), args.bs, workers=args.workers),
-        source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
+    return rt.new_split(index, cfg)
 
 
 @dataclass
@@ -163,6 +153,7 @@ class Seed:
     val: DataLoader
     test: DataLoader
     inputs: Callable[[torch.Tensor], torch.Tensor]  # a batch -> the network's input
+    lr: float  # Adam's default learning rate
 
 
 def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], labelled: list[int],
@@ -179,12 +170,9 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
     rank, world, bs = rt.rank(), rt.world_size(), args.bs
     # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
     if features:
-        at = {i: k for k, i in enumerate(parts["train"])}
-        rows = [at[i] for i in labelled]
-        train = train_loader(TensorDataset(*(t[rows] for t in features["train"].tensors)), bs, seed=seed,
-                             workers=0, rank=rank, world=world)
-        val, test = (eval_loader(features[name], bs, workers=0) for name in ("val", "test"))
-        return Seed(model, model.get_classifier(), train, val, test, lambda x: x)
+        import linear_probe  # ours: loaded where --linear is handled
+        return Seed(model, model.get_classifier(), *linear_probe.loaders(features, parts["train"], labelled, bs, seed,
+                                                                          rank, world), lambda x: x, linear_probe.LR)
     prepare_for_training(model, source.arch, device, args.grad_ckpt)
     size, pin = source.img_size, device.type == "cuda"
     train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache,
@@ -193,7 +181,8 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
     val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
                                           intensity=source.intensity), bs, workers=args.workers, pin_memory=pin)
                  for name in ("val", "test"))
-    return Seed(model, model, train, val, test, partial(normalise, mean=source.mean, std=source.std))
+    return Seed(model, model, train, val, test, partial(normalise, mean=source.mean, std=source.std),
+                lr=3e-4)  # App. C.6.2
 
 
 def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.device, dtype: torch.dtype | None,
@@ -212,7 +201,7 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, scaler, epoch, step)
+            skipped = rt.count_skip(skipped, scaler, epoch, step, kept="")
             continue
         skipped = 0
         scaler.scale(loss).backward()
@@ -223,21 +212,8 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
         total += loss.detach() * len(x)
         seen += len(x)
     total, seen = rt.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)])).tolist()
-    rt.require_progress(int(seen), epoch)
+    rt.require_progress(int(seen), epoch, kept="")
     return total / seen
-
-
-@torch.no_grad()
-def split_logits(net: nn.Module, loader: DataLoader, inputs: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C) float32 on the CPU, targets) over a whole split, in order."""
-    net.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        with rt.autocast(device, dtype):
-            logits.append(net(inputs(x.to(device, non_blocking=True))).float().cpu())
-        targets.append(y)
-    return torch.cat(logits), torch.cat(targets)
 
 
 @dataclass
@@ -256,15 +232,15 @@ def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, args
     """The fine-tuning loop (App. C.6.2): Adam, cosine annealing to 1e-6, at
     most --epochs, stopping after --patience epochs without a lower
     validation loss; a line of log.jsonl per epoch."""
-    opt = torch.optim.Adam(run.trained.parameters(), lr=args.lr or (1e-3 if run.trained is not run.model else 3e-4),
-                           **optimizer_kwargs(device))
+    opt = torch.optim.Adam(run.trained.parameters(), lr=args.lr or run.lr, **optimizer_kwargs(device))
     per_batch = args.schedule == "published"
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16 if per_batch else args.epochs, eta_min=1e-6)
     scaler = rt.grad_scaler(device, dtype)
     best, waited = None, 0
     for epoch in range(args.epochs):
         train_loss = train_one_epoch(net, run, loss_fn, device, dtype, opt, scaler, sched if per_batch else None, epoch)
-        logits, targets = split_logits(net, run.val, run.inputs, device, dtype)
+        net.eval()
+        logits, targets = collect(lambda x: net(run.inputs(x)), run.val, device, dtype)
         val_loss = loss_fn(logits, targets).item()
         val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
         if not per_batch:
@@ -302,7 +278,8 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal, weights=weights)
     best = train_with_early_stopping(net, run, loss_fn, args, seed, out, device, dtype)
     run.model.load_state_dict(best.state)
-    logits, targets = split_logits(net, run.test, run.inputs, device, dtype)
+    net.eval()
+    logits, targets = collect(lambda x: net(run.inputs(x)), run.test, device, dtype)
     headline = HEADLINES[args.metric]
     found = evaluate(best.val_logits, best.val_targets, logits.numpy(), targets.numpy(), index.multilabel, headline,
                      val_thresholds=args.thresholds == "val", resamples_n=args.resamples, seed=seed,
@@ -326,11 +303,7 @@ def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: Dat
               thresholds: dict[str, float] | None, probs: np.ndarray) -> None:
     """predictions_seed<N>.csv (the test images' probabilities) and model_seed<N>.pt (the fine-tuned
     network with everything predict.py and a later reader need)."""
-    ids = parts["test"]
-    truths = [[index.classes[c] for c in np.flatnonzero(index.targets[i])] if index.multilabel
-              else [index.classes[index.targets[i]]] for i in ids]
-    predictions.write(out / f"predictions_seed{seed}.csv", index.classes, [index.paths[i] for i in ids],
-                      [index.groups[i] for i in ids] if index.groups else None, truths, probs)
+    predictions.write(out / f"predictions_seed{seed}.csv", index, parts["test"], probs)
     checkpoint.save(checkpoint.model_record(
         model, arch=source.arch, img_size=source.img_size, mean=source.mean, std=source.std, method=source.method,
         role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
@@ -339,19 +312,23 @@ def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: Dat
         temperature=temperature, thresholds=thresholds), out / f"model_seed{seed}.pt")
 
 
-def summarise(runs: list[dict]) -> dict:
-    """mean and std (over seeds, ddof 1) of every scalar test metric defined in every seed."""
-    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, float)
-            and all(isinstance(r["test"][k], float) for r in runs)]
-    values = {k: np.array([r["test"][k] for r in runs]) for k in keys}
-    return {k: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-            for k, v in values.items()}
+def validate(index: DataIndex, args: argparse.Namespace) -> None:
+    """Flag errors that depend on the data."""
+    if not index.labelled:
+        raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
+    if index.multilabel and args.focal == "softmax":
+        raise UserError("--focal softmax needs single-label data; this data set is multi-label")
+    if args.thresholds == "val" and not index.multilabel:
+        raise UserError("--thresholds val needs multi-label data; multi-class decisions take the most probable class")
 
 
 def main(args: argparse.Namespace) -> dict:
+    # ---- settings, device, the network to start from, run folder
     device = rt.start_distributed(args.device)
     rt.set_threads(args.threads, args.workers)
     source = load_source(args)
+    # the data the checkpoint names unless --data; a new split draws from --split-seed
+    cfg = argparse.Namespace(**{**vars(args), "data": args.data or source.data, "seed": args.split_seed})
     stem = f"{PROTOCOL[args.linear]}-{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
     out = (Path(args.out) if args.out else Path(args.ckpt).parent / stem if args.ckpt else
            checkpoint.default_out(f"{source.method}-{args.arch}-{PROTOCOL[args.linear]}-frac{args.frac:g}"))
@@ -360,35 +337,31 @@ def main(args: argparse.Namespace) -> dict:
     rt.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
-    index = index_data(args.data or source.data, workers=args.workers, fingerprints=True,
-                       memo_dir=args.cache_dir if args.cache == "on" else None, group_col=args.group_col)
-    if not index.labelled:
-        raise UserError(f"{index.source} has no labels; fine-tuning needs class folders or a labels CSV")
-    if index.multilabel and args.focal == "softmax":
-        raise UserError("--focal softmax needs single-label data; this data set is multi-label")
-    if args.thresholds == "val" and not index.multilabel:
-        raise UserError("--thresholds val needs multi-label data; multi-class decisions take the most probable class")
-    splits = mark_duplicates(index, choose_splits(source, index, args.split_seed, args.duplicates == "together"))
+    # ---- data: the pretraining run's split when it has one (Sec. 4.1)
+    index = rt.index_and_fingerprint(cfg)
+    validate(index, args)
+    splits = choose_splits(source, index, cfg)
     parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
     for name in ("train", "val", "test"):
         if not parts[name]:
             raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
     if rt.is_main():
-        checkpoint.write_json(out / "splits.json", {"data": str(index.source), "classes": index.classes,
-                                                    "skipped": index.skipped, **splits,
-                                                    **({"groups": dict(zip(index.paths, index.groups))}
-                                                       if index.groups else {})})
+        rt.write_splits(out, index, splits)
         (out / "log.jsonl").unlink(missing_ok=True)
-
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
         if args.cache == "on" else None
-    features = frozen_features(source, index, parts, cache, args, device, dtype) if args.linear else None
+    features = None
+    if args.linear:
+        import linear_probe  # ours: loaded where --linear is handled
+        features = linear_probe.frozen_features(source.model, index, parts, source.img_size, source.mean,
+                                                source.std, source.intensity, cache, args.bs, args.workers,
+                                                device, dtype)
+
+    # ---- one fine-tuning run per seed (Sec. 4.3)
     runs = [run_seed(source, index, parts, cache, features, args, seed, out, device, dtype) for seed in args.seeds]
-    summary = summarise(runs)
-    headline = HEADLINES[args.metric]
+    summary, headline = over_seeds(runs), HEADLINES[args.metric]
     results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
-               "frac": args.frac,
-               "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
+               "frac": args.frac, "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch}
     if rt.is_main():
         checkpoint.write_json(out / "results.json", results)

@@ -269,6 +269,16 @@ def macro_auroc_of(defined: np.ndarray) -> Callable[[np.ndarray, np.ndarray], fl
 
 
 # ------------------------------------------------------------- the evaluation step
+def over_seeds(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and std (ddof 1; 0 for one seed) over seeds of every scalar test metric defined in every run."""
+    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, float)
+            and all(isinstance(r["test"][k], float) for r in runs)]
+    values = {k: np.array([r["test"][k] for r in runs]) for k in keys}
+    return {k: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            for k, v in values.items()}
+
+
+
 def _json(values: float | np.ndarray) -> float | list | None:
     """NaN (undefined) as None, so the results are valid JSON."""
     if np.ndim(values):

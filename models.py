@@ -35,7 +35,7 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
                  weights: str | None = None, weights_flag: str = "--weights", **extra) -> nn.Module:
     """A timm model. Fixed-input-size models (ViT, DeiT, Swin) are built for
     `img_size` (timm resamples position embeddings); `weights` is a local file
-    of ImageNet weights for machines without internet (REFERENCE 8)."""
+    of ImageNet weights for machines without internet."""
     check_arch(arch)
     kwargs = dict(extra)
     if is_transformer(arch):
@@ -96,14 +96,15 @@ def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 
 
 @torch.no_grad()
-def collect(fn, loader, mean: list[float], std: list[float], device: torch.device,
+@torch.no_grad()
+def collect(fn: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
             dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fn(normalised batch) for every batch of the loader, in order, as float32
-    on the CPU, and the targets: evaluation, prediction, kNN features."""
+    """fn(batch on `device`) for every batch of the loader, in order, as float32
+    on the CPU, and the targets: evaluation, prediction, features."""
     outs, targets = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outs.append(fn(normalise(x.to(device, non_blocking=True), mean, std)).float().cpu())
+            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
         targets.append(y)
     return torch.cat(outs), torch.cat(targets)
 
@@ -134,7 +135,8 @@ def extract_features(model: nn.Module, loader, mean: list[float], std: list[floa
     was_training = model.training
     model.eval()
     try:
-        return collect(pre_logits(model), loader, mean, std, device, dtype)
+        features = pre_logits(model)
+        return collect(lambda x: features(normalise(x, mean, std)), loader, device, dtype)
     finally:
         model.train(was_training)
 

@@ -20,7 +20,7 @@ import runtime as rt
 from data import index_data
 from errors import UserError
 from metrics import decide, indicator, probabilities
-from models import collect, from_checkpoint
+from models import collect, from_checkpoint, normalise
 from pixels import AUTO, ImageDataset, eval_loader
 
 
@@ -54,7 +54,7 @@ def logits_of(ckpt: dict, dataset_for, device, bs: int, workers: int) -> np.ndar
     """(N, C) float64 logits of one checkpoint's model on the images."""
     model = from_checkpoint(ckpt).to(device).eval()
     loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
-    return collect(model, loader, ckpt["mean"], ckpt["std"], device, None)[0].double().numpy()
+    return collect(lambda x: model(normalise(x, ckpt["mean"], ckpt["std"])), loader, device, None)[0].double().numpy()
 
 
 def member(logits: np.ndarray, ckpt: dict, calibrated: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import atomic_write
+from data import DataIndex
 from errors import UserError
 
 
@@ -26,15 +27,15 @@ class Predictions:
     groups: tuple[str, ...] | None  # of each image; None in files without groups
 
 
-def write(path: Path, classes: list[str], paths: list[str], groups: list[str] | None, truths: list[list[str]],
-          probs: np.ndarray) -> None:
-    """Atomically: a row per image, its true class names ';'-joined (several for multi-label data), an empty
-    group without groups, and each class's probability to 6 decimals."""
+def write(path: Path, index: DataIndex, ids: list[int], probs: np.ndarray) -> None:
+    """Atomically: a row per image of `index` at positions `ids`, its true class name(s) (DataIndex.label),
+    its group (empty without groups) and each class's probability (probs (len(ids), C)) to 6 decimals."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["path", "group", "true", *(f"p_{c}" for c in classes)])
-    for k, (name, truth, p) in enumerate(zip(paths, truths, probs)):
-        writer.writerow([name, groups[k] if groups else "", ";".join(truth), *(f"{v:.6f}" for v in p)])
+    writer.writerow(["path", "group", "true", *(f"p_{c}" for c in index.classes)])
+    for i, p in zip(ids, probs):
+        writer.writerow([index.paths[i], index.groups[i] if index.groups else "", index.label(i),
+                         *(f"{v:.6f}" for v in p)])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 

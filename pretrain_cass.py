@@ -3,7 +3,7 @@ augmented view per image goes through a CNN and a Transformer, and 2 - 2 cos
 between their logits pulls the two architectures together.
 
     python pretrain_cass.py --data ./dermofit --epochs 100 --bs 16
-    python pretrain_cass.py --demo        # tiny models on generated images, CPU, about a minute
+    python pretrain_cass.py --demo        # tiny models on generated images, CPU, about 10 s
     python pretrain_cass.py --resume runs/cass-20260101-120000
 """
 from __future__ import annotations
@@ -294,7 +294,8 @@ def main(args: argparse.Namespace) -> Path:
                   f"cos {stats['cos']:.3f}{knn}", flush=True)
             if stats["collapse"]:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
-                          "; from random initialisation try --anti-collapse variance (ours, beyond the paper)")
+                          "; from random initialisation see --anti-collapse (ours, beyond the paper; no option of it helped "
+                          "on every data set measured, docs/collapse-study.md)")
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),

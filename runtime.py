@@ -366,21 +366,23 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
     return all_reduce_sum((~torch.isfinite(loss)).float()).item() == 0
 
 
-def count_skip(skipped: int, scaler: torch.amp.GradScaler, epoch: int, step: int) -> int:
+RESUMABLE = "; last.pt holds the last complete epoch"
+
+
+def count_skip(skipped: int, scaler: torch.amp.GradScaler, epoch: int, step: int, kept: str = RESUMABLE) -> int:
     """One more step skipped in a row for a non-finite loss. fp16 loss scaling
     may recover; without scaling, or after MAX_NONFINITE in a row, the run
-    stops with last.pt still holding the last complete epoch."""
+    stops (`kept`: what it leaves behind, for the message)."""
     if not scaler.is_enabled() or skipped + 1 > MAX_NONFINITE:
-        raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; last.pt holds the last "
-                        "complete epoch (try a lower --lr or --amp off)")
+        raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}{kept} "
+                        "(try a lower --lr or --amp off)")
     return skipped + 1
 
 
-def require_progress(images: int, epoch: int) -> None:
+def require_progress(images: int, epoch: int, kept: str = RESUMABLE) -> None:
     """An epoch in which every step was skipped for a non-finite loss stops the run."""
     if images == 0:
-        raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss; last.pt holds the last complete "
-                        "epoch (try a lower --lr or --amp off)")
+        raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss{kept} (try a lower --lr or --amp off)")
 
 
 @contextlib.contextmanager

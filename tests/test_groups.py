@@ -136,7 +136,7 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
     assert [(r["path"], r["group"]) for r in rows] == [(p, recorded["groups"][p]) for p in recorded["test"]]
 
     # as if the split came from a checkpoint pretrained before the groups were known
-    monkeypatch.setattr(finetune, "make_splits", lambda index, seed, together: leaky)
+    monkeypatch.setattr(finetune.rt, "new_split", lambda index, cfg: leaky)
     with pytest.raises(UserError, match=r"group 'p\d+' has images in both the (train|val) and the test split"):
         finetune.main(finetune.parse_args([*flags, "--out", str(tmp_path / "leaky")]))
     assert not (tmp_path / "leaky" / "splits.json").exists()

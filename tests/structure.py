@@ -1,0 +1,66 @@
+"""The layout's figures, computed from the code (a script, not a test):
+
+    python tests/structure.py
+
+For each stage script: its lines, the lines of its longest function, the
+project modules a run of it loads at start-up and their lines (itself
+included; `python -X importtime SCRIPT --help` lists the same modules), the
+depth of its import graph; then the longest file and the README's length."""
+import ast
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+STAGES = ("pretrain_cass", "pretrain_dino", "finetune")
+
+
+def imported(nodes) -> frozenset[str]:
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return frozenset(found & set(MODULES))
+
+
+@cache
+def loads(module: str) -> frozenset[str]:
+    """Project modules `module` imports at its top level: what importing it loads."""
+    return imported(ast.parse(MODULES[module].read_text()).body) - {module}
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), list(loads(module))
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += loads(m)
+    return seen
+
+
+@cache
+def depth(module: str) -> int:
+    return 1 + max((depth(m) for m in loads(module)), default=0)
+
+
+def lines(modules: set[str]) -> int:
+    return sum(len(MODULES[m].read_text().splitlines()) for m in modules)
+
+
+def longest_function(module: str) -> tuple[str, int]:
+    functions = [n for n in ast.walk(ast.parse(MODULES[module].read_text())) if isinstance(n, ast.FunctionDef)]
+    longest = max(functions, key=lambda n: n.end_lineno - n.lineno)
+    return longest.name, longest.end_lineno - longest.lineno + 1
+
+
+if __name__ == "__main__":
+    for stage in STAGES:
+        name, length = longest_function(stage)
+        print(f"{stage}.py: {lines({stage})} lines, longest function {name} ({length} lines); loads "
+              f"{len(closure(stage))} project modules, {lines(closure(stage) | {stage})} lines with itself "
+              f"({', '.join(sorted(closure(stage)))}); import depth {depth(stage)}")
+    print(f"longest file: {max(MODULES, key=lambda m: lines({m}))} ({max(lines({m}) for m in MODULES)} lines); "
+          f"README.md: {len((ROOT / 'README.md').read_text().splitlines())} lines")
