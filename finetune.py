@@ -36,6 +36,7 @@ from splits import label_fraction, select
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
+LR = 3e-4  # Adam's learning rate, App. C.6.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,7 +183,7 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
                                           intensity=source.intensity), bs, workers=args.workers, pin_memory=pin)
                  for name in ("val", "test"))
     return Seed(model, model, train, val, test, partial(normalise, mean=source.mean, std=source.std),
-                lr=3e-4)  # App. C.6.2
+                lr=LR)
 
 
 def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.device, dtype: torch.dtype | None,
@@ -362,7 +363,10 @@ def main(args: argparse.Namespace) -> dict:
     summary, headline = over_seeds(runs), HEADLINES[args.metric]
     results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
                "frac": args.frac, "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
-               "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch}
+               "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch,
+               # what the unset flags became, so that report.py compares what ran
+               "resolved": {"img_size": source.img_size, "lr": args.lr or (linear_probe.LR if args.linear else LR),
+                            "data": str(index.source)}}
     if rt.is_main():
         checkpoint.write_json(out / "results.json", results)
     s = summary[headline]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,11 +83,21 @@ def pretraining_run(source: str) -> str:
     return str(Path(source).parent) if source.endswith(".pt") else "-"
 
 
+def resolved(result: dict) -> dict:
+    """The settings a run used, so that runs differing only in how a value was recorded compare equal:
+    an unset --img-size as the size the checkpoint brought (recorded in `resolved` since it is), and a
+    learning rate equal to its protocol's default as unset."""
+    config = result["config"]
+    default_lr = 1e-3 if result.get("protocol") == "linear" else 3e-4
+    return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
+            "lr": None if config.get("lr") == default_lr else config.get("lr")}
+
+
 def experiment(result: dict) -> tuple:
     """What a row stands for: method, backbone, protocol (fine-tuning or linear
-    probe), checkpoint, and the remaining settings as sorted (flag, JSON value)
-    pairs; seeds of equal experiments pool."""
-    settings = tuple(sorted((k, json.dumps(v)) for k, v in result["config"].items() if k not in NOT_SETTINGS))
+    probe), checkpoint, and the remaining resolved settings as sorted (flag, JSON
+    value) pairs; seeds of equal experiments pool."""
+    settings = tuple(sorted((k, json.dumps(v)) for k, v in resolved(result).items() if k not in NOT_SETTINGS))
     return result["method"], result["arch"], result.get("protocol", "finetune"), str(Path(result["source"])), settings
 
 
@@ -223,16 +234,28 @@ def row_names(cells: dict[tuple, Cell]) -> dict[tuple, str]:
     return dict(zip(rows, (", ".join(v) for v in row_columns(rows)[1])))
 
 
+BASELINES = ("supervised", "random-init")  # methods without self-supervised pretraining
+
+
+def pairs(rows: list[tuple]) -> list[tuple[tuple, tuple]]:
+    """The rows worth comparing, as (A, B): rows of one backbone and protocol only; for each, first every
+    pretrained row against every no-pretraining row (A pretrained, B the baseline), then the other pairs."""
+    same = [(a, b) for a, b in itertools.combinations(rows, 2) if a[1:3] == b[1:3]]
+    oriented = [(b, a) if a[0] in BASELINES and b[0] not in BASELINES else (a, b) for a, b in same]
+    return sorted(oriented, key=lambda pair: (pair[0][1:3], pair[1][0] not in BASELINES or pair[0][0] in BASELINES))
+
+
 def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
-    """Every two rows at one label fraction, both scored on the same resampled
-    test images or groups (metrics.paired_bootstrap of the mean-over-seeds
-    metric), so the luck of the shared test set cancels; A is the row with the
-    higher estimate. Rows whose prediction files do not cover the same images
-    are listed, not compared."""
+    """The pairs of rows (see `pairs`) at each label fraction, both scored on
+    the same resampled test images or groups (metrics.paired_bootstrap of the
+    mean-over-seeds metric), so the luck of the shared test set cancels. A
+    pretrained row is A against a no-pretraining row; otherwise A is the row
+    with the higher estimate. Rows whose prediction files do not cover the same
+    images are listed, not compared."""
     name = row_names(cells)
     rows, lines, notes = list(name), [], []
     for frac in sorted({k[1] for k in cells}):
-        for a, b in itertools.combinations([r for r in rows if (r, frac) in cells], 2):
+        for a, b in pairs([r for r in rows if (r, frac) in cells]):
             ca, cb = cells[(a, frac)], cells[(b, frac)]
             why = next((f"{name[r]} {w}" for r, c in ((a, ca), (b, cb)) if (w := unshared(c))), None)
             pa, pb = seed_predictions(ca), seed_predictions(cb)
@@ -243,7 +266,7 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
                 continue
             metric = seed_mean(headline, ca.multilabel)
             y, da, db = pa[0].targets, decisions(ca), decisions(cb)
-            if metric(y, db) > metric(y, da):
+            if b[0] not in BASELINES and metric(y, db) > metric(y, da):
                 (a, da), (b, db) = (b, db), (a, da)
             d = paired_bootstrap(metric, y, da, db, shared_groups(pa + pb), n=resamples)
             lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
@@ -253,7 +276,8 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
     head = [f"Paired differences of the mean over seeds of test {headline}, A - B, with their 95 % paired "
             f"bootstrap interval over the same test images, or whole groups where both rows' prediction files name "
             f"the same ({resamples} resamples), and the fraction of resamples with A - B <= 0 (near 0: A is better "
-            "beyond test-set luck).", ""]
+            "beyond test-set luck). Rows are paired within one backbone and protocol, each pretrained row against "
+            "the no-pretraining rows first.", ""]
     table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 |", "|---|---|---|---|---|---|",
              *lines] if lines else []
     return ["#### Paired differences", "", *head, *table, *([""] if table and notes else []), *notes]
@@ -280,11 +304,16 @@ def finetune_table(results: list[dict], resamples: int = 1000) -> list[str]:
     return lines[:-1]
 
 
+def file_name(text: str) -> str:
+    """`text` with every run of characters other than letters, digits, '.', '_' and '-' as one '-'."""
+    return re.sub(r"[^\w.-]+", "-", text)
+
+
 def figure_stem(cell: Cell, taken: set[str]) -> str:
     """A file name for the cell's figures from its first run folder (e.g.
     cass_finetune-cnn-frac0.1), numbered when another cell already took it."""
     folder = next(f for f in cell.files if f).parent
-    stem = re.sub(r"[^\w.-]+", "-", f"{folder.parent.name}_{folder.name}")
+    stem = file_name(f"{folder.parent.name}_{folder.name}")
     unique = next(s for i in itertools.count() if (s := stem + (f"-{i}" if i else "")) not in taken)
     taken.add(unique)
     return unique
@@ -306,19 +335,20 @@ def finetune_figures(results: list[dict], out: Path) -> list[str]:
 
 
 def pretraining_runs(folders: list[Path]) -> list[dict]:
-    """Every folder holding args.json and log.jsonl of a CASS or DINO pretraining."""
-    found = []
-    for folder in folders:
-        for args_file in sorted(folder.rglob("args.json")):
-            log_file = args_file.parent / "log.jsonl"
-            if not log_file.is_file():
-                continue
-            args = json.loads(args_file.read_text())
-            method = "CASS" if "vit" in args and "cnn" in args else "DINO" if "out_dim" in args else None
-            if method:
-                log = [json.loads(line) for line in log_file.read_text().splitlines()]
-                models = f"{args['cnn']} + {args['vit']}" if method == "CASS" else args["arch"]
-                found.append({"folder": args_file.parent, "method": method, "models": models, "log": log})
+    """Every folder holding args.json and log.jsonl of a CASS or DINO pretraining, once, named by its
+    path below the folders' common root (several runs may share a folder name)."""
+    found, root = [], Path(os.path.commonpath([f.resolve() for f in folders]))
+    for args_file in sorted({p.resolve() for folder in folders for p in folder.rglob("args.json")}):
+        log_file = args_file.parent / "log.jsonl"
+        if not log_file.is_file():
+            continue
+        args = json.loads(args_file.read_text())
+        method = "CASS" if "vit" in args and "cnn" in args else "DINO" if "out_dim" in args else None
+        if method:
+            log = [json.loads(line) for line in log_file.read_text().splitlines()]
+            models = f"{args['cnn']} + {args['vit']}" if method == "CASS" else args["arch"]
+            name = args_file.parent.relative_to(root).as_posix() if args_file.parent != root else root.name
+            found.append({"name": name, "method": method, "models": models, "log": log})
     return found
 
 
@@ -335,7 +365,7 @@ def time_table(runs: list[dict]) -> list[str]:
     for r in runs:
         seconds = sum(e["seconds"] for e in r["log"])
         ips = np.mean([e["images_per_s"] for e in r["log"]]) if r["log"] else 0.0
-        lines.append(f"| {r['folder'].name} | {r['method']} | {r['models']} | {len(r['log'])} | "
+        lines.append(f"| {r['name']} | {r['method']} | {r['models']} | {len(r['log'])} | "
                      f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{seconds % 60:04.1f}s | {ips:.1f} | "
                      f"{last_knn(r['log'])} |")
     return lines
@@ -355,8 +385,8 @@ def main(args: argparse.Namespace) -> Path:
     lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else ["No pretraining runs found."])
     shown = finetune_figures(results, out)
     lines += ["", "## Fine-tuning figures", ""] + (shown or ["No prediction files found."])
-    drawn = [p for r in runs if (p := figures.pretraining_figure(r["log"], r["method"], r["folder"].name,
-                                                                 out / f"{r['folder'].name}_epochs.png"))]
+    drawn = [p for r in runs if (p := figures.pretraining_figure(r["log"], r["method"], r["name"],
+                                                                 out / f"{file_name(r['name'])}_epochs.png"))]
     lines += ["", "## Per-epoch plots", ""] + [f"![{p.stem}]({p.name})" for p in drawn]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
