@@ -252,9 +252,6 @@ def _report_ignored(root: Path) -> None:
 
 
 # ------------------------------------------------------------- readability
-PLAIN_MODES = ("L", "LA", "RGB", "RGBA", "I", "I;16", "F")  # Pillow modes whose values are the pixels
-
-
 def unreadable_reason(path: Path) -> str | None:
     """None if the whole file decodes (DICOM: through pydicom), else why not. JPEG decodes
     in draft (1/8 scale) mode, which still reads every byte, so truncation is caught."""
@@ -262,19 +259,24 @@ def unreadable_reason(path: Path) -> str | None:
 
 
 def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
-    """Why `path` cannot be read; else None, or with `fingerprint` what it makes of every decoded pixel."""
+    """Why `path` cannot be read; else None, or with `fingerprint` what it makes of the (H, W, 3) uint8
+    pixels training decodes (pixels.load_image): what the model sees is what is compared, whatever the
+    mode. The intensity is auto whatever a run's --intensity, so that copies stored in other units (an
+    8-bit export of a 16-bit scan) still show one picture."""
     try:
         if path.suffix.lower() == ".dcm":
             from dicom import stored_values  # only DICOM files need it
-            pixels = stored_values(path)
+            stored_values(path)  # every frame: training reads the first, but a broken later one is a broken file
         else:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
-                if not fingerprint:
+                if not fingerprint:  # load_image below decodes every pixel itself
                     img.draft("RGB", (64, 64))
-                img.load()
-                pixels = np.asarray(img if img.mode in PLAIN_MODES else img.convert("RGB")) if fingerprint else None
+                    img.load()
+        if fingerprint:
+            from pixels import load_image  # only the duplicate check needs the decoding training uses
+            pixels = np.asarray(load_image(path))
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
     return fingerprint(pixels) if fingerprint else None

@@ -2,8 +2,9 @@
 show one picture twice (the same pixels, or the same picture resized,
 recompressed or re-exposed) in train and test inflate a test score as a leaked
 patient does. Each image is fingerprinted while the data is indexed
-(data.index_data(..., fingerprint=fingerprint) decodes every pixel then, no
-reduced-scale JPEG decode); the sets are counted and listed in splits.json,
+(data.index_data(..., fingerprint=fingerprint) decodes every pixel then, as
+training does: pixels.load_image's uint8 RGB, whatever the file's mode or
+depth); the sets are counted and listed in splits.json,
 and with --duplicates together kept in one split (splits.make_splits' `join`).
 """
 from __future__ import annotations
