@@ -32,7 +32,7 @@ from models import (check_arch, collect, create_model, from_checkpoint, model_no
                     prepare_for_training)
 from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
                     train_loader)
-from splits import label_fraction, select
+from splits import count, label_fraction, select
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
@@ -137,7 +137,7 @@ def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> 
     if splits and splits.get("val") and splits.get("test"):
         if cfg.duplicates == "together":
             print("note: --duplicates together moves nothing here: the checkpoint's split is kept as made")
-        return list_duplicates(index, {k: splits[k] for k in ("train", "val", "test")})
+        return list_duplicates(index, {k: splits[k] for k in ("train", "val", "test", "sizes") if k in splits})
     if splits:
         print("note: the checkpoint was pretrained on unlabelled data; making a new 70/10/20 split "
               "(pretraining may have seen some of its test images)")
@@ -296,7 +296,7 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "seconds": round(time.perf_counter() - start, 2), "test_ci95": found["test_ci95"],
             "thresholds": thresholds, "calibration": found["calibration"],
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
-            "labelled_files": [index.paths[i] for i in labelled]}
+            "labelled": count(index, labelled), "labelled_files": [index.paths[i] for i in labelled]}
 
 
 def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: DataIndex,
