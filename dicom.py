@@ -36,33 +36,22 @@ def _dataset(path: Path):
 
 def stored_values(path: Path) -> np.ndarray:
     """Every frame's stored values, (H, W[, C]) or (F, H, W[, C]): decoding them
-    all is what proves a file whole (a truncated one raises)."""
-    return _dataset(path).pixel_array
-
-
-def _number(ds, keyword: str, default: float | None) -> float | None:
-    """A numeric attribute: its first value when it holds several, `default` when absent or empty."""
-    value = ds.get(keyword)
-    if isinstance(value, pydicom.multival.MultiValue):
-        value = value[0] if len(value) else None
-    return default if value is None or value == "" else float(value)
-
-
-def _voi_window(ds) -> tuple[float, float] | None:
-    """(lo, hi) of the file's first linear VOI window (DICOM PS3.3 C.11.2.1.2:
-    lo, hi = centre - 0.5 -+ (width - 1) / 2), or None without a usable one."""
-    centre, width = _number(ds, "WindowCenter", None), _number(ds, "WindowWidth", None)
-    if centre is None or width is None or width < 1:
-        return None
-    return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+    all is what proves a file whole (a truncated one raises), and showing the
+    first under `auto` (its LUTs, window or palette) that we show it as a viewer
+    would: a file we cannot raises why, so the index skips it with that reason."""
+    ds = _dataset(path)
+    values = ds.pixel_array
+    _render(ds, values[0] if int(ds.get("NumberOfFrames") or 1) > 1 else values, ("auto",))
+    return values
 
 
 def read_dicom(path: Path, setting: tuple) -> Image.Image:
     """A DICOM file as an RGB image, as a viewer shows it: its first frame (a
-    multi-frame file is noted once per process), the rescale slope and
-    intercept applied (stored values -> e.g. Hounsfield units), then the
-    intensity `setting`, then MONOCHROME1 (whose low values display bright)
-    inverted. 8-bit colour stays as it is."""
+    multi-frame file is noted once per process), the modality LUT or rescale
+    applied (stored values -> e.g. Hounsfield units), then the intensity
+    `setting` (under `auto` the file's VOI LUT or window), then MONOCHROME1
+    (whose low values display bright) inverted. Colour, palette colour included,
+    is shown as its colours."""
     ds = _dataset(path)
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
@@ -71,14 +60,57 @@ def read_dicom(path: Path, setting: tuple) -> Image.Image:
             print(f"note: multi-frame DICOM files are read as their first frame (e.g. {Path(path).name}, "
                   f"{frames} frames)", flush=True)
         ds.pixel_array_options(index=0)  # decodes that frame alone
-    stored = ds.pixel_array
-    if int(ds.get("SamplesPerPixel", 1)) == 3:
+    return _render(ds, ds.pixel_array, setting)
+
+
+def _render(ds, stored: np.ndarray, setting: tuple) -> Image.Image:
+    """One frame's stored values, (H, W[, C]), as read_dicom describes; pydicom's
+    LUT functions do every DICOM step, we only choose the setting and scale to 0..255."""
+    photometric = ds.get("PhotometricInterpretation")
+    if photometric == "PALETTE COLOR":  # stored values are indices into the file's colour table
+        rgb = pydicom.pixels.apply_color_lut(stored, ds)[..., :3]  # an alpha table aside: shown opaque
+        depth = int(ds.RedPaletteColorLookupTableDescriptor[2])  # entries are 0 .. 2**depth - 1 in any word size
+        return Image.fromarray(to_uint8(rgb, ("window", 0, 2**depth - 1)))
+    if int(ds.get("SamplesPerPixel", 1)) == 3:  # pydicom has made YBR into RGB
         return Image.fromarray(stored if stored.dtype == np.uint8 else to_uint8(stored, setting))
-    slope, intercept, voi = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0), _voi_window(ds)
-    if setting[0] == "auto" and voi is None and stored.dtype == np.uint8 and (slope, intercept) == (1.0, 0.0):
-        gray = stored  # an 8-bit image, kept as a PNG's pixels would be
-    else:
-        gray = to_uint8(stored * slope + intercept, setting, voi)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"cannot show photometric interpretation {photometric!r} with one sample per pixel")
+    _first_frame_groups(ds)
+    for keyword, identity in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        if ds.get(keyword) in (None, ""):  # pydicom rescales only with both; one alone still applies
+            setattr(ds, keyword, identity)
+    values = pydicom.pixels.apply_modality_lut(stored, ds)
+    if setting[0] != "auto":
+        gray = to_uint8(values, setting)
+    elif (gray := _voi(values, ds)) is None:
+        # no VOI: up to 8 unsigned bits, left as stored, span their whole range (8 bits as a PNG's
+        # pixels, a 1-bit mask 0 and 255, as viewers show them); anything else, min-max
+        bits = int(ds.get("BitsStored") or 8 * stored.itemsize)
+        whole = stored.dtype.kind == "u" and bits <= 8 and np.array_equal(values, stored)
+        gray = to_uint8(values, ("window", 0, 2**bits - 1) if whole else setting)
+    if photometric == "MONOCHROME1":
         gray = 255 - gray
     return Image.fromarray(gray).convert("RGB")
+
+
+def _first_frame_groups(ds) -> None:
+    """An enhanced multi-frame file keeps its rescale and window in functional
+    groups (PS3.3 C.7.6.16: shared, or per frame), where pydicom's LUT functions
+    do not look: copy the first frame's to the top level."""
+    for groups in (ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")):
+        for keyword in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            if groups and groups[0].get(keyword):
+                ds.update(groups[0].get(keyword)[0])
+
+
+def _voi(values: np.ndarray, ds) -> np.ndarray | None:
+    """The file's first VOI LUT (preferred, as by pydicom) or window (LINEAR,
+    LINEAR_EXACT or SIGMOID) applied to modality `values` by pydicom, its output
+    range scaled to 0..255; None when the file has neither."""
+    if ds.get("VOILUTSequence"):
+        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])  # the LUT's output is 0 .. 2**depth - 1
+        return to_uint8(pydicom.pixels.apply_voi(np.rint(values).astype(np.int64), ds), ("window", 0, 2**depth - 1))
+    if ds.get("WindowCenter") in (None, "") or ds.get("WindowWidth") in (None, ""):
+        return None
+    lo, hi = pydicom.pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)  # its output range
+    return to_uint8(pydicom.pixels.apply_windowing(values, ds), ("window", lo, hi))

@@ -8,15 +8,14 @@ import numpy as np
 PERCENTILES = (0.5, 99.5)
 
 
-def to_uint8(values: np.ndarray, setting: tuple, voi: tuple[float, float] | None = None) -> np.ndarray:
+def to_uint8(values: np.ndarray, setting: tuple) -> np.ndarray:
     """Numbers of any shape -> uint8 under `setting`: <= lo is 0, >= hi is 255,
-    linear between. `voi` is a DICOM file's own window, which `auto` prefers."""
+    linear between. `auto` is min-max here: a DICOM file's own VOI LUT or window
+    is dicom.py's, which calls this with the LUT's output range as the window."""
     values = np.asarray(values, dtype=np.float64)
     name = setting[0]
     if name == "window":
         lo, hi = setting[1], setting[2]
-    elif name == "auto" and voi is not None:
-        lo, hi = voi
     elif name == "percentile":
         lo, hi = np.percentile(values, PERCENTILES)
     elif name in ("auto", "minmax"):
