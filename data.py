@@ -301,9 +301,14 @@ def drop_stale(path: Path) -> None:
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
 
 
+CHECK_VERSION = 2
+
+
 def _check(index: DataIndex, workers: int, memo_dir: str | Path | None, fingerprint: Fingerprint | None) -> list:
     """What `_look` says of each image (a reason, None or a fingerprint), remembered in `memo_dir`."""
-    tag = "fingerprinted" if fingerprint else "checked"
+    # the version changes whenever the check decides differently (DICOM rendering, fingerprints of the
+    # pixels training decodes), so that verdicts of an older check are not reused
+    tag = f"{'fingerprinted' if fingerprint else 'checked'}{CHECK_VERSION}"
     memo = keyed_path(memo_dir, index.root, index.paths, tag) if memo_dir else None
     if memo is not None and memo.is_file():
         known = json.loads(memo.read_text())

@@ -11,9 +11,9 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,17 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+import backbone
 import checkpoint
 import predictions
 import runtime as rt
+from backbone import Source
 from data import DataIndex
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from metrics import HEADLINES, evaluate, over_seeds, probabilities
-from models import (check_arch, collect, create_model, from_checkpoint, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training)
-from pixels import (AUTO, ImageCache, ImageDataset, Intensity, eval_loader, parse_intensity, train_augment,
-                    train_loader)
+from models import check_arch, collect, create_model, normalise, optimizer_kwargs, prepare_for_training
+from pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
 from splits import count, label_fraction, select
 
 
@@ -87,21 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclass
-class Source:
-    """The network fine-tuning starts from, and what is known about it."""
-    model: nn.Module
-    arch: str
-    img_size: int
-    mean: list[float]
-    std: list[float]
-    method: str  # cass, dino, supervised (ImageNet weights) or random-init
-    role: str | None  # cnn / vit for a pretraining run's backbone
-    data: str | None  # the data set it was pretrained on
-    splits: dict[str, list[str]] | None  # the split it was pretrained with
-    intensity: Intensity  # how its images' 16-bit, float or DICOM pixels became 0..255
-
-
 def load_source(args: argparse.Namespace) -> Source:
     """The starting network, from --ckpt or from --arch."""
     if bool(args.ckpt) == bool(args.arch):
@@ -109,23 +94,12 @@ def load_source(args: argparse.Namespace) -> Source:
     if args.gamma < 0:
         raise UserError(f"--gamma must be 0 or more, got {args.gamma}")
     if args.ckpt:
-        ckpt = checkpoint.load(args.ckpt, kind="model")
-        if args.img_size and args.img_size != ckpt["img_size"]:
-            raise UserError(f"--img-size {args.img_size} differs from the checkpoint's {ckpt['img_size']}")
-        intensity = parse_intensity(ckpt.get("intensity", AUTO))  # checkpoints before --intensity: auto
-        if args.intensity not in (AUTO, intensity):
-            raise UserError(f"--intensity {' '.join(map(str, args.intensity))} differs from the checkpoint's "
-                            f"{' '.join(map(str, intensity))}")
-        return Source(from_checkpoint(ckpt), ckpt["arch"], ckpt["img_size"], ckpt["mean"], ckpt["std"],
-                      ckpt["method"], ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"), intensity)
+        return backbone.from_file(args.ckpt, args.img_size, args.intensity)
     if not args.data:
         raise UserError("--arch needs --data")
     check_arch(args.arch)
-    size = args.img_size or 384
-    model = create_model(args.arch, img_size=size, pretrained=args.pretrained, weights=args.weights)
-    method = "supervised" if args.pretrained or args.weights else "random-init"
-    return Source(model, args.arch, size, *model_norm(model, args.norm), method, None, args.data, None,
-                  args.intensity)
+    return backbone.from_timm(args.arch, args.data, args.img_size or 384, args.pretrained, args.weights, args.norm,
+                              args.intensity)
 
 
 def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> dict[str, list[str]]:

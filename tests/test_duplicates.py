@@ -144,7 +144,7 @@ def test_fingerprints_are_remembered_until_a_file_changes(copies, tmp_path, monk
     (copies / "a" / "flower.png").unlink()
     changed = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
     assert len(changed.prints) == len(first.prints) - 1
-    assert len(list((tmp_path / "cache").glob("*-fingerprinted-*"))) == 1
+    assert len(list((tmp_path / "cache").glob(f"*-fingerprinted{data.CHECK_VERSION}-*"))) == 1
 
 
 def test_pretraining_lists_them_and_finetuning_reports_them_on_the_checkpoints_split(copies, tmp_path, capsys):

@@ -1,0 +1,50 @@
+"""The network fine-tuning starts from: a model checkpoint of this project (a
+pretrained backbone, with the image size, normalisation, intensity setting,
+data and split it was pretrained with) or a timm model, with ImageNet weights
+or random initialisation (the supervised baselines)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+import checkpoint
+from errors import UserError
+from models import create_model, from_checkpoint, model_norm
+from pixels import AUTO, Intensity, parse_intensity
+
+
+@dataclass
+class Source:
+    """The starting network and what is known about it."""
+    model: nn.Module
+    arch: str
+    img_size: int
+    mean: list[float]
+    std: list[float]
+    method: str  # cass, dino, supervised (ImageNet weights) or random-init
+    role: str | None  # cnn / vit for a pretraining run's backbone
+    data: str | None  # the data set it was pretrained on
+    splits: dict[str, list[str]] | None  # the split it was pretrained with
+    intensity: Intensity  # how its images' 16-bit, float or DICOM pixels became 0..255
+
+
+def from_file(path: str, img_size: int | None, intensity: Intensity) -> Source:
+    """A model checkpoint; `img_size` and `intensity`, when given (not None / auto), must be its own."""
+    ckpt = checkpoint.load(path, kind="model")
+    if img_size and img_size != ckpt["img_size"]:
+        raise UserError(f"--img-size {img_size} differs from the checkpoint's {ckpt['img_size']}")
+    saved = parse_intensity(ckpt.get("intensity", AUTO))  # checkpoints before --intensity: auto
+    if intensity not in (AUTO, saved):
+        raise UserError(f"--intensity {' '.join(map(str, intensity))} differs from the checkpoint's "
+                        f"{' '.join(map(str, saved))}")
+    return Source(from_checkpoint(ckpt), ckpt["arch"], ckpt["img_size"], ckpt["mean"], ckpt["std"], ckpt["method"],
+                  ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"), saved)
+
+
+def from_timm(arch: str, data: str, img_size: int, pretrained: bool, weights: str | None, norm: str,
+              intensity: Intensity) -> Source:
+    """A timm model for `data`: ImageNet weights (downloaded, or the local file `weights`) or random init."""
+    model = create_model(arch, img_size=img_size, pretrained=pretrained, weights=weights)
+    method = "supervised" if pretrained or weights else "random-init"
+    return Source(model, arch, img_size, *model_norm(model, norm), method, None, data, None, intensity)
