@@ -164,22 +164,30 @@ def test_one_epoch_run_saves_a_teacher_backbone_that_fine_tunes(demo_data, tmp_p
     log = json.loads((out / "log.jsonl").read_text())
     assert log["ln_k"] == pytest.approx(math.log(64)) and log["teacher_temp"] == 0.04 and 0 <= log["knn_teacher"] <= 1
     assert {"loss", "lr", "momentum", "teacher_entropy", "kl", "collapse", "images_per_s"} <= set(log)
-    results = finetune.main(finetune.parse_args(["--ckpt", str(out / f"{role}.pt"), "--epochs", "1",
-                                                 "--workers", "0", "--out", str(tmp_path / "ft")]))
+    results = finetune.main(finetune.parse_args(["--ckpt", str(out / f"{role}.pt"), "--epochs", "1", "--workers", "0",
+                                                 "--resamples", "100", "--out", str(tmp_path / "ft")]))
     assert results["method"] == "dino" and 0 <= results["summary"]["macro_f1"]["mean"] <= 1
 
 
-def test_dino_resume_matches_an_uninterrupted_run(demo_data, tmp_path):
+def test_dino_resume_matches_an_uninterrupted_run(demo_data, tmp_path, capsys):
+    """The one end-to-end resume test of pretrain_dino.py: Ctrl-C as epoch 2 starts, then --resume."""
     def args(out):
         return pretrain_dino.parse_args(["--data", str(demo_data), "--out", str(out), "--arch", "test_resnet",
                                          "--epochs", "2", *TINY_DINO])
 
     full = pretrain_dino.main(args(tmp_path / "full"))
-    interrupted_run(pretrain_dino, args(tmp_path / "part"), epoch=1)
+    interrupted_run(pretrain_dino, args(tmp_path / "part"), epoch=1)  # exit code 130
+    assert f"continue with --resume {tmp_path / 'part'}" in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / "part" / "last.pt", kind="resume")["epoch"] == 1
     with pytest.raises(UserError, match="holds a dino run, not a cass one"):
         pretrain_cass.main(pretrain_cass.parse_args(["--resume", str(tmp_path / "part")]))
     pretrain_dino.main(pretrain_dino.parse_args(["--resume", str(tmp_path / "part"), "--workers", "0"]))
     assert same_weights(full / "cnn.pt", tmp_path / "part" / "cnn.pt")
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log(tmp_path / "part")] == [1, 2] and log(tmp_path / "part") == log(full)
 
 
 def test_recipe_defaults_follow_the_architecture():
