@@ -131,15 +131,39 @@ def test_attention_maps_shape_range_and_dependence_on_the_weights():
         maps.vit_attention(timm.create_model("test_resnet"), x)
 
 
-def test_grad_cam_and_first_conv_maps():
+class PooledLinear(torch.nn.Module):
+    """A network whose 2-channel input is its last feature map: global average pooling, then `weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.mean((2, 3)) @ self.weight.T
+
+
+def test_grad_cam_lights_up_where_the_predicted_class_has_its_evidence():
+    x = torch.zeros(2, 2, 4, 4)
+    x[0, 0, 1, 2] = 8.0  # image 0: class 0's evidence at (1, 2), class 1's weaker one at (3, 0)
+    x[0, 1, 3, 0] = 3.0
+    x[1, 1, 0, 3] = 5.0  # image 1: class 1's only, at (0, 3)
+    cam = maps.grad_cam(PooledLinear(torch.eye(2)), x)
+    # the predicted class's gradient weighs its own channel only: its map, scaled into [0, 1]
+    assert torch.equal(cam[0], (x[0, 0] > 0).float()) and torch.equal(cam[1], (x[1, 1] > 0).float())
+
+
+def test_first_conv_maps_are_the_first_convolutions_output_each_channel_scaled_into_0_1():
     model = timm.create_model("test_resnet", num_classes=4).eval()
     x = torch.randn(2, 3, 64, 64)
-    cam = maps.grad_cam(model, x)
-    assert cam.shape == (2, 2, 2) and cam.min() >= 0 and cam.max() <= 1
     conv = maps.first_conv_maps(model, x)
-    assert conv.shape[:2] == (2, model.conv1[0].out_channels if isinstance(model.conv1, torch.nn.Sequential)
-                              else model.conv1.out_channels)
-    assert conv.min() >= 0 and conv.max() <= 1
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        raw = first(x)
+    lo, hi = raw.amin((2, 3), keepdim=True), raw.amax((2, 3), keepdim=True)
+    torch.testing.assert_close(conv, (raw - lo) / (hi - lo), rtol=1e-4, atol=1e-5)
 
 
 def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_path):
@@ -183,7 +207,7 @@ def test_maps_draw_follows_the_class_distribution_and_the_seed():
 
 
 def test_report_tables_and_plots(cass_run, finetuned, tmp_path):
-    path = report.main(report.parse_args([str(cass_run), "--out", str(tmp_path)]))
+    path = report.main(report.parse_args([str(cass_run), "--out", str(tmp_path), "--resamples", "100"]))
     text = path.read_text()
     assert "| cass (test_resnet) |" in text and "| cass (test_vit) |" in text and "100% labels" in text
     assert "| CASS | test_resnet + test_vit | 2 |" in text

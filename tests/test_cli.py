@@ -1,5 +1,6 @@
 """Errors a user can cause end in one sentence and exit code 2, before training; --help in four groups;
 the one writer of splits.json."""
+import importlib
 import json
 import os
 import re
@@ -115,10 +116,17 @@ def test_local_weight_files_initialise_cnn_and_vit(tmp_path):
     ("pretrain_cass.py", ["--eta-min", "-1"], "--eta-min must be 0 or more"),
     ("finetune.py", ["--arch", "test_vit", "--gamma", "-2"], "--gamma must be 0 or more"),
 ])
-def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message):
+def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message, monkeypatch,
+                                                             capsys):
+    """Through each script's entry point (runtime.run_cli, as `python script.py` runs it)."""
     class_folders(tmp_path / "d", {"a": 2})
-    code, err = cli(script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0", *argv)
-    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                      "--workers", "0", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runtime.run_cli(module.main, module.parse_args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "o").exists()
 
 

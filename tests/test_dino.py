@@ -208,7 +208,8 @@ def test_only_the_student_has_stochastic_depth():
 
 
 def test_a_non_finite_teacher_batch_never_reaches_the_centre(demo_data, tmp_path, monkeypatch):
-    """fp16 skips the step; the centre must skip it too, or every later batch is NaN as well."""
+    """fp16 skips the step; the centre must skip it too, or every later batch is NaN as well.
+    One epoch (fp16 is slow on the CPU): the two batches after the bad one show the centre stayed finite."""
     real, calls = MultiCropNet.forward, [0]
 
     def forward(self, views):
@@ -220,8 +221,8 @@ def test_a_non_finite_teacher_batch_never_reaches_the_centre(demo_data, tmp_path
 
     monkeypatch.setattr(MultiCropNet, "forward", forward)
     out = pretrain_dino.main(pretrain_dino.parse_args(
-        ["--data", str(demo_data), "--out", str(tmp_path / "r"), "--arch", "test_resnet", "--epochs", "2",
+        ["--data", str(demo_data), "--out", str(tmp_path / "r"), "--arch", "test_resnet", "--epochs", "1",
          "--amp", "fp16", *TINY_DINO]))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["images"] for r in log] == [32, 40] and all(math.isfinite(r["loss"]) for r in log)
+    assert [r["images"] for r in log] == [32] and math.isfinite(log[0]["loss"])  # 5 batches of 8, one skipped
     assert torch.isfinite(checkpoint.load(out / "last.pt", kind="resume")["loss"]["center"]).all()

@@ -117,7 +117,7 @@ def test_published_schedule_steps_the_cosine_every_batch(cass_run, tmp_path):
 def test_class_weights_come_from_the_train_split_and_are_recorded(tmp_path):
     class_folders(tmp_path / "d", {"a": 40, "b": 20, "c": 10})
     common = ["--arch", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "d"), "--img-size", "32",
-              "--workers", "0", "--epochs", "1", "--frac", "0.1"]
+              "--workers", "0", "--epochs", "1", "--frac", "0.1", "--resamples", "100"]
     whole = finetune.main(finetune.parse_args([*common, "--out", str(tmp_path / "train")]))["runs"][0]
     # train split 28 / 14 / 7 images: min-max into [0.2, 1] (App. C.6.2), whatever the 10 % drawn
     assert whole["class_weights"] == pytest.approx([1.0, 0.2 + 0.8 * 7 / 21, 0.2])

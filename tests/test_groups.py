@@ -124,7 +124,8 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
         select(grouped, leaky, apart=True)
 
     flags = ["--arch", "test_resnet", "--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0",
-             "--epochs", "1", "--data", str(grouped_csv), "--group-col", "patient", "--cache", "off"]
+             "--epochs", "1", "--data", str(grouped_csv), "--group-col", "patient", "--cache", "off",
+             "--resamples", "100"]
     seen = []
     real_evaluate = finetune.evaluate
     monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: seen.append(k["groups"]) or real_evaluate(*a, **k))
