@@ -7,10 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# One thread per process unless the caller says otherwise (runtime.set_threads honours it): the tiny
+# models gain nothing from a second one, and OpenMP threads spinning against another process (torchrun's
+# ranks, the killed-run subprocess, another test run) slow the suite many-fold on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
