@@ -1,20 +1,26 @@
-"""Shared fixtures: small images written to real files, and one tiny CASS
-pretraining run (timm's test_resnet + test_vit, random init, CPU) reused by
-the checkpoint, fine-tuning and resume tests."""
+"""Shared fixtures: small images written to real files, one tiny CASS
+pretraining run (timm's test_resnet + test_vit, random init, CPU) and its two
+fine-tuned networks, reused by the checkpoint, fine-tuning and tool tests."""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# One thread per process unless the caller says otherwise (runtime.set_threads honours it): the tiny
+# models gain nothing from a second one, and OpenMP threads spinning against another process (torchrun's
+# ranks, the killed-run subprocess, another test run) slow the suite many-fold on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import demo  # noqa: E402
+import finetune  # noqa: E402
 import pretrain_cass  # noqa: E402
 
 TINY = ["--cnn", "test_resnet", "--vit", "test_vit", "--no-pretrained", "--img-size", "32",
@@ -71,6 +77,16 @@ def cass_run(demo_data, tmp_path_factory) -> Path:
     pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(out), "--epochs", "2",
                                                  *TINY]))
     return out
+
+
+@pytest.fixture(scope="session")
+def finetuned(cass_run) -> list[Path]:
+    """cass_run's CNN and ViT, each fine-tuned for one epoch into finetune.py's default folder
+    (cass_run/finetune-<role>-frac1), with 100 bootstrap resamples for the intervals."""
+    for role in ("cnn", "vit"):
+        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / f"{role}.pt"), "--epochs", "1", "--workers", "0",
+                                           "--resamples", "100"]))
+    return [cass_run / f"finetune-{role}-frac1" / "model_seed0.pt" for role in ("cnn", "vit")]
 
 
 def interrupted_run(script, args, epoch: int) -> None:

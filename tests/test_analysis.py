@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import checkpoint
-import finetune
 import knn
 from models import checkpoint_features, extract_features, knn_accuracy
 import maps
@@ -21,14 +20,6 @@ from conftest import TINY
 from data import DataIndex, index_data
 from errors import UserError
 from splits import select
-
-
-@pytest.fixture(scope="module")
-def finetuned(cass_run):
-    """Fine-tuned CNN and ViT of the shared CASS run."""
-    for role in ("cnn", "vit"):
-        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / f"{role}.pt"), "--epochs", "1", "--workers", "0"]))
-    return [cass_run / f"finetune-{role}-frac1" / "model_seed0.pt" for role in ("cnn", "vit")]
 
 
 def test_knn_votes_by_hand():
@@ -65,6 +56,15 @@ def test_extract_features_are_the_pre_logits_in_eval_mode_and_leave_the_mode_alo
     assert targets.tolist() == [0, 1, 2, 3, 0]
 
 
+def knn_of(path: Path, k: int = 20) -> float:
+    """knn_accuracy over a checkpoint's own train and val features, computed here."""
+    ckpt = checkpoint.load(path, kind="model")
+    index = index_data(ckpt["data"])
+    train, val = (checkpoint_features(ckpt, index, select(index, ckpt["splits"])[name], torch.device("cpu"), 64, 0)
+                  for name in ("train", "val"))
+    return knn_accuracy(train, val, len(index.classes), k=k)
+
+
 def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
     out = pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(tmp_path / "r"),
                                                        "--epochs", "2", "--knn-every", "2", *TINY]))
@@ -72,19 +72,14 @@ def test_knn_monitor_in_the_log_and_on_its_own(demo_data, tmp_path, cass_run):
     assert "knn_cnn" not in log[0] and 0 <= log[1]["knn_cnn"] <= 1 and 0 <= log[1]["knn_vit"] <= 1
     acc = knn.main(knn.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--workers", "0", "--k", "5"]))
     assert 0.25 < acc <= 1  # better than chance on the four learnable demo classes
-    # the script's number is knn_accuracy over the checkpoint's train and val features, k as asked
-    ckpt = checkpoint.load(cass_run / "vit.pt", kind="model")
-    index = index_data(ckpt["data"])
-    train, val = (checkpoint_features(ckpt, index, select(index, ckpt["splits"])[name], torch.device("cpu"), 64, 0)
-                  for name in ("train", "val"))
-    assert acc == knn_accuracy(train, val, len(index.classes), k=5)
+    assert acc == knn_of(cass_run / "vit.pt", k=5)  # the script's number, with k as asked
 
 
 def test_knn_works_on_fine_tuned_checkpoints_which_carry_their_split(finetuned, cass_run):
     ckpt = torch.load(finetuned[0], weights_only=True)
     pretrained = torch.load(cass_run / "cnn.pt", weights_only=True)
     assert ckpt["splits"] == {k: pretrained["splits"][k] for k in ("train", "val", "test")}  # kept the split
-    assert 0 <= knn.main(knn.parse_args(["--ckpt", str(finetuned[0]), "--workers", "0"])) <= 1
+    assert knn.main(knn.parse_args(["--ckpt", str(finetuned[0]), "--workers", "0"])) == knn_of(finetuned[0])
 
 
 def test_predict_writes_probabilities_and_ensembles_by_averaging(finetuned, demo_data, tmp_path):
@@ -136,15 +131,39 @@ def test_attention_maps_shape_range_and_dependence_on_the_weights():
         maps.vit_attention(timm.create_model("test_resnet"), x)
 
 
-def test_grad_cam_and_first_conv_maps():
+class PooledLinear(torch.nn.Module):
+    """A network whose 2-channel input is its last feature map: global average pooling, then `weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.mean((2, 3)) @ self.weight.T
+
+
+def test_grad_cam_lights_up_where_the_predicted_class_has_its_evidence():
+    x = torch.zeros(2, 2, 4, 4)
+    x[0, 0, 1, 2] = 8.0  # image 0: class 0's evidence at (1, 2), class 1's weaker one at (3, 0)
+    x[0, 1, 3, 0] = 3.0
+    x[1, 1, 0, 3] = 5.0  # image 1: class 1's only, at (0, 3)
+    cam = maps.grad_cam(PooledLinear(torch.eye(2)), x)
+    # the predicted class's gradient weighs its own channel only: its map, scaled into [0, 1]
+    assert torch.equal(cam[0], (x[0, 0] > 0).float()) and torch.equal(cam[1], (x[1, 1] > 0).float())
+
+
+def test_first_conv_maps_are_the_first_convolutions_output_each_channel_scaled_into_0_1():
     model = timm.create_model("test_resnet", num_classes=4).eval()
     x = torch.randn(2, 3, 64, 64)
-    cam = maps.grad_cam(model, x)
-    assert cam.shape == (2, 2, 2) and cam.min() >= 0 and cam.max() <= 1
     conv = maps.first_conv_maps(model, x)
-    assert conv.shape[:2] == (2, model.conv1[0].out_channels if isinstance(model.conv1, torch.nn.Sequential)
-                              else model.conv1.out_channels)
-    assert conv.min() >= 0 and conv.max() <= 1
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        raw = first(x)
+    lo, hi = raw.amin((2, 3), keepdim=True), raw.amax((2, 3), keepdim=True)
+    torch.testing.assert_close(conv, (raw - lo) / (hi - lo), rtol=1e-4, atol=1e-5)
 
 
 def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_path):
@@ -188,7 +207,7 @@ def test_maps_draw_follows_the_class_distribution_and_the_seed():
 
 
 def test_report_tables_and_plots(cass_run, finetuned, tmp_path):
-    path = report.main(report.parse_args([str(cass_run), "--out", str(tmp_path)]))
+    path = report.main(report.parse_args([str(cass_run), "--out", str(tmp_path), "--resamples", "100"]))
     text = path.read_text()
     assert "| cass (test_resnet) |" in text and "| cass (test_vit) |" in text and "100% labels" in text
     assert "| CASS | test_resnet + test_vit | 2 |" in text
@@ -218,7 +237,8 @@ def test_results_carry_intervals_and_calibration(finetuned):
     results = json.loads((finetuned[0].parent / "results.json").read_text())
     run = results["runs"][0]
     ci = run["test_ci95"]["macro_f1"]
-    assert ci["estimate"] == pytest.approx(run["test"]["macro_f1"]) and ci["n_used"] == 1000
+    assert ci["estimate"] == pytest.approx(run["test"]["macro_f1"])
+    assert ci["n_used"] + ci["n_dropped"] == 100  # --resamples 100 reaches the interval
     assert ci["low"] <= ci["estimate"] <= ci["high"]
     assert set(run["calibration"]) == {"temperature", "brier", "ece"}
     assert run["test"]["auroc_macro"] is None or 0 <= run["test"]["auroc_macro"] <= 1

@@ -55,7 +55,8 @@ def test_messy_folder_is_read_or_skipped_with_reasons_and_a_run_completes(tmp_pa
                                                        "--epochs", "1", *TINY, "--bs", "4"]))
     saved = json.loads((out / "splits.json").read_text())
     assert {s["path"] for s in saved["skipped"]} == set(skipped)
-    results = finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--workers", "0"]))
+    results = finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--workers", "0",
+                                                 "--resamples", "100"]))
     assert results["classes"] == ["lesion", "normal"]
 
 
@@ -68,7 +69,7 @@ def test_single_image_class_and_one_percent_of_a_hundred_images(tmp_path):
     assert index.class_counts(chosen).tolist() == [1, 1, 1]
     results = finetune.main(finetune.parse_args(
         ["--arch", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "d"), "--img-size", "32", "--frac",
-         "0.01", "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "ft")]))
+         "0.01", "--epochs", "1", "--workers", "0", "--resamples", "100", "--out", str(tmp_path / "ft")]))
     assert len(results["runs"][0]["labelled_files"]) == 3
 
 
@@ -79,7 +80,7 @@ def test_multilabel_csv_with_a_label_that_is_never_positive(tmp_path):
     (tmp_path / "labels.csv").write_text("path,a,b,never\n" + "\n".join(rows) + "\n")
     results = finetune.main(finetune.parse_args(
         ["--arch", "test_vit", "--no-pretrained", "--data", str(tmp_path), "--img-size", "32", "--epochs", "1",
-         "--workers", "0", "--out", str(tmp_path / "ft"), "--class-weights", "inverse"]))
+         "--workers", "0", "--resamples", "100", "--out", str(tmp_path / "ft"), "--class-weights", "inverse"]))
     test = results["runs"][0]["test"]
     assert results["classes"] == ["a", "b"]  # the label without a positive gets no head (ISIC's UNK)
     assert len(test["per_class_f1"]) == 2 and all(np.isfinite(v) for v in test["per_class_f1"])
@@ -114,7 +115,7 @@ def test_nothing_is_written_outside_out_and_the_cache(demo_data, tmp_path, monke
         ["--data", str(demo_data), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
          "--epochs", "1", *TINY]))
     finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--workers", "0",
-                                       "--cache-dir", str(tmp_path / "cache")]))
+                                       "--resamples", "100", "--cache-dir", str(tmp_path / "cache")]))
     assert {p: p.stat().st_mtime_ns for p in demo_data.rglob("*")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "work"]
     assert list(work.iterdir()) == []

@@ -94,8 +94,11 @@ def test_mixed_precision_runs_the_models_in_half_and_the_loss_in_float32(monkeyp
     assert scaler.is_enabled() == (amp == "fp16") and math.isfinite(stats["loss"])
 
 
-def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_path):
-    cfg, arms, loader, _ = setup("--swa-start", "1", steps=2)
+@pytest.mark.parametrize("flags", [[], ["--anti-collapse", "predictor", "--predictor-dim", "8"]])
+def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_path, flags):
+    """The unit under every resume: what last.pt keeps of each arm (with --anti-collapse predictor, the
+    predictors too, whose state moves the next epoch's weights) is all the next epoch depends on."""
+    cfg, arms, loader, _ = setup("--swa-start", "1", *flags, steps=2)
     scaler = runtime.grad_scaler(CPU, None)
 
     def epoch(arms, e):
@@ -109,15 +112,19 @@ def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_p
     checkpoint.save(checkpoint.resume_record("cass", 1, vars(cfg), {"train": []}, parts), tmp_path / "last.pt")
     state = checkpoint.load(tmp_path / "last.pt", kind="resume")
     assert set(state) == {"format", "kind", "method", "epoch", "args", "splits", "cnn", "vit", "scaler"}
-    assert set(state["cnn"]) == {"model", "opt", "sched", "swa", "predictor"} and state["cnn"]["predictor"] is None
+    assert set(state["cnn"]) == {"model", "opt", "sched", "swa", "predictor"}
+    assert (state["cnn"]["predictor"] is None) == (not flags)
 
-    _, fresh, _, _ = setup("--swa-start", "1", steps=2, seed=123)  # other initial weights
+    _, fresh, _, _ = setup("--swa-start", "1", *flags, steps=2, seed=123)  # other initial weights
     checkpoint.restore({**{arm.name: arm.parts() for arm in fresh}, "scaler": scaler}, state)
     epoch(arms, 1)
     epoch(fresh, 1)
     for a, b in zip(arms, fresh):
-        for k, v in a.model.state_dict().items():
-            assert torch.equal(v, b.model.state_dict()[k]), (a.name, k)
+        for module in ("model", "predictor"):
+            if getattr(a, module) is None:
+                continue
+            ours, theirs = getattr(a, module).state_dict(), getattr(b, module).state_dict()
+            assert all(torch.equal(v, theirs[k]) for k, v in ours.items()), (a.name, module)
         assert a.sched.last_epoch == b.sched.last_epoch == 4 and a.swa.count == b.swa.count == 2
         assert a.opt.state_dict()["state"][0]["step"] == b.opt.state_dict()["state"][0]["step"]
 

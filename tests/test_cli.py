@@ -1,7 +1,9 @@
 """Errors a user can cause end in one sentence and exit code 2, before training; --help in four groups;
 the one writer of splits.json."""
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +36,12 @@ def test_wrong_data_path_is_one_line_and_exit_2(tmp_path):
     assert code == 2 and err == [f"error: --data {tmp_path / 'missing'} does not exist"]
 
 
-def test_frac_out_of_range_is_rejected_by_the_parser(tmp_path):
-    for bad in ("0", "1.5"):
-        code, err = cli("finetune.py", "--ckpt", "x.pt", "--frac", bad)
-        assert code == 2 and "--frac: must be in (0, 1]" in err[-1]
+def test_frac_outside_zero_to_one_is_a_usage_error_and_one_is_allowed(capsys):
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(SystemExit) as stop:
+            finetune.parse_args(["--ckpt", "x.pt", "--frac", bad])
+        assert stop.value.code == 2 and "--frac: must be in (0, 1]" in capsys.readouterr().err
+    assert finetune.parse_args(["--ckpt", "x.pt", "--frac", "1"]).frac == 1.0  # the interval's closed end
 
 
 def test_missing_imagenet_weights_name_the_offline_options(tmp_path):
@@ -47,11 +51,6 @@ def test_missing_imagenet_weights_name_the_offline_options(tmp_path):
                     env={"HF_HUB_OFFLINE": "1"})
     assert code == 2 and [line for line in err if "error" in line] == err[-1:]
     assert "could not fetch ImageNet weights for test_resnet" in err[0] and "--cnn-weights" in err[0]
-
-
-def test_help_shows_defaults_and_sources():
-    code = subprocess.run([sys.executable, "pretrain_cass.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert code.returncode == 0 and "App. C.5.3" in code.stdout and "(default: 16)" in code.stdout
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -117,10 +116,17 @@ def test_local_weight_files_initialise_cnn_and_vit(tmp_path):
     ("pretrain_cass.py", ["--eta-min", "-1"], "--eta-min must be 0 or more"),
     ("finetune.py", ["--arch", "test_vit", "--gamma", "-2"], "--gamma must be 0 or more"),
 ])
-def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message):
+def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message, monkeypatch,
+                                                             capsys):
+    """Through each script's entry point (runtime.run_cli, as `python script.py` runs it)."""
     class_folders(tmp_path / "d", {"a": 2})
-    code, err = cli(script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--workers", "0", *argv)
-    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                      "--workers", "0", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runtime.run_cli(module.main, module.parse_args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -144,24 +150,33 @@ def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("script, ablation", [(pretrain_cass, "--cnn-opt"), (pretrain_dino, None)])
-def test_help_shows_every_flag_in_one_of_the_four_groups(script, ablation, capsys):
+def help_sections(script, capsys) -> dict[str, list[str]]:
+    """--help as {group title: one flattened entry per flag}."""
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    sections = {block.split(":\n")[0]: block for block in capsys.readouterr().out.split("\n\n")}
-    assert sections["options"].count("\n  -") == 1  # -h alone outside the groups
+    blocks = capsys.readouterr().out.split("\n\n")
+    return {block.split(":\n")[0]: [" ".join(e.split()) for e in re.split(r"\n(?=  -)", block)[1:]]
+            for block in blocks}
+
+
+@pytest.mark.parametrize("script, ablation, outside", [
+    (pretrain_cass, "--cnn-opt", []), (pretrain_dino, None, []),
+    (finetune, "--aug", ["--ckpt", "--arch", "--weights"]),  # what is fine-tuned comes first
+])
+def test_help_shows_every_flag_with_its_default_in_one_of_the_four_groups(script, ablation, outside, capsys):
+    sections = help_sections(script, capsys)
+    assert [e.split()[0].rstrip(",") for e in sections["options"]] == ["-h", *outside]
     for title, flag in (("the paper's settings", "--epochs"), ("ours, beyond the paper", "--duplicates"),
-                        ("running", "--resume"), ("the paper's ablations", ablation)):
-        assert f"  {flag} " in sections[title] if flag else title not in sections, (title, flag)  # DINO has none
-    paper = sections["the paper's settings"]
-    assert paper.count("App. C.5") + paper.count("Sec. ") >= 4
+                        ("running", "--workers"), ("the paper's ablations", ablation)):
+        assert any(e.startswith(f"{flag} ") for e in sections[title]) if flag else title not in sections, (title, flag)
+    for title in ("the paper's settings", "the paper's ablations", "ours, beyond the paper", "running"):
+        for entry in sections.get(title, []):
+            assert "(default: " in entry, entry
 
 
-def test_a_parser_still_gets_the_common_flags_in_groups(capsys):
-    p = runtime.new_parser("x")
-    runtime.add_common_args(p, epochs=1, epochs_source="test")  # finetune.py's call until it passes the groups
-    assert p.parse_args(["--bs", "4"]).bs == 4
-    assert {g.title for g in p._action_groups} >= {"the paper's settings", "running"}
+def test_every_cass_paper_setting_names_its_place_in_the_paper(capsys):
+    for entry in help_sections(pretrain_cass, capsys)["the paper's settings"]:
+        assert re.search(r"\b(App\. C\.\d|Sec\. \d|Alg\. 1)", entry), entry
 
 
 def test_write_splits_records_the_data_the_split_and_each_images_group(tmp_path):

@@ -189,8 +189,9 @@ def test_sampler_shards_only_when_asked_and_the_shards_make_up_the_whole_order()
 
 
 def test_a_last_batch_of_one_image_is_dropped_so_batchnorm_can_train(demo_data):
-    """17 labelled images at batch 8 once crashed fine-tuning a ResNet ("Expected more than 1 value per
-    channel when training"); the lone image is dropped, a different one each epoch."""
+    """17 labelled images at batch 8 would leave a last batch of one, on which a ResNet's BatchNorm
+    raises in training ("Expected more than 1 value per channel when training"); the lone image is
+    dropped, a different one each epoch."""
     index = index_data(demo_data, workers=1)
 
     def sizes(n: int) -> list[int]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import pretrain_dino
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_convnext has LayerNorm, not BatchNorm: PyTorch's SyncBatchNorm runs on GPUs only
@@ -54,12 +56,13 @@ def test_dino_and_finetune_run_under_torchrun(demo_data, tmp_path):
     state = torch.load(tmp_path / "dino" / "last.pt", weights_only=True)
     assert state["loss"]["center"].abs().sum() > 0
     # the lr follows the global batch: 2 processes at batch 4 log the lr of 1 process at batch 8
-    run("pretrain_dino.py", "--data", str(demo_data), "--out", str(tmp_path / "dino1"), "--arch", "test_vit",
-        "--img-size", "32", "--bs", "8", "--epochs", "1", "--out-dim", "64", "--local-crops", "2",
-        "--no-pretrained", "--workers", "0", "--device", "cpu")
+    pretrain_dino.main(pretrain_dino.parse_args(
+        ["--data", str(demo_data), "--out", str(tmp_path / "dino1"), "--arch", "test_vit", "--img-size", "32",
+         "--bs", "8", "--epochs", "1", "--out-dim", "64", "--local-crops", "2", "--no-pretrained", "--workers", "0",
+         "--device", "cpu"]))
     assert read_log(tmp_path / "dino")[0]["lr"] == pytest.approx(read_log(tmp_path / "dino1")[0]["lr"], rel=1e-9)
     run("finetune.py", "--ckpt", str(tmp_path / "dino" / "vit.pt"), "--epochs", "2", "--workers", "0",
-        "--device", "cpu", "--out", str(tmp_path / "ft"), procs=2)
+        "--resamples", "100", "--device", "cpu", "--out", str(tmp_path / "ft"), procs=2)
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["method"] == "dino" and len(results["runs"]) == 1
     assert len((tmp_path / "ft" / "log.jsonl").read_text().splitlines()) == results["runs"][0]["epochs_run"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
+from sklearn.datasets import load_sample_images
 
 import data
 import finetune
@@ -16,12 +17,10 @@ from data import DataIndex, index_data
 from fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
 from splits import make_splits, select
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, Image.Image]:
-    china, flower = sklearn_datasets.load_sample_images().images
+    china, flower = load_sample_images().images
     return {"china": Image.fromarray(china), "flower": Image.fromarray(flower)}
 
 
@@ -157,8 +156,9 @@ def test_pretraining_lists_them_and_finetuning_reports_them_on_the_checkpoints_s
     assert len(set(listed["images"].values())) == 1  # one split, as asked
     assert json.loads((out / "args.json").read_text())["duplicates"] == "together"
     capsys.readouterr()
-    finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--bs", "8", "--workers", "0",
-                                       "--out", str(tmp_path / "ft"), "--duplicates", "together"]))
+    finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--bs", "8",
+                                       "--workers", "0", "--resamples", "100", "--out", str(tmp_path / "ft"),
+                                       "--duplicates", "together"]))
     printed = capsys.readouterr().out
     assert "1 of near-identical ones (3 of 45 images), 0 of the sets across splits" in printed
     assert "--duplicates together moves nothing here" in printed

@@ -13,7 +13,6 @@ from timm.data import create_transform, resolve_data_config
 import checkpoint
 import embed
 import export
-import finetune
 from conftest import write_image
 from data import index_data
 from errors import UserError
@@ -21,12 +20,9 @@ from models import from_checkpoint, normalise
 from pixels import load_image, load_resized, to_chw
 
 
-@pytest.fixture(scope="module")
-def fine_tuned(cass_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft")
-    finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--epochs", "1", "--workers", "0",
-                                       "--out", str(out)]))
-    return out / "model_seed0.pt"
+@pytest.fixture
+def fine_tuned(finetuned):
+    return finetuned[0]  # the fine-tuned CNN
 
 
 def same_outputs(a: torch.nn.Module, b: torch.nn.Module, size: int) -> bool:

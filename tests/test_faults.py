@@ -14,7 +14,7 @@ import checkpoint
 import losses
 import pretrain_cass
 import runtime
-from conftest import TINY, interrupted_run, same_weights
+from conftest import TINY, same_weights
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,25 +31,36 @@ def saved_epoch(path: Path) -> int:
         return 0
 
 
-def test_killed_subprocess_resumes_to_the_weights_of_an_uninterrupted_run(demo_data, tmp_path):
-    argv = ["--epochs", "12", "--cache-dir", str(tmp_path / "cache")]
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_killed_subprocess_resumes_to_the_weights_and_log_of_an_uninterrupted_run(demo_data, tmp_path):
+    """The one end-to-end resume test of pretrain_cass.py: SIGKILL (no clean-up) once last.pt holds epoch 2,
+    after SWA has started averaging, then --resume; a kill between the log line and the save of an epoch
+    leaves a log line that the resumed run must drop and write again."""
+    argv = ["--epochs", "4", "--swa-start", "2", "--cache-dir", str(tmp_path / "cache")]
     pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "full", *argv)))
     proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_cass.py"), *cass_args(demo_data, tmp_path / "run"),
                              *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while saved_epoch(tmp_path / "run" / "last.pt") < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while saved_epoch(tmp_path / "run" / "last.pt") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     epoch = saved_epoch(tmp_path / "run" / "last.pt")
-    assert 3 <= epoch < 12
+    assert 2 <= epoch <= 4  # 4: killed while averaging or saving the networks, after the last epoch
     resumed = subprocess.run([sys.executable, str(ROOT / "pretrain_cass.py"), "--resume", str(tmp_path / "run"),
                               "--workers", "0"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after epoch {epoch}" in resumed.stdout
     for role in ("cnn", "vit"):
         assert same_weights(tmp_path / "full" / f"{role}.pt", tmp_path / "run" / f"{role}.pt"), role
+    assert torch.load(tmp_path / "run" / "cnn.pt", weights_only=True)["swa_averaged"] == 3
+    timing = ("seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "run")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "full")]
 
 
 def nan_between(first: int, last: int = 10**9):
@@ -111,13 +122,13 @@ def test_a_failed_save_keeps_the_previous_checkpoint(demo_data, tmp_path, monkey
     assert [p.name for p in (tmp_path / "r").glob(".*.tmp")] == []
 
 
-def test_save_every_and_interrupt(demo_data, tmp_path, capsys):
-    args = pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "5", "--save-every", "2"))
-    interrupted_run(pretrain_cass, args, epoch=3)  # Ctrl-C as the 4th epoch starts
-    assert checkpoint.load(tmp_path / "r" / "last.pt", kind="resume")["epoch"] == 2
-    assert f"continue with --resume {tmp_path / 'r'}" in capsys.readouterr().out
-    pretrain_cass.main(pretrain_cass.parse_args(["--resume", str(tmp_path / "r"), "--workers", "0"]))
-    assert checkpoint.load(tmp_path / "r" / "last.pt", kind="resume")["epoch"] == 5  # the last epoch is saved
+def test_save_every_saves_every_nth_epoch_and_always_the_last(demo_data, tmp_path, monkeypatch):
+    real, saved = checkpoint.save, []
+    monkeypatch.setattr(checkpoint, "save", lambda record, path: saved.append((path.name, record["epoch"]))
+                        or real(record, path))
+    pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3",
+                                                          "--save-every", "2")))
+    assert [epoch for name, epoch in saved if name == "last.pt"] == [2, 3]
 
 
 def test_unwritable_output_folder_is_an_error_before_training(demo_data, tmp_path):

@@ -17,7 +17,7 @@ from pixels import load_resized, to_chw
 
 
 def ft(*argv):
-    return finetune.main(finetune.parse_args([*argv, "--workers", "0", "--epochs", "3"]))
+    return finetune.main(finetune.parse_args([*argv, "--workers", "0", "--resamples", "100", "--epochs", "3"]))
 
 
 @pytest.mark.parametrize("role", ["cnn", "vit"])
@@ -64,8 +64,8 @@ def test_label_fraction_and_seeds_give_mean_and_std(cass_run, tmp_path):
 def test_supervised_baseline_from_arch_and_early_stopping(demo_data, tmp_path):
     results = finetune.main(finetune.parse_args(
         ["--arch", "test_resnet", "--no-pretrained", "--data", str(demo_data), "--img-size", "32",
-         "--out", str(tmp_path), "--workers", "0", "--epochs", "40", "--patience", "1", "--lr", "0.05",
-         "--metric", "recall", "--focal", "softmax", "--class-weights", "inverse"]))
+         "--out", str(tmp_path), "--workers", "0", "--resamples", "100", "--epochs", "40", "--patience", "1",
+         "--lr", "0.05", "--metric", "recall", "--focal", "softmax", "--class-weights", "inverse"]))
     run = results["runs"][0]
     assert results["method"] == "random-init" and results["metric"] == "balanced_accuracy"
     assert run["epochs_run"] < 40 and run["epochs_run"] == run["best_epoch"] + 1  # patience 1
@@ -79,7 +79,7 @@ def test_multilabel_csv_fine_tunes_with_sigmoid_focal_loss(tmp_path):
     (tmp_path / "labels.csv").write_text("path,nuclei,fibres,vessels\n" + "\n".join(rows) + "\n")
     results = finetune.main(finetune.parse_args(
         ["--arch", "test_vit", "--no-pretrained", "--data", str(tmp_path / "labels.csv"), "--img-size", "32",
-         "--out", str(tmp_path / "ft"), "--workers", "0", "--epochs", "2"]))
+         "--out", str(tmp_path / "ft"), "--workers", "0", "--resamples", "100", "--epochs", "2"]))
     test = results["runs"][0]["test"]
     assert results["multilabel"] and results["classes"] == ["nuclei", "fibres", "vessels"]
     # the saved model's own predictions on the test split, scored by hand
@@ -103,8 +103,9 @@ def test_multilabel_csv_fine_tunes_with_sigmoid_focal_loss(tmp_path):
 
 def test_published_schedule_steps_the_cosine_every_batch(cass_run, tmp_path):
     def first_lr(*flags):
-        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--workers", "0", "--epochs", "2",
-                                           "--patience", "2", "--out", str(tmp_path / flags[-1]), *flags]))
+        finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--workers", "0", "--resamples", "100",
+                                           "--epochs", "2", "--patience", "2", "--out", str(tmp_path / flags[-1]),
+                                           *flags]))
         return json.loads((tmp_path / flags[-1] / "log.jsonl").read_text().splitlines()[0])["lr"]
 
     steps = math.ceil(len(json.loads((cass_run / "splits.json").read_text())["train"]) / 16)
@@ -116,7 +117,7 @@ def test_published_schedule_steps_the_cosine_every_batch(cass_run, tmp_path):
 def test_class_weights_come_from_the_train_split_and_are_recorded(tmp_path):
     class_folders(tmp_path / "d", {"a": 40, "b": 20, "c": 10})
     common = ["--arch", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "d"), "--img-size", "32",
-              "--workers", "0", "--epochs", "1", "--frac", "0.1"]
+              "--workers", "0", "--epochs", "1", "--frac", "0.1", "--resamples", "100"]
     whole = finetune.main(finetune.parse_args([*common, "--out", str(tmp_path / "train")]))["runs"][0]
     # train split 28 / 14 / 7 images: min-max into [0.2, 1] (App. C.6.2), whatever the 10 % drawn
     assert whole["class_weights"] == pytest.approx([1.0, 0.2 + 0.8 * 7 / 21, 0.2])
@@ -128,7 +129,7 @@ def test_class_weights_come_from_the_train_split_and_are_recorded(tmp_path):
 def test_every_random_init_seed_draws_its_own_network(demo_data, tmp_path):
     finetune.main(finetune.parse_args(
         ["--arch", "test_resnet", "--no-pretrained", "--data", str(demo_data), "--img-size", "32", "--workers", "0",
-         "--epochs", "1", "--lr", "1e-12", "--seeds", "0", "1", "--out", str(tmp_path)]))
+         "--resamples", "100", "--epochs", "1", "--lr", "1e-12", "--seeds", "0", "1", "--out", str(tmp_path)]))
     first, second = (torch.load(tmp_path / f"model_seed{s}.pt", weights_only=True)["state_dict"]["conv1.0.weight"]
                      for s in (0, 1))
     assert (first - second).abs().max() > 1e-3  # an lr of 1e-12 leaves each seed's own initial weights
@@ -136,7 +137,7 @@ def test_every_random_init_seed_draws_its_own_network(demo_data, tmp_path):
 
 def test_linear_probe_trains_only_a_head_on_frozen_features(cass_run, tmp_path):
     results = finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt"), "--linear", "--epochs", "8",
-                                                 "--workers", "0"]))
+                                                 "--workers", "0", "--resamples", "100"]))
     out = cass_run / "linear-cnn-frac1"
     assert results["protocol"] == "linear" and (out / "results.json").is_file()
     saved = torch.load(out / "model_seed0.pt", weights_only=True)
@@ -171,7 +172,7 @@ def test_the_intensity_setting_travels_from_pretraining_to_fine_tuning(tmp_path)
     assert tuple(ckpt["intensity"]) == ("window", 0.0, 4000.0)
     assert any("window" in p.name for p in Path("runs/cache").glob("d-*"))  # a cache of its own
     results = finetune.main(finetune.parse_args(["--ckpt", str(out / "cnn.pt"), "--epochs", "1", "--workers", "0",
-                                                 "--out", str(tmp_path / "ft")]))
+                                                 "--resamples", "100", "--out", str(tmp_path / "ft")]))
     assert results["runs"] and tuple(torch.load(tmp_path / "ft" / "model_seed0.pt",
                                                 weights_only=True)["intensity"]) == ("window", 0.0, 4000.0)
     with pytest.raises(finetune.UserError, match="differs from the checkpoint's window 0.0 4000.0"):
@@ -179,8 +180,9 @@ def test_the_intensity_setting_travels_from_pretraining_to_fine_tuning(tmp_path)
 
 
 def test_every_seed_writes_its_test_predictions(cass_run, tmp_path):
-    results = finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--epochs", "1", "--workers",
-                                                 "0", "--seeds", "0", "1", "--out", str(tmp_path)]))
+    results = finetune.main(finetune.parse_args(["--ckpt", str(cass_run / "vit.pt"), "--epochs", "1",
+                                                 "--workers", "0", "--resamples", "100", "--seeds", "0", "1",
+                                                 "--out", str(tmp_path)]))
     splits = json.loads((cass_run / "splits.json").read_text())
     for seed, run in zip((0, 1), results["runs"]):
         reader = csv.DictReader(open(tmp_path / f"predictions_seed{seed}.csv"))

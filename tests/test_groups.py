@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import finetune
+import runtime
 from conftest import class_folders, write_image
 from data import DataIndex, index_data
 from errors import UserError
@@ -84,8 +85,8 @@ def test_a_missing_group_column_is_one_clear_error(grouped_csv, tmp_path):
             index_data(tmp_path / "f", workers=1)
 
 
-# Today's (pre-groups) outputs on fixed data, computed once from the code before groups existed:
-# with no groups every image is its own unit and the random draws are the same.
+# Without groups every image is its own unit: the seeded splits and label fractions of fixed data
+# are pinned below, so that a data set without a group column keeps the split it has always had.
 def fixed(multilabel: bool) -> DataIndex:
     if multilabel:
         targets = np.array([[1, i % 2, int(i % 7 == 0)] for i in range(28)], dtype=np.float32)
@@ -101,7 +102,7 @@ def fixed(multilabel: bool) -> DataIndex:
     (True, {"train": [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 22, 24], "val": [23, 26],
             "test": [6, 18, 21, 25, 27]}, ([0, 2, 5, 9, 12, 13, 20], [11, 12, 14])),
 ])
-def test_without_groups_splits_and_fractions_are_what_they_were(multilabel, splits, fractions):
+def test_without_groups_splits_and_fractions_are_the_pinned_per_image_draws(multilabel, splits, fractions):
     index = fixed(multilabel)
     got = make_splits(index, 3)
     assert got == {name: [f"{i:02d}.png" for i in ids] for name, ids in splits.items()}  # no "groups" key
@@ -119,7 +120,8 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
         select(grouped, leaky, apart=True)
 
     flags = ["--arch", "test_resnet", "--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0",
-             "--epochs", "1", "--data", str(grouped_csv), "--group-col", "patient", "--cache", "off"]
+             "--epochs", "1", "--data", str(grouped_csv), "--group-col", "patient", "--cache", "off",
+             "--resamples", "100"]
     seen = []
     real_evaluate = finetune.evaluate
     monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: seen.append(k["groups"]) or real_evaluate(*a, **k))
@@ -138,9 +140,14 @@ def test_finetune_refuses_a_split_where_a_group_spans_train_and_test(grouped_csv
     assert not (tmp_path / "leaky" / "splits.json").exists()
 
 
-def test_group_col_flag_reaches_every_script():
-    import pretrain_cass
-    import pretrain_dino
-    assert finetune.parse_args(["--arch", "resnet18", "--group-col", "patient"]).group_col == "patient"
-    assert pretrain_cass.parse_args(["--data", "x", "--group-col", "lesion"]).group_col == "lesion"
-    assert pretrain_dino.parse_args(["--data", "x"]).group_col is None
+@pytest.mark.parametrize("script", ["pretrain_cass", "pretrain_dino"])
+def test_group_col_reaches_the_pretraining_split(grouped_csv, script):
+    """What main() does with the flag: the index reads the column and the new split keeps each patient whole
+    (fine-tuning's use of it is tested end to end above)."""
+    module = __import__(script)
+    cfg = module.parse_args(["--data", str(grouped_csv), "--group-col", "patient", "--cache", "off",
+                             "--workers", "1"])
+    index = runtime.index_and_fingerprint(cfg)
+    splits = runtime.new_split(index, cfg)
+    assert splits["groups"] == dict(zip(index.paths, index.groups)) and index.groups[0] == "p0"
+    assert all(len(names) == 1 for names in split_of_group(index, splits).values())

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import dicom
 import runtime
@@ -24,9 +26,6 @@ WINDOW = ("window", 0.0, 510.0)  # 255 / 510: every even value maps to a whole n
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 0, **attrs):
     """A small uncompressed DICOM file (Explicit VR Little Endian) of `pixels`:
     (H, W) or (frames, H, W) grayscale, (H, W, 3) uint8 RGB."""
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

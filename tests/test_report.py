@@ -51,8 +51,12 @@ def table_rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("| cass")]
 
 
+RESAMPLES = 200  # --resamples of every report made here; the intervals below are computed with as many
+
+
 def make_report(tmp_path: Path, *folders: Path) -> str:
-    return report.main(report.parse_args([*map(str, folders), "--out", str(tmp_path / "report")])).read_text()
+    return report.main(report.parse_args([*map(str, folders), "--out", str(tmp_path / "report"),
+                                          "--resamples", str(RESAMPLES)])).read_text()
 
 
 def test_two_data_sets_give_two_tables_and_never_a_pooled_cell(tmp_path):
@@ -196,12 +200,12 @@ def test_the_pooled_interval_contains_its_estimate_and_fills_the_cell(tmp_path):
                         classes=("x", "y", "z"))
     results = report.load_results([tmp_path / "runs"])
     [cell] = report.collect_cells(results).values()
-    interval = report.pooled_interval(cell, "macro_f1", resamples=1000)  # as report.py by default
-    assert interval.low < interval.estimate < interval.high and interval.n_used == 1000
+    interval = report.pooled_interval(cell, "macro_f1", resamples=RESAMPLES)
+    assert interval.low < interval.estimate < interval.high and interval.n_used == RESAMPLES
     assert interval.estimate == pytest.approx(np.mean(cell.scores))  # the table's mean, on the same images
     metric = report.seed_mean("macro_f1", False)  # files without a group column: images resampled
     in_file_order = report.seed_predictions(cell)[0].targets  # sorted by path
-    assert interval == bootstrap_ci(metric, in_file_order, report.decisions(cell), n=1000)
+    assert interval == bootstrap_ci(metric, in_file_order, report.decisions(cell), n=RESAMPLES)
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
     assert row.endswith(f"(n=3) [{interval.low:.4f}, {interval.high:.4f}] |")
 
@@ -301,9 +305,9 @@ def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
     groups, _ = grouped(tmp_path, "a", 0.7, seed=5)
     [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
     metric, decided = report.seed_mean("macro_f1", False), report.decisions(cell)
-    by_group = bootstrap_ci(metric, TARGETS, decided, groups=groups, n=1000)
-    by_image = bootstrap_ci(metric, TARGETS, decided, n=1000)
-    assert report.pooled_interval(cell, "macro_f1", resamples=1000) == by_group
+    by_group = bootstrap_ci(metric, TARGETS, decided, groups=groups, n=RESAMPLES)
+    by_image = bootstrap_ci(metric, TARGETS, decided, n=RESAMPLES)
+    assert report.pooled_interval(cell, "macro_f1", resamples=RESAMPLES) == by_group
     assert by_group.high - by_group.low > 1.5 * (by_image.high - by_image.low)
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
     assert row.endswith(f"[{by_group.low:.4f}, {by_group.high:.4f}] |")
@@ -316,8 +320,8 @@ def test_paired_differences_resample_whole_groups(tmp_path):
     a, b = sorted(cells, key=lambda key: -np.mean(cells[key].scores))  # A: the row with the higher F1
     metric, y = report.seed_mean("macro_f1", False), TARGETS
     da, db = report.decisions(cells[a]), report.decisions(cells[b])
-    expected = paired_bootstrap(metric, y, da, db, groups=groups, n=1000)
-    by_image = paired_bootstrap(metric, y, da, db, n=1000)
+    expected = paired_bootstrap(metric, y, da, db, groups=groups, n=RESAMPLES)
+    by_image = paired_bootstrap(metric, y, da, db, n=RESAMPLES)
     [(better, diff, low, high, le_zero)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
     assert better.endswith("bs=32") and (diff, low, high) == pytest.approx(
         (expected.estimate, expected.low, expected.high), abs=5e-5) and le_zero == round(expected.frac_le_zero, 3)

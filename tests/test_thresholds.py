@@ -59,7 +59,7 @@ def tuned(tmp_path_factory):
     (root / "labels.csv").write_text("path," + ",".join(CLASSES) + "\n" + "\n".join(rows) + "\n")
     results = finetune.main(finetune.parse_args(
         ["--arch", "test_resnet", "--no-pretrained", "--data", str(root / "labels.csv"), "--img-size", "32",
-         "--out", str(root / "ft"), "--workers", "0", "--epochs", "2", "--thresholds", "val"]))
+         "--out", str(root / "ft"), "--workers", "0", "--resamples", "100", "--epochs", "2", "--thresholds", "val"]))
     return root, results
 
 
@@ -118,7 +118,7 @@ def test_predict_decides_at_the_checkpoints_thresholds_with_or_without_calibrati
     assert plain == named(raw > thresholds) != named(raw > 0.5)
     calibrated, scaled = predictions(ckpt, "--calibrated")
     assert calibrated == plain and named(scaled > thresholds) != plain  # the same decisions, other probabilities
-    del ckpt["thresholds"]  # a checkpoint saved before thresholds were recorded: 0.5
+    del ckpt["thresholds"]  # a checkpoint without thresholds: 0.5
     assert predictions(ckpt)[0] == named(raw > 0.5)
 
 
