@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> float | None:
     ckpt = checkpoint.load(args.ckpt, kind="model")
     device = rt.pick_device(args.device)
     model = from_checkpoint(ckpt).to(device)
-    if not ckpt.get("splits"):  # every checkpoint written since fine-tuned ones carry their split has one
+    if not ckpt.get("splits"):  # a checkpoint of an older format may lack it
         raise UserError(f"{args.ckpt} carries no train/val split to evaluate on")
     index = index_data(args.data or ckpt["data"], workers=args.workers)
     parts = select(index, ckpt["splits"])

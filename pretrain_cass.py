@@ -36,7 +36,7 @@ COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the ou
 COLLAPSE_COS = 0.9
 COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
                  "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
-ANTI_COLLAPSE = ("none", "variance", "predictor")  # ours, beyond the paper: see README
+ANTI_COLLAPSE = ("none", "variance", "predictor")  # ours, beyond the paper: docs/collapse-study.md
 DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
@@ -143,7 +143,7 @@ def collapse_signals(r: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor
 def is_collapsed(std_r: float, std_t: float, cos: float, healthy: float) -> bool:
     """Both arms map every image to nearly one direction and agree on it: the
     trivial solution that drives the loss to 0 without the arms ever being
-    exactly equal (so Alg. 1's noise never fires). A heuristic; see README."""
+    exactly equal (so Alg. 1's noise never fires). A heuristic; docs/collapse-study.md."""
     return max(std_r, std_t) < COLLAPSE_RATIO * healthy and cos > COLLAPSE_COS
 
 

@@ -75,13 +75,10 @@ def arg_groups(p: argparse.ArgumentParser) -> ArgGroups:
                      p.add_argument_group("ours, beyond the paper"), p.add_argument_group("running"))
 
 
-def add_common_args(groups: ArgGroups | argparse.ArgumentParser, *, epochs: int, epochs_source: str,
-                    img_size: int | None = 384, img_size_help: str = "square input size (App. C.5.2)",
-                    aug: bool = True, seed: bool = True) -> None:
-    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something).
-    A parser (finetune.py's call until it makes the groups itself) gets `arg_groups` of its own."""
-    g = arg_groups(groups) if isinstance(groups, argparse.ArgumentParser) else groups
-    g.running.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (see README)")
+def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, img_size: int | None = 384,
+                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True, seed: bool = True) -> None:
+    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something)."""
+    g.running.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (docs/data.md)")
     g.running.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     g.paper.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
     g.paper.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
@@ -92,7 +89,7 @@ def add_common_args(groups: ArgGroups | argparse.ArgumentParser, *, epochs: int,
     g.ours.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO, metavar=("MODE", "LO HI"),
                         help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
                              "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
-                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (README)")
+                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (docs/formats.md)")
     g.ours.add_argument("--norm", choices=("model", "imagenet"), default="model",
                         help="input normalisation: what each model's weights expect, or ImageNet "
                              "statistics for every model as in App. C.5.2")
@@ -110,7 +107,7 @@ def add_common_args(groups: ArgGroups | argparse.ArgumentParser, *, epochs: int,
     g.running.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     g.running.add_argument("--threads", type=non_negative_int,
                            help="CPU threads of the training process (default: the cores left beside the loader "
-                                "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: see README")
+                                "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: docs/speed.md")
     g.running.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                            help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
     g.running.add_argument("--cache", choices=("on", "off"), default="on",
@@ -387,10 +384,11 @@ def require_progress(images: int, epoch: int, kept: str = RESUMABLE) -> None:
 
 @contextlib.contextmanager
 def stop_cleanly(out: Path) -> Iterator[None]:
-    """Ctrl-C ends the run with exit code 130 and last.pt holding the last saved epoch."""
+    """Ctrl-C ends the run with exit code 130 and last.pt holding the last saved epoch, if any."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}",
-              flush=True)
+        saved = (out / "last.pt").is_file()
+        print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}" if saved
+              else "\ninterrupted before the first save: nothing to resume, start the run again", flush=True)
         raise SystemExit(130) from None

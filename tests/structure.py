@@ -2,7 +2,8 @@
 
     python tests/structure.py
 
-For each stage script: its lines, the lines of its longest function, the
+For each stage script: its lines, the lines of its longest function (and of
+fine-tuning's per-seed run), the
 project modules a run of it loads at start-up and their lines (itself
 included; `python -X importtime SCRIPT --help` lists the same modules), the
 depth of its import graph; then the longest file and the README's length."""
@@ -50,16 +51,18 @@ def lines(modules: set[str]) -> int:
     return sum(len(MODULES[m].read_text().splitlines()) for m in modules)
 
 
-def longest_function(module: str) -> tuple[str, int]:
-    functions = [n for n in ast.walk(ast.parse(MODULES[module].read_text())) if isinstance(n, ast.FunctionDef)]
-    longest = max(functions, key=lambda n: n.end_lineno - n.lineno)
-    return longest.name, longest.end_lineno - longest.lineno + 1
+def function_lines(module: str) -> dict[str, int]:
+    """Lines of each function of `module`, decorators and docstring included."""
+    return {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(MODULES[module].read_text()))
+            if isinstance(n, ast.FunctionDef)}
 
 
 if __name__ == "__main__":
     for stage in STAGES:
-        name, length = longest_function(stage)
-        print(f"{stage}.py: {lines({stage})} lines, longest function {name} ({length} lines); loads "
+        sizes = function_lines(stage)
+        name = max(sizes, key=sizes.get)
+        seed = f", run_seed {sizes['run_seed']}" if "run_seed" in sizes else ""
+        print(f"{stage}.py: {lines({stage})} lines, longest function {name} ({sizes[name]} lines{seed}); loads "
               f"{len(closure(stage))} project modules, {lines(closure(stage) | {stage})} lines with itself "
               f"({', '.join(sorted(closure(stage)))}); import depth {depth(stage)}")
     print(f"longest file: {max(MODULES, key=lambda m: lines({m}))} ({max(lines({m}) for m in MODULES)} lines); "

@@ -80,4 +80,4 @@ def test_image_check_verdicts_are_remembered_until_a_file_changes(tmp_path, monk
     write_image(tmp_path / "d" / "a" / "new.png")
     changed = index_data(tmp_path / "d", workers=1, memo_dir=tmp_path / "cache")
     assert "a/new.png" in changed.paths
-    assert len(list((tmp_path / "cache").glob("*-checked-*"))) == 1  # the stale verdicts are gone
+    assert len(list((tmp_path / "cache").glob(f"*-checked{data.CHECK_VERSION}-*"))) == 1  # the stale verdicts are gone

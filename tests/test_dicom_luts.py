@@ -1,5 +1,5 @@
-"""DICOM pixels as a viewer shows them: each look-up table and function group
-the audit found ignored (VOI LUT Sequence, SIGMOID and LINEAR_EXACT windows,
+"""DICOM pixels as a viewer shows them: each look-up table and functional group
+a reader must apply (VOI LUT Sequence, SIGMOID and LINEAR_EXACT windows,
 Modality LUT Sequence, PALETTE COLOR, enhanced multi-frame functional groups),
 built with pydicom and checked against the DICOM formulas (PS3.3 C.11) worked
 out here; then every test file pydicom bundles, checked against pydicom's own

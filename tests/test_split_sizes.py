@@ -20,7 +20,7 @@ def grouped(classes: list[int], groups: list[str | None]) -> DataIndex:
 
 
 def one_large_patient() -> DataIndex:
-    """The audit's case: 400 of 500 images are one patient's (class a); 50 more of a and 50 of b alone."""
+    """400 of 500 images are one patient's (class a); 50 more of a and 50 of b alone."""
     return grouped([0] * 450 + [1] * 50, ["big"] * 400 + [None] * 100)
 
 
@@ -64,8 +64,8 @@ def test_one_large_patient_stays_in_train_and_the_rest_is_shared_in_proportion(c
 
 def test_a_label_fraction_passes_over_a_patient_larger_than_it():
     index = one_large_patient()
-    train = list(range(400)) + list(range(400, 435)) + list(range(450, 485))  # 470 images, as in the audit
-    for seed in range(20):  # counting patients took 407 of the 470 with seed 5
+    train = list(range(400)) + list(range(400, 435)) + list(range(450, 485))  # 470 images
+    for seed in range(20):  # counting patients instead would take 407 of the 470 with seed 5
         fraction = label_fraction(index, train, 0.1, seed)
         assert 0 not in fraction  # the large patient
         assert index.class_counts(fraction).tolist() == [35, 4]  # all 35 small a (aim 44), round(0.1 * 35) of b
