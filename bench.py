@@ -238,21 +238,27 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(dtype or torch.float32), "config": vars(args)}
+
+    def measured(values: dict) -> None:
+        """Written at once: a run stopped part-way (device_check.py's time budgets) keeps what it measured."""
+        result.update(values)
+        write_json(out / "bench.json", result)
+
     if args.loader:
-        result.update(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
+        measured(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
     cass = cass_speed(args, device, dtype, compiled=args.compile)
-    dino_cnn, dino_vit = (dino_speed(args, arch, device, dtype, args.compile) for arch in (args.cnn, args.vit))
-    result.update({"cass_ips": cass["ips"], "dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
-                   "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
     flops = cass_flops_per_image(cass["arms"], args, device, dtype)
     peak = matmul_peak(device, dtype)
-    result.update({"cass_gflop_per_image": flops / 1e9, "achieved_tflops": flops * cass["ips"] / 1e12,
-                   "matmul_peak_tflops": peak / 1e12, "fraction_of_peak": flops * cass["ips"] / peak})
+    measured({"cass_ips": cass["ips"], "cass_gflop_per_image": flops / 1e9,
+              "achieved_tflops": flops * cass["ips"] / 1e12, "matmul_peak_tflops": peak / 1e12,
+              "fraction_of_peak": flops * cass["ips"] / peak})
+    dino_cnn, dino_vit = (dino_speed(args, arch, device, dtype, args.compile) for arch in (args.cnn, args.vit))
+    measured({"dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
+              "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
     if args.memory and device.type == "cuda":
-        result.update(cuda_memory(args, device))
+        measured(cuda_memory(args, device))
     if args.side_by_side:
-        result.update(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
-    write_json(out / "bench.json", result)
+        measured(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
     width = max(len(k) for k in result)
     for key, value in result.items():
         if key != "config":

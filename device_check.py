@@ -99,11 +99,12 @@ def main(args: argparse.Namespace) -> dict:
 
     def part(name: str, command: list[str], read=None) -> dict:
         record = run_part(name, command, budget[name])
-        if record["ok"] and read:
+        if read:  # also after a failure: bench.py writes each measurement as it is made
             try:
                 record.update(read())
-            except (OSError, ValueError, KeyError) as failed:  # ran, but left no readable result
-                record.update(ok=False, error=f"its result could not be read: {failed}")
+            except (OSError, ValueError, KeyError) as failed:
+                if record["ok"]:  # ran, but left no readable result
+                    record.update(ok=False, error=f"its result could not be read: {failed}")
         write_json(out / f"{name}.json", record)
         print(f"{name}: {'ok' if record['ok'] else record['error']} ({record['seconds']} s of {budget[name]:.0f})",
               flush=True)
