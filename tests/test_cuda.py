@@ -25,7 +25,6 @@ import runtime as rt  # noqa: E402
 from bench import Batches, images  # noqa: E402
 from conftest import TINY, interrupted_run, same_weights  # noqa: E402
 from models import from_checkpoint  # noqa: E402
-from test_faults import nan_between  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -58,9 +57,11 @@ def test_cass_step_in_half_precision_moves_both_arms_with_fused_adam_and_channel
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
-def test_fp16_skips_and_counts_a_non_finite_step_and_the_epoch_goes_on(monkeypatch):
-    """One GradScaler over both optimisers: the bad step updates neither arm, the next steps do."""
-    monkeypatch.setattr(pretrain_cass, "cass_loss", nan_between(2, 2))
+def test_fp16_skips_and_counts_an_inf_step_and_the_epoch_goes_on(monkeypatch):
+    """One GradScaler over both optimisers: the step whose loss is inf is skipped, not counted among the
+    epoch's images, and the steps after it run."""
+    real, calls = pretrain_cass.cass_loss, iter(range(1, 100))
+    monkeypatch.setattr(pretrain_cass, "cass_loss", lambda r, t: real(r, t) * (math.inf if next(calls) == 2 else 1))
     cfg, arms = cuda_arms("--amp", "fp16")
     stats = cass_epoch(cfg, arms, images(8, 32, CUDA))
     assert stats["images"] == 16 and math.isfinite(stats["loss"])
