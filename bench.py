@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    p.add_argument("--compile", action="store_true", help="time the steps of torch.compile'd models")
+    p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the loader (1.); --no-loader: the steps only, e.g. in a run per precision")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, measure peak memory and the largest batch (4.)")
     p.add_argument("--side-by-side", type=rt.non_negative_int, default=0, metavar="IMAGES",
                    help="time pretrain_cass.py alone and two at once on this many generated 64 px images (0: skip)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
@@ -121,12 +126,13 @@ def images(n: int, size: int, device) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
 
 
-def cass_speed(args, device, dtype, grad_ckpt: bool = False, bs: int | None = None) -> dict:
-    """The real CASS epoch function on a synthetic batch: an untimed warm-up epoch, then a timed one."""
+def cass_speed(args, device, dtype, grad_ckpt: bool = False, bs: int | None = None, compiled: bool = False) -> dict:
+    """The real CASS epoch function on a synthetic batch: an untimed warm-up epoch (which also
+    compiles, with --compile), then a timed one."""
     bs = bs or args.bs
     cfg = pretrain_cass.parse_args(["--data", "-", "--cnn", args.cnn, "--vit", args.vit, "--img-size",
                                     str(args.img_size), "--bs", str(bs), "--no-pretrained", "--epochs", "2"]
-                                   + (["--grad-ckpt"] if grad_ckpt else []))
+                                   + (["--grad-ckpt"] if grad_ckpt else []) + (["--compile"] if compiled else []))
     arms = [pretrain_cass.build_arm("cnn", args.cnn, None, cfg, device),
             pretrain_cass.build_arm("vit", args.vit, None, cfg, device)]
     loader, scaler = Batches((images(bs, args.img_size, device), None), args.steps), rt.grad_scaler(device, dtype)
@@ -135,7 +141,7 @@ def cass_speed(args, device, dtype, grad_ckpt: bool = False, bs: int | None = No
     return {"ips": stats["images_per_s"], "arms": arms}
 
 
-def dino_speed(args, arch: str, device, dtype) -> float:
+def dino_speed(args, arch: str, device, dtype, compiled: bool = False) -> float:
     cfg = pretrain_dino.with_recipe(pretrain_dino.parse_args(
         ["--data", "-", "--arch", arch, "--img-size", str(args.img_size), "--bs", str(args.bs), "--no-pretrained",
          "--epochs", "2", "--out-dim", str(args.out_dim), "--local-crops", str(args.local_crops)]))
@@ -144,7 +150,9 @@ def dino_speed(args, arch: str, device, dtype) -> float:
         [images(args.bs, cfg.local_size, device) for _ in range(args.local_crops)]
     opt, loss_fn = pretrain_dino.optimizer_and_loss(cfg, student, device)
     loader = Batches((views, None), args.steps)
-    run = pretrain_dino.Training(student, teacher, student, teacher, loss_fn, opt, rt.grad_scaler(device, dtype),
+    step = torch.compile if compiled else (lambda model: model)  # as pretrain_dino.main does
+    run = pretrain_dino.Training(student, teacher, step(student), step(teacher), loss_fn, opt,
+                                 rt.grad_scaler(device, dtype),
                                  pretrain_dino.schedules(cfg, len(loader), 1), mean, std)
     for epoch in (0, 1):
         stats = pretrain_dino.train_one_epoch(run, loader, cfg, device, dtype, epoch)
@@ -230,20 +238,27 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(dtype or torch.float32), "config": vars(args)}
-    result.update(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
-    cass = cass_speed(args, device, dtype)
-    dino_cnn, dino_vit = dino_speed(args, args.cnn, device, dtype), dino_speed(args, args.vit, device, dtype)
-    result.update({"cass_ips": cass["ips"], "dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
-                   "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
+
+    def measured(values: dict) -> None:
+        """Written at once: a run stopped part-way (device_check.py's time budgets) keeps what it measured."""
+        result.update(values)
+        write_json(out / "bench.json", result)
+
+    if args.loader:
+        measured(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
+    cass = cass_speed(args, device, dtype, compiled=args.compile)
     flops = cass_flops_per_image(cass["arms"], args, device, dtype)
     peak = matmul_peak(device, dtype)
-    result.update({"cass_gflop_per_image": flops / 1e9, "achieved_tflops": flops * cass["ips"] / 1e12,
-                   "matmul_peak_tflops": peak / 1e12, "fraction_of_peak": flops * cass["ips"] / peak})
-    if device.type == "cuda":
-        result.update(cuda_memory(args, device))
+    measured({"cass_ips": cass["ips"], "cass_gflop_per_image": flops / 1e9,
+              "achieved_tflops": flops * cass["ips"] / 1e12, "matmul_peak_tflops": peak / 1e12,
+              "fraction_of_peak": flops * cass["ips"] / peak})
+    dino_cnn, dino_vit = (dino_speed(args, arch, device, dtype, args.compile) for arch in (args.cnn, args.vit))
+    measured({"dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
+              "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
+    if args.memory and device.type == "cuda":
+        measured(cuda_memory(args, device))
     if args.side_by_side:
-        result.update(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
-    write_json(out / "bench.json", result)
+        measured(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
     width = max(len(k) for k in result)
     for key, value in result.items():
         if key != "config":

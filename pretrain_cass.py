@@ -169,7 +169,8 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos", "spread",
                                                          "eq1")}
     skipped, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
+    usage = rt.EpochUsage(loader, device)
+    bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (x, _) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
@@ -214,7 +215,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     return {"epoch": epoch + 1, "loss": total["loss"] / seen, "lr": cnn.opt.param_groups[0]["lr"],
             "seconds": round(seconds, 3), "images": seen, "images_per_s": round(seen / seconds, 2),
             "eq1_loss": total["eq1"] / seen, "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
-            "collapse": is_collapsed(std_r, std_t, cos, healthy)}
+            "collapse": is_collapsed(std_r, std_t, cos, healthy), **usage.record(seconds)}
 
 
 def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, index: DataIndex, splits: dict,
@@ -291,7 +292,7 @@ def main(args: argparse.Namespace) -> Path:
             knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
             print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
                   f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
-                  f"cos {stats['cos']:.3f}{knn}", flush=True)
+                  f"cos {stats['cos']:.3f}{knn}{rt.usage_text(stats)}", flush=True)
             if stats["collapse"]:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                           "; from random initialisation see --anti-collapse (ours, beyond the paper; no option of it helped "

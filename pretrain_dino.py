@@ -189,7 +189,8 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
     loader.sampler.set_epoch(epoch)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "images")}
     skipped, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
+    usage = rt.EpochUsage(loader, device)
+    bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (views, _) in enumerate(bar):
         it = epoch * len(loader) + step
         for i, group in enumerate(run.opt.param_groups):
@@ -232,7 +233,8 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
             "wd": float(run.schedules["wd"][last]), "momentum": float(run.schedules["momentum"][last]),
             "teacher_temp": run.loss_fn.teacher_temps[epoch], "seconds": round(seconds, 3), "images": seen,
             "images_per_s": round(seen / seconds, 2), "teacher_entropy": entropy, "kl": loss - entropy,
-            "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim)}
+            "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim),
+            **usage.record(seconds)}
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -295,7 +297,8 @@ def main(args: argparse.Namespace) -> Path:
             checkpoint.append_jsonl(out / "log.jsonl", stats)
             knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
             print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
-                  f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}",
+                  f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
+                  f"{rt.usage_text(stats)}",
                   flush=True)
             if stats["collapse"]:
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 import checkpoint
 from data import DataIndex, drop_stale, index_data, keyed_path
@@ -380,6 +382,42 @@ def require_progress(images: int, epoch: int, kept: str = RESUMABLE) -> None:
     """An epoch in which every step was skipped for a non-finite loss stops the run."""
     if images == 0:
         raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss{kept} (try a lower --lr or --amp off)")
+
+
+class EpochUsage:
+    """Wraps an epoch's loader: adds up the host seconds each `next()` waits for a
+    batch (time.perf_counter, so no step waits on the device for it) and, on
+    CUDA, resets the peak memory so that it covers this epoch alone."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device, self.waited = loader, device, 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.waited += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+    def record(self, seconds: float) -> dict:
+        """`data_wait`: share of the epoch's `seconds` spent waiting; `peak_mem_gb` on CUDA."""
+        cuda = {"peak_mem_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3)} \
+            if self.device.type == "cuda" else {}
+        return {"data_wait": round(self.waited / seconds, 4), **cuda}
+
+
+def usage_text(stats: dict) -> str:
+    """The log line's tail for EpochUsage.record's fields."""
+    peak = f", peak {stats['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in stats else ""
+    return f", data wait {stats['data_wait']:.0%}{peak}"
 
 
 @contextlib.contextmanager

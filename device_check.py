@@ -1,0 +1,156 @@
+"""Everything a GPU machine should confirm, in one command that writes one JSON file per part into --out:
+
+1. cuda_tests.json: `pytest -m cuda tests/test_cuda.py`, its summary and each test's outcome;
+2. bench_fp32.json, bench_bf16.json, bench_bf16_compile.json: bench.py at the paper's setting
+   (ResNet-50 + ViT-B/16, 384 px, batch 16) in fp32, bf16 and bf16 + --compile: step images/s, model
+   FLOP/s over the matmul peak measured in the same precision and run, CASS time / (DINO-ResNet-50 +
+   DINO-ViT-B/16 time); the bf16 run also the loader and, on CUDA, peak memory with and without
+   --grad-ckpt and the largest batch;
+3. pretrain_ours.json: two epochs of pretrain_cass.py at the paper's setting on generated 384 px
+   images with --workers 14: each epoch's images/s, data-wait share and peak memory;
+   pretrain_theirs.json: the same run with the published notebook's data path and precision
+   (every image decoded every epoch, fp32: --cache off --amp off), and its second-epoch images/s
+   over ours in `ours_over_theirs`;
+4. finetune.json: finetune.py on the pretraining run's vit.pt.
+
+Each part runs in its own process with its own time budget (BUDGETS, 450 s in all: with the images
+generated, the check ends within 8 minutes on one H100/H200 with 16 cores); a part that fails or
+overruns is recorded in its JSON with the end of its output, and the check goes on. summary.json
+lists every part.
+
+    python device_check.py --out runs/device-check
+    python device_check.py --dry-run --out /tmp/dry   # tiny models on the CPU: tests/test_device_check.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import runtime as rt
+from checkpoint import prepare_out_dir, write_json
+
+HERE = Path(__file__).resolve().parent
+BUDGETS = {"cuda_tests": 100, "bench_fp32": 35, "bench_bf16": 95, "bench_bf16_compile": 110, "pretrain_ours": 40,
+           "pretrain_theirs": 40, "finetune": 30}  # seconds, 450 in all: 30 s left for the images and start-up
+PAPER = {"cnn": "resnet50", "vit": "vit_base_patch16_384", "img_size": 384, "bs": 16, "workers": 14,
+         "per_class": 60, "steps": 5, "out_dim": 65536, "local_crops": 8, "device": "cuda"}
+DRY = {"cnn": "test_resnet", "vit": "test_vit", "img_size": 32, "bs": 4, "workers": 0, "per_class": 8,
+       "steps": 1, "out_dim": 256, "local_crops": 2, "device": "cpu"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = rt.new_parser(__doc__)
+    p.add_argument("--out", default="runs/device-check", help="folder for the JSON files and every run")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, same parts and files")
+    p.add_argument("--budget-scale", type=rt.positive_float, default=1.0,
+                   help="multiplies every part's time budget (a slower machine)")
+    return p.parse_args(argv)
+
+
+def run_part(name: str, command: list[str], budget: float) -> dict:
+    """Run one part; its record: ok, seconds, budget and, on failure, the end of its output."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=budget)
+        ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        error = None if ok else f"exit code {done.returncode}"
+    except subprocess.TimeoutExpired as stop:
+        ok, error = False, f"over its budget of {budget:.0f} s"
+        tail = ((stop.stdout or b"") + (stop.stderr or b"")).decode(errors="replace")[-3000:]
+    record = {"part": name, "ok": ok, "seconds": round(time.perf_counter() - start, 1), "budget_s": budget,
+              "command": command}
+    return record if ok else {**record, "error": error, "output_tail": tail}
+
+
+def junit_summary(path: Path) -> dict:
+    """pytest's JUnit XML as counts and each test's outcome."""
+    suite = ET.parse(path).getroot().find("testsuite")
+    tests = {}
+    for case in suite.iter("testcase"):
+        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+        tests[f"{case.get('classname')}::{case.get('name')}"] = outcome
+    return {"counts": {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")},
+            "tests": tests}
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def fresh(run: Path) -> Path:
+    """An empty run folder: the stage scripts refuse to start a run where one is, and a rerun of the
+    check into the same --out measures afresh."""
+    shutil.rmtree(run, ignore_errors=True)
+    return run
+
+
+def main(args: argparse.Namespace) -> dict:
+    out = prepare_out_dir(Path(args.out))
+    s = DRY if args.dry_run else PAPER
+    py = sys.executable
+    budget = {name: seconds * args.budget_scale for name, seconds in BUDGETS.items()}
+    records = {}
+
+    def part(name: str, command: list[str], read=None) -> dict:
+        record = run_part(name, command, budget[name])
+        if read:  # also after a failure: bench.py writes each measurement as it is made
+            try:
+                record.update(read())
+            except (OSError, ValueError, KeyError) as failed:
+                if record["ok"]:  # ran, but left no readable result
+                    record.update(ok=False, error=f"its result could not be read: {failed}")
+        write_json(out / f"{name}.json", record)
+        print(f"{name}: {'ok' if record['ok'] else record['error']} ({record['seconds']} s of {budget[name]:.0f})",
+              flush=True)
+        records[name] = record
+        return record
+
+    part("cuda_tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                        f"--junitxml={out / 'cuda_tests.xml'}"], lambda: junit_summary(out / "cuda_tests.xml"))
+    model = ["--cnn", s["cnn"], "--vit", s["vit"], "--img-size", str(s["img_size"]), "--bs", str(s["bs"])]
+    bench = [py, "bench.py", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
+             str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
+    if args.dry_run:
+        bench += ["--images", "4", "--image-px", "64", "48", "--loader-passes", "1"]
+    # the dry run leaves out --compile: on the CPU, inductor spends minutes compiling C++ for tiny models
+    compiled = [] if args.dry_run else ["--compile"]
+    for name, extra in (("bench_fp32", ["--amp", "off", "--no-loader", "--no-memory"]),
+                        ("bench_bf16", ["--amp", "bf16"]),
+                        ("bench_bf16_compile", ["--amp", "bf16", *compiled, "--no-loader", "--no-memory"])):
+        folder = out / name
+        part(name, bench + extra + ["--out", str(folder)],
+             lambda folder=folder: {"bench": json.loads((folder / "bench.json").read_text())})
+
+    from demo import make_demo_dataset  # only here: the parts above must not wait for the images
+    data = make_demo_dataset(fresh(out / "data"), per_class=s["per_class"], size=max(s["img_size"], 40))
+    pretrain = [py, "pretrain_cass.py", "--data", str(data), *model, "--no-pretrained", "--epochs", "2",
+                "--knn-every", "0", "--workers", str(s["workers"]), "--device", s["device"],
+                "--cache-dir", str(out / "cache")]
+    for name, extra in (("pretrain_ours", []), ("pretrain_theirs", ["--cache", "off", "--amp", "off"])):
+        run = fresh(out / name)
+        part(name, pretrain + extra + ["--out", str(run)], lambda run=run: {"epochs": read_log(run)})
+    if records["pretrain_ours"]["ok"] and records["pretrain_theirs"]["ok"]:
+        ours, theirs = (records[n]["epochs"][-1]["images_per_s"] for n in ("pretrain_ours", "pretrain_theirs"))
+        records["pretrain_theirs"]["ours_over_theirs"] = ours / theirs
+        write_json(out / "pretrain_theirs.json", records["pretrain_theirs"])
+    ft = fresh(out / "finetune")
+    part("finetune", [py, "finetune.py", "--ckpt", str(out / "pretrain_ours" / "vit.pt"), "--epochs", "2",
+                      "--bs", str(s["bs"]), "--workers", str(s["workers"]), "--device", s["device"],
+                      "--resamples", "100", "--cache-dir", str(out / "cache"), "--out", str(ft)],
+         lambda: {"summary": json.loads((ft / "results.json").read_text())["summary"]})
+
+    summary = {"dry_run": args.dry_run, "settings": s, "parts": {n: r["ok"] for n, r in records.items()},
+               "seconds": round(sum(r["seconds"] for r in records.values()), 1)}
+    write_json(out / "summary.json", summary)
+    print(f"{sum(summary['parts'].values())} of {len(records)} parts ok in {summary['seconds']} s; {out}/*.json")
+    return summary
+
+
+if __name__ == "__main__":
+    rt.run_cli(main, parse_args)
