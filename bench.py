@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pretrain_cass
 import pretrain_dino
+import flags
 import runtime as rt
 from checkpoint import prepare_out_dir, write_json
 from data import index_data, keyed_path
@@ -39,18 +40,18 @@ from pixels import ImageDataset, open_cache, train_augment, train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--cnn", default="test_resnet", help="timm CNN (paper: resnet50)")
     p.add_argument("--vit", default="test_vit", help="timm Transformer (paper: vit_base_patch16_384)")
-    p.add_argument("--img-size", type=rt.positive_int, default=64, help="input size (paper: 384)")
-    p.add_argument("--bs", type=rt.positive_int, default=16, help="batch size (paper: 16)")
-    p.add_argument("--steps", type=rt.positive_int, default=5, help="timed steps per model setting")
-    p.add_argument("--images", type=rt.positive_int, default=48, help="generated JPEGs for the loader test")
-    p.add_argument("--image-px", type=rt.positive_int, nargs=2, default=[1000, 800], help="their width and height")
-    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="loader workers, both paths")
-    p.add_argument("--loader-passes", type=rt.positive_int, default=5, help="timed passes over the images, each path")
-    p.add_argument("--out-dim", type=rt.positive_int, default=65536, help="DINO head output dimension")
-    p.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="DINO local crops")
+    p.add_argument("--img-size", type=flags.positive_int, default=64, help="input size (paper: 384)")
+    p.add_argument("--bs", type=flags.positive_int, default=16, help="batch size (paper: 16)")
+    p.add_argument("--steps", type=flags.positive_int, default=5, help="timed steps per model setting")
+    p.add_argument("--images", type=flags.positive_int, default=48, help="generated JPEGs for the loader test")
+    p.add_argument("--image-px", type=flags.positive_int, nargs=2, default=[1000, 800], help="their width and height")
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="loader workers, both paths")
+    p.add_argument("--loader-passes", type=flags.positive_int, default=5, help="timed passes over the images, each path")
+    p.add_argument("--out-dim", type=flags.positive_int, default=65536, help="DINO head output dimension")
+    p.add_argument("--local-crops", type=flags.non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
     p.add_argument("--compile", action="store_true", help="time the steps of torch.compile'd models")
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure the loader (1.); --no-loader: the steps only, e.g. in a run per precision")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, measure peak memory and the largest batch (4.)")
-    p.add_argument("--side-by-side", type=rt.non_negative_int, default=0, metavar="IMAGES",
+    p.add_argument("--side-by-side", type=flags.non_negative_int, default=0, metavar="IMAGES",
                    help="time pretrain_cass.py alone and two at once on this many generated 64 px images (0: skip)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
     return p.parse_args(argv)
@@ -268,4 +269,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

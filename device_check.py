@@ -32,7 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import runtime as rt
+import flags
 from checkpoint import prepare_out_dir, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -45,10 +45,10 @@ DRY = {"cnn": "test_resnet", "vit": "test_vit", "img_size": 32, "bs": 4, "worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--out", default="runs/device-check", help="folder for the JSON files and every run")
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, same parts and files")
-    p.add_argument("--budget-scale", type=rt.positive_float, default=1.0,
+    p.add_argument("--budget-scale", type=flags.positive_float, default=1.0,
                    help="multiplies every part's time budget (a slower machine)")
     return p.parse_args(argv)
 
@@ -153,4 +153,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

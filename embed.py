@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
+import flags
 import checkpoint
 import runtime as rt
 from data import DataIndex, index_data
@@ -27,13 +28,13 @@ from models import checkpoint_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a model checkpoint of this project (pretrained or fine-tuned)")
     p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
     p.add_argument("--out", required=True, help="folder to write embeddings.npy and embeddings.csv to")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (unit norm: cosine = dot)")
-    p.add_argument("--bs", type=rt.positive_int, default=64, help="batch size")
-    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--bs", type=flags.positive_int, default=64, help="batch size")
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -65,4 +66,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

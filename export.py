@@ -16,14 +16,14 @@ from pathlib import Path
 
 from timm.models import save_for_hf
 
+import flags
 import checkpoint
-import runtime as rt
 from errors import UserError
 from models import from_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a model checkpoint of this project")
     p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
     return p.parse_args(argv)
@@ -74,4 +74,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import backbone
+import flags
 import checkpoint
 import predictions
 import runtime as rt
@@ -40,27 +41,27 @@ LR = 3e-4  # Adam's learning rate, App. C.6.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
                    "architecture, image size, normalisation, data and split come from it")
     p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
     p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
-    g = rt.arg_groups(p)
-    rt.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
+    g = flags.arg_groups(p)
+    flags.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
                        img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
                        seed=False)  # --seeds and --split-seed
-    g.paper.add_argument("--frac", type=rt.fraction, default=1.0,
+    g.paper.add_argument("--frac", type=flags.fraction, default=1.0,
                          help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
-    g.paper.add_argument("--seeds", type=rt.non_negative_int, nargs="+", default=[0],
+    g.paper.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0],
                          help="one fine-tuning run per seed (Sec. 4.3: five)")
-    g.paper.add_argument("--split-seed", type=rt.non_negative_int, default=0,
+    g.paper.add_argument("--split-seed", type=flags.non_negative_int, default=0,
                          help="seed of a new 70/10/20 split (Sec. 4.1) when the checkpoint brings none")
-    g.paper.add_argument("--lr", type=rt.positive_float,
+    g.paper.add_argument("--lr", type=flags.positive_float,
                          help="Adam learning rate (default: 3e-4 as in App. C.6.2; for --linear 1e-3, ours)")
     g.paper.add_argument("--schedule", choices=("run", "published"), default="run",
                          help="cosine annealing to 1e-6 (App. C.6.2): run = one half-cosine over --epochs, stepped "
                               "per epoch; published = the published code's T_max 16 stepped every batch")
-    g.paper.add_argument("--patience", type=rt.positive_int, default=5,
+    g.paper.add_argument("--patience", type=flags.positive_int, default=5,
                          help="early stopping patience on validation loss (App. C.6.2)")
     g.paper.add_argument("--focal", choices=FOCAL_FORMS, default="sigmoid",
                          help="focal loss form: sigmoid on one-hot targets (App. C.6.2, published code) or softmax")
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               "the data's class distribution) or only the labelled fraction")
     g.paper.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="minmax",
                          help="focal class weights: counts min-max scaled into [0.2, 1] (App. C.6.2)")
-    g.paper.add_argument("--alpha", type=rt.positive_float, default=1.0, help="focal alpha (App. C.6.2)")
+    g.paper.add_argument("--alpha", type=flags.positive_float, default=1.0, help="focal alpha (App. C.6.2)")
     g.paper.add_argument("--gamma", type=float, default=2.0, help="focal gamma (App. C.6.2)")
     g.paper.add_argument("--metric", choices=tuple(HEADLINES), default="f1",
                          help="headline metric (App. D.1): macro F1, or macro recall (= balanced accuracy, "
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.ours.add_argument("--thresholds", choices=("fixed", "val"), default="fixed",
                         help="multi-label decisions: sigmoid > 0.5 for every label (the paper), or per label the "
                              "threshold maximising its F1 on the validation split (metrics.best_thresholds)")
-    g.ours.add_argument("--resamples", type=rt.positive_int, default=1000,
+    g.ours.add_argument("--resamples", type=flags.positive_int, default=1000,
                         help="bootstrap resamples of the test images (or groups) for the intervals")
     return p.parse_args(argv)
 
@@ -309,7 +310,7 @@ def main(args: argparse.Namespace) -> dict:
            checkpoint.default_out(f"{source.method}-{args.arch}-{PROTOCOL[args.linear]}-frac{args.frac:g}"))
     if rt.is_main():
         checkpoint.prepare_out_dir(out)
-    rt.print_args(args)
+    flags.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
     # ---- data: the pretraining run's split when it has one (Sec. 4.1)
@@ -350,4 +351,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

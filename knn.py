@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import flags
 import checkpoint
 import runtime as rt
 from data import index_data
@@ -21,12 +22,12 @@ from splits import select
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a model checkpoint of this project")
     p.add_argument("--data", help="the data set (default: the one the checkpoint names)")
-    p.add_argument("--k", type=rt.positive_int, default=20, help="neighbours (DINO: 20)")
-    p.add_argument("--bs", type=rt.positive_int, default=64, help="batch size for feature extraction")
-    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--k", type=flags.positive_int, default=20, help="neighbours (DINO: 20)")
+    p.add_argument("--bs", type=flags.positive_int, default=64, help="batch size for feature extraction")
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -47,4 +48,4 @@ def main(args: argparse.Namespace) -> float | None:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flags
 import checkpoint
 import figures
 import runtime as rt
@@ -118,15 +119,15 @@ def draw_images(index: DataIndex, ids: list[int], n: int, seed: int) -> list[int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True, help="one checkpoint, or two to compare side by side")
     p.add_argument("--images", help="a folder of images (default: the first checkpoint's test split)")
-    p.add_argument("--n", type=rt.positive_int, default=30,
+    p.add_argument("--n", type=flags.positive_int, default=30,
                    help="images drawn at random to map and average (App. C.4: 30; ISIC 100)")
-    p.add_argument("--seed", type=rt.non_negative_int, default=0, help="seed of the random draw")
+    p.add_argument("--seed", type=flags.non_negative_int, default=0, help="seed of the random draw")
     p.add_argument("--rollout", action="store_true", help="attention rollout instead of the last block's attention")
     p.add_argument("--out", default="runs/maps", help="folder for the PNG files")
-    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="workers for checking the images")
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="workers for checking the images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p.parse_args(argv)
 
@@ -185,4 +186,4 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

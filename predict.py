@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit, logit
 
+import flags
 import checkpoint
 import predictions
 import runtime as rt
@@ -25,12 +26,12 @@ from pixels import AUTO, ImageDataset, eval_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True, help="fine-tuned checkpoint(s) (model_seed<N>.pt)")
     p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
-    p.add_argument("--bs", type=rt.positive_int, default=32, help="batch size")
-    p.add_argument("--workers", type=rt.non_negative_int, default=2, help="data-loading workers")
+    p.add_argument("--bs", type=flags.positive_int, default=32, help="batch size")
+    p.add_argument("--workers", type=flags.non_negative_int, default=2, help="data-loading workers")
     p.add_argument("--calibrated", action="store_true",
                    help="divide each model's logits by the temperature fitted on its validation split "
                         "(better-calibrated probabilities; a single model's predictions do not change, an "
@@ -94,4 +95,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import flags
 import checkpoint
 import runtime as rt
 from data import DataIndex
@@ -41,15 +42,15 @@ DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
-    g = rt.arg_groups(p)
-    rt.add_common_args(g, epochs=100, epochs_source="App. C.5.3")
-    rt.add_pretraining_args(g)
+    p = flags.new_parser(__doc__)
+    g = flags.arg_groups(p)
+    flags.add_common_args(g, epochs=100, epochs_source="App. C.5.3")
+    flags.add_pretraining_args(g)
     g.paper.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
     g.paper.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
     g.paper.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                          help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
-    g.paper.add_argument("--lr", type=rt.positive_float, default=1e-3,
+    g.paper.add_argument("--lr", type=flags.positive_float, default=1e-3,
                          help="Adam learning rate, both arms (App. C.5.3)")
     g.paper.add_argument("--t-max", type=int, default=16, help="cosine annealing T_max (App. C.5.3)")
     g.paper.add_argument("--eta-min", type=float, default=1e-6, help="cosine annealing minimum lr (App. C.5.3)")
@@ -68,11 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "give each arm a SimSiam predictor that predicts the other arm's stopped output "
                              "(predictor): anticollapse.py")
     g.ours.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
-    g.ours.add_argument("--predictor-dim", type=rt.positive_int, default=512,
+    g.ours.add_argument("--predictor-dim", type=flags.positive_int, default=512,
                         help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
     g.running.add_argument("--cnn-weights", help="local file of ImageNet weights for --cnn (offline machines)")
     g.running.add_argument("--vit-weights", help="local file of ImageNet weights for --vit (offline machines)")
-    return rt.parse_pretraining(p, argv, DEMO_MODELS)
+    return flags.parse_pretraining(p, argv, DEMO_MODELS)
 
 
 def validate(cfg: argparse.Namespace) -> None:
@@ -243,7 +244,7 @@ def main(args: argparse.Namespace) -> Path:
     if cfg.demo:
         rt.write_demo_data(cfg)
     validate(cfg)
-    rt.print_args(cfg)
+    flags.print_args(cfg)
     out = rt.make_run_folder(cfg)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
@@ -309,4 +310,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

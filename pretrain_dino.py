@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import flags
 import checkpoint
 import runtime as rt
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
@@ -46,45 +47,45 @@ DEMO_MODELS = dict(arch="test_resnet", out_dim=4096)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
-    g = rt.arg_groups(p)
-    rt.add_common_args(g, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
+    p = flags.new_parser(__doc__)
+    g = flags.arg_groups(p)
+    flags.add_common_args(g, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
                        img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
-    rt.add_pretraining_args(g)
+    flags.add_pretraining_args(g)
     # The CASS paper runs DINO with its official recipe (Caron et al. 2021, and the repository's README)
     recipe = g.paper
     recipe.add_argument("--arch", default="resnet50",
                         help="timm model name (Sec. 4.2: resnet50, vit_base_patch16_384)")
     recipe.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="start from timm's ImageNet weights (Sec. 4.2); --no-pretrained: random init")
-    recipe.add_argument("--out-dim", type=rt.positive_int, default=65536, help="K, the head's output dimension")
-    recipe.add_argument("--local-crops", type=rt.non_negative_int, default=8, help="number of local crops")
-    recipe.add_argument("--local-size", type=rt.positive_int,
+    recipe.add_argument("--out-dim", type=flags.positive_int, default=65536, help="K, the head's output dimension")
+    recipe.add_argument("--local-crops", type=flags.non_negative_int, default=8, help="number of local crops")
+    recipe.add_argument("--local-size", type=flags.positive_int,
                         help="local crop size (default: 96 * img-size / 224, a multiple of 16)")
     recipe.add_argument("--global-scale", type=float, nargs=2, help="global crop scale range (default: by recipe)")
     recipe.add_argument("--local-scale", type=float, nargs=2, help="local crop scale range (default: by recipe)")
     recipe.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: adamw for Transformers, sgd for CNNs")
-    recipe.add_argument("--lr", type=rt.positive_float, help="base lr at batch 256, scaled by the global batch / "
+    recipe.add_argument("--lr", type=flags.positive_float, help="base lr at batch 256, scaled by the global batch / "
                         "256 (default: 5e-4 AdamW for Transformers, 0.03 SGD for CNNs)")
     recipe.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine schedule")
-    recipe.add_argument("--warmup-epochs", type=rt.non_negative_int, default=10,
+    recipe.add_argument("--warmup-epochs", type=flags.non_negative_int, default=10,
                         help="linear lr warm-up (clipped to run)")
     recipe.add_argument("--weight-decay", type=float, help="start of the weight-decay cosine (0.04 ViT, 1e-4 CNN)")
     recipe.add_argument("--weight-decay-end", type=float, help="end of the weight-decay cosine (0.4 ViT, 1e-4 CNN)")
     recipe.add_argument("--momentum-teacher", type=float, default=0.996,
                         help="teacher EMA momentum, cosine to 1 (the authors advise 0.9995 for small batches)")
-    recipe.add_argument("--teacher-temp", type=rt.positive_float, default=0.07, help="final teacher temperature")
-    recipe.add_argument("--warmup-teacher-temp", type=rt.positive_float, default=0.04,
+    recipe.add_argument("--teacher-temp", type=flags.positive_float, default=0.07, help="final teacher temperature")
+    recipe.add_argument("--warmup-teacher-temp", type=flags.positive_float, default=0.04,
                         help="initial teacher temperature")
-    recipe.add_argument("--warmup-teacher-temp-epochs", type=rt.non_negative_int, default=30,
+    recipe.add_argument("--warmup-teacher-temp-epochs", type=flags.non_negative_int, default=30,
                         help="epochs of linear teacher-temperature warm-up (clipped to the run)")
     recipe.add_argument("--drop-path", type=float,
                         help="the student's stochastic depth; the teacher has none (0.1 for Transformers, 0 for CNNs)")
     recipe.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm cap (0: off)")
-    recipe.add_argument("--freeze-last-layer", type=rt.non_negative_int, default=1,
+    recipe.add_argument("--freeze-last-layer", type=flags.non_negative_int, default=1,
                         help="epochs during which the head's last layer is not updated")
     g.running.add_argument("--weights", help="local file of ImageNet weights for --arch (offline machines)")
-    return rt.parse_pretraining(p, argv, DEMO_MODELS)
+    return flags.parse_pretraining(p, argv, DEMO_MODELS)
 
 
 def with_recipe(cfg: argparse.Namespace) -> argparse.Namespace:
@@ -246,7 +247,7 @@ def main(args: argparse.Namespace) -> Path:
         rt.write_demo_data(cfg)
     cfg = with_recipe(cfg)
     validate(cfg)
-    rt.print_args(cfg)
+    flags.print_args(cfg)
     out = rt.make_run_folder(cfg)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
@@ -318,4 +319,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

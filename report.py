@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 import figures
-import runtime as rt
+import flags
 from checkpoint import prepare_out_dir
 from errors import UserError
 import predictions
@@ -37,10 +37,10 @@ from predictions import Predictions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("runs", nargs="+", help="folders searched (recursively) for run outputs")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
-    p.add_argument("--resamples", type=rt.positive_int, default=1000,
+    p.add_argument("--resamples", type=flags.positive_int, default=1000,
                    help="bootstrap resamples of the test images (or groups), for the intervals and the paired "
                         "differences")
     return p.parse_args(argv)
@@ -396,4 +396,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

@@ -20,7 +20,7 @@ from PIL import Image
 import finetune
 import pretrain_cass
 import pretrain_dino
-import runtime as rt
+import flags
 from errors import UserError
 
 METHODS = ("supervised", "cass", "cass+variance", "cass+predictor", "dino")
@@ -28,13 +28,13 @@ ARMS = {"cnn": "test_resnet", "vit": "test_vit"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = rt.new_parser(__doc__)
+    p = flags.new_parser(__doc__)
     p.add_argument("--out", default="runs/study", help="folder for the data, every run and study.md")
-    p.add_argument("--epochs", type=rt.positive_int, default=10, help="pretraining epochs")
-    p.add_argument("--seeds", type=rt.non_negative_int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    p.add_argument("--fracs", type=rt.fraction, nargs="+", default=[0.1, 1.0], help="label fractions")
+    p.add_argument("--epochs", type=flags.positive_int, default=10, help="pretraining epochs")
+    p.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    p.add_argument("--fracs", type=flags.fraction, nargs="+", default=[0.1, 1.0], help="label fractions")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--workers", type=rt.non_negative_int, default=2)
+    p.add_argument("--workers", type=flags.non_negative_int, default=2)
     return p.parse_args(argv)
 
 
@@ -108,9 +108,9 @@ def main(args: argparse.Namespace) -> Path:
             rows.append((method, arm, scores, collapse_flags(ckpts[arm]) if ckpts[arm] else "-"))
     lines = ["| pretraining | arm | " + " | ".join(f"{f:.0%} labels" for f in args.fracs) + " | collapse flagged |",
              "|---|---|" + "---|" * len(args.fracs) + "---|"]
-    for method, arm, scores, flags in rows:
+    for method, arm, scores, flagged in rows:
         cells = [f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for v in scores.values()]
-        lines.append(f"| {method} | {arm} ({ARMS[arm]}) | " + " | ".join(cells) + f" | {flags} |")
+        lines.append(f"| {method} | {arm} ({ARMS[arm]}) | " + " | ".join(cells) + f" | {flagged} |")
     report = out / "study.md"
     report.write_text("Test macro F1, mean +- std over seeds " + " ".join(map(str, args.seeds)) + ".\n\n"
                       + "\n".join(lines) + "\n")
@@ -119,4 +119,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    rt.run_cli(main, parse_args)
+    flags.run_cli(main, parse_args)

@@ -23,6 +23,8 @@ import demo  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_cass  # noqa: E402
 
+# log.jsonl fields that measure the machine, not the run: they differ between two runs of the same settings
+TIMING = ("seconds", "images_per_s", "data_wait", "peak_mem_gb")
 TINY = ["--cnn", "test_resnet", "--vit", "test_vit", "--no-pretrained", "--img-size", "32",
         "--bs", "8", "--workers", "0"]
 

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+import flags
 import checkpoint
 import finetune
 import pretrain_cass
@@ -118,13 +119,13 @@ def test_local_weight_files_initialise_cnn_and_vit(tmp_path):
 ])
 def test_flag_errors_are_one_line_and_exit_2_before_any_model(tmp_path, script, argv, message, monkeypatch,
                                                              capsys):
-    """Through each script's entry point (runtime.run_cli, as `python script.py` runs it)."""
+    """Through each script's entry point (flags.run_cli, as `python script.py` runs it)."""
     class_folders(tmp_path / "d", {"a": 2})
     module = importlib.import_module(script.removesuffix(".py"))
     monkeypatch.setattr(sys, "argv", [script, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
                                       "--workers", "0", *argv])
     with pytest.raises(SystemExit) as stop:
-        runtime.run_cli(module.main, module.parse_args)
+        flags.run_cli(module.main, module.parse_args)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ import data
 import finetune
 import pretrain_cass
 import pretrain_dino
-from conftest import interrupted_run, same_weights
+from conftest import TIMING, interrupted_run, same_weights
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
@@ -186,7 +186,7 @@ def test_dino_resume_matches_an_uninterrupted_run(demo_data, tmp_path, capsys):
     assert same_weights(full / "cnn.pt", tmp_path / "part" / "cnn.pt")
 
     def log(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
                 for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log(tmp_path / "part")] == [1, 2] and log(tmp_path / "part") == log(full)
 

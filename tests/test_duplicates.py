@@ -12,7 +12,7 @@ from sklearn.datasets import load_sample_images
 
 import data
 import finetune
-from conftest import TINY, class_folders, write_image
+from conftest import TINY, class_folders
 from data import DataIndex, index_data
 from fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
 from splits import make_splits, select

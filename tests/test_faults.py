@@ -14,7 +14,7 @@ import checkpoint
 import losses
 import pretrain_cass
 import runtime
-from conftest import TINY, same_weights
+from conftest import TIMING, TINY, same_weights
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,8 @@ def test_killed_subprocess_resumes_to_the_weights_and_log_of_an_uninterrupted_ru
     for role in ("cnn", "vit"):
         assert same_weights(tmp_path / "full" / f"{role}.pt", tmp_path / "run" / f"{role}.pt"), role
     assert torch.load(tmp_path / "run" / "cnn.pt", weights_only=True)["swa_averaged"] == 3
-    timing = ("seconds", "images_per_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "run")] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "full")]
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(tmp_path / "run")] == \
+        [{k: v for k, v in r.items() if k not in TIMING} for r in read_log(tmp_path / "full")]
 
 
 def nan_between(first: int, last: int = 10**9):

@@ -13,6 +13,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import dicom
+import flags
 import runtime
 from conftest import class_folders
 from data import index_data, keyed_path, unreadable_reason
@@ -81,8 +82,8 @@ def test_settings_parse_round_trip_through_json_pickle_and_checkpoints_and_name_
 
 
 def test_intensity_flag_parses_negative_bounds_and_rejects_bad_ones_with_a_usage_error(capsys):
-    p = runtime.new_parser("x")
-    runtime.add_common_args(runtime.arg_groups(p), epochs=1, epochs_source="test")
+    p = flags.new_parser("x")
+    flags.add_common_args(flags.arg_groups(p), epochs=1, epochs_source="test")
     assert p.parse_args([]).intensity == AUTO
     assert p.parse_args(["--intensity", "window", "-1000", "400"]).intensity == ("window", -1000.0, 400.0)
     assert p.parse_args(["--intensity", "percentile", "--bs", "4"]).intensity == ("percentile",)

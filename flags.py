@@ -1,0 +1,128 @@
+"""The command line every script shares: the entry point that turns a user's
+mistake into one line and exit code 2, checked number types, and the flags of
+the stage scripts in --help's four groups (the paper's settings, its
+ablations, ours, running)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from errors import UserError
+from pixels import AUGMENTATIONS, AUTO, IntensityFlag
+
+
+def run_cli(main: Callable[[argparse.Namespace], object],
+            parse_args: Callable[[list[str] | None], argparse.Namespace]) -> None:
+    """The entry point of every script: a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(parse_args(None))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
+positive_float = _checked(float, lambda v: v > 0, "positive")
+fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+@dataclass
+class ArgGroups:
+    """A stage script's flags as --help shows them: by where each default comes from."""
+    paper: argparse._ArgumentGroup  # each default names its section of the paper
+    ablations: argparse._ArgumentGroup  # what the paper's ablation tables vary
+    ours: argparse._ArgumentGroup
+    running: argparse._ArgumentGroup  # where and how a run executes: results do not depend on them
+
+
+def arg_groups(p: argparse.ArgumentParser) -> ArgGroups:
+    return ArgGroups(p.add_argument_group("the paper's settings"), p.add_argument_group("the paper's ablations"),
+                     p.add_argument_group("ours, beyond the paper"), p.add_argument_group("running"))
+
+
+def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, img_size: int | None = 384,
+                    img_size_help: str = "square input size (App. C.5.2)", aug: bool = True, seed: bool = True) -> None:
+    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something)."""
+    g.running.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (docs/data.md)")
+    g.running.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    g.paper.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
+    g.paper.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
+    g.paper.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)
+    if aug:
+        g.ablations.add_argument("--aug", choices=AUGMENTATIONS, default="paper",
+                                 help="augmentations: App. C.5.2, or with Table 9's extra blur / solarize")
+    g.ours.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO, metavar=("MODE", "LO HI"),
+                        help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
+                             "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
+                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (docs/formats.md)")
+    g.ours.add_argument("--norm", choices=("model", "imagenet"), default="model",
+                        help="input normalisation: what each model's weights expect, or ImageNet "
+                             "statistics for every model as in App. C.5.2")
+    if seed:
+        g.running.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    g.ours.add_argument("--group-col", metavar="COL",
+                        help="labels CSV column naming each image's group (patient, lesion): a group is never "
+                             "split across train/val/test; folder layouts read DIR/groups.csv (columns path, "
+                             "group) instead")
+    g.ours.add_argument("--duplicates", choices=("list", "together"), default="list",
+                        help="images showing one picture twice (same pixels, or resized / recompressed) are "
+                             "counted and listed in splits.json; together: each such set also goes into one split")
+    g.running.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                           help="data-loading worker processes")
+    g.running.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    g.running.add_argument("--threads", type=non_negative_int,
+                           help="CPU threads of the training process (default: the cores left beside the loader "
+                                "workers, at least 1; 0: PyTorch's own choice). Runs sharing a machine: docs/speed.md")
+    g.running.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                           help="mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
+    g.running.add_argument("--cache", choices=("on", "off"), default="on",
+                           help="decode and resize every image once into a memory-mapped cache (same pixels)")
+    g.running.add_argument("--cache-dir", default="runs/cache", help="where image caches live")
+    g.running.add_argument("--compile", action="store_true",
+                           help="torch.compile the models (slow start, faster steps)")
+    g.running.add_argument("--grad-ckpt", action="store_true",
+                           help="gradient checkpointing (timm): less GPU memory for some extra compute")
+
+
+def add_pretraining_args(groups: ArgGroups) -> None:
+    groups.running.add_argument("--demo", action="store_true", help="generate a small image set and default to "
+                                "tiny models (no data, GPU or internet needed)")
+    groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                                "(its own settings are used; only --workers, --threads and --device may change)")
+    groups.running.add_argument("--save-every", type=positive_int, default=1,
+                                help="write last.pt every N epochs (and after the last one)")
+    groups.ours.add_argument("--knn-every", type=non_negative_int, default=10,
+                             help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the "
+                                  "val split, for labelled single-label data (0: never)")
+
+
+def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's settings become defaults, so explicit flags still win
+        from demo import DEMO_SETTINGS  # only --demo needs it
+        p.set_defaults(**DEMO_SETTINGS, **demo_models)
+        args = p.parse_args(argv)
+    return args
+
+
+def print_args(args: argparse.Namespace) -> None:
+    print("config: " + json.dumps(vars(args), default=str, sort_keys=True), flush=True)
