@@ -192,15 +192,13 @@ def _index_csv(csv_path: Path, group_col: str | None) -> DataIndex:
 
 
 def index_data(data: str | Path, workers: int = 2, check_images: bool = True, memo_dir: str | Path | None = None,
-               group_col: str | None = None, fingerprint: Fingerprint | None = None,
-               fingerprints: bool = False) -> DataIndex:
+               group_col: str | None = None, fingerprint: Fingerprint | None = None) -> DataIndex:
     """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
     folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
     decode (all .dcm files without pydicom). `fingerprint` (e.g. fingerprints.fingerprint, the duplicate
     check): decode every pixel (no draft mode) and keep what it makes of each image's pixels in
     `prints`. With `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged
-    files do not decode them again. `fingerprints=True` is finetune.py's older spelling of
-    fingerprint=fingerprints.fingerprint, kept until it passes the function."""
+    files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")
@@ -217,8 +215,6 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True, me
     if any(p.lower().endswith(".dcm") for p in index.paths):
         from dicom import without_pydicom  # only DICOM files need it
         index = _drop_unreadable(index, without_pydicom(index.paths))
-    if fingerprints:
-        from fingerprints import fingerprint
     if check_images or fingerprint:
         verdicts = _check(index, workers, memo_dir, fingerprint)
         index.prints = verdicts if fingerprint else None  # the unreadable ones' reasons go next

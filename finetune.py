@@ -129,7 +129,6 @@ class Seed:
     val: DataLoader
     test: DataLoader
     inputs: Callable[[torch.Tensor], torch.Tensor]  # a batch -> the network's input
-    lr: float  # Adam's default learning rate
 
 
 def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], labelled: list[int],
@@ -147,8 +146,8 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
     # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
     if features:
         import linear_probe  # ours: loaded where --linear is handled
-        return Seed(model, model.get_classifier(), *linear_probe.loaders(features, parts["train"], labelled, bs, seed,
-                                                                          rank, world), lambda x: x, linear_probe.LR)
+        train, val, test = linear_probe.loaders(features, parts["train"], labelled, bs, seed, rank, world)
+        return Seed(model, model.get_classifier(), train, val, test, inputs=lambda x: x)
     prepare_for_training(model, source.arch, device, args.grad_ckpt)
     size, pin = source.img_size, device.type == "cuda"
     train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache,
@@ -157,8 +156,7 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
     val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
                                           intensity=source.intensity), bs, workers=args.workers, pin_memory=pin)
                  for name in ("val", "test"))
-    return Seed(model, model, train, val, test, partial(normalise, mean=source.mean, std=source.std),
-                lr=LR)
+    return Seed(model, model, train, val, test, inputs=partial(normalise, mean=source.mean, std=source.std))
 
 
 def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.device, dtype: torch.dtype | None,
@@ -196,19 +194,18 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
 class Best:
     """The epoch early stopping keeps (App. C.6.2: the lowest validation loss)."""
     epoch: int
-    epochs_run: int
     val_loss: float
     val_logits: np.ndarray
     val_targets: np.ndarray
     state: dict[str, torch.Tensor]
 
 
-def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, args: argparse.Namespace, seed: int,
-                              out: Path, device: torch.device, dtype: torch.dtype | None) -> Best:
+def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, lr: float, args: argparse.Namespace,
+                              seed: int, out: Path, device: torch.device, dtype: torch.dtype | None) -> tuple[Best, int]:
     """The fine-tuning loop (App. C.6.2): Adam, cosine annealing to 1e-6, at
     most --epochs, stopping after --patience epochs without a lower
-    validation loss; a line of log.jsonl per epoch."""
-    opt = torch.optim.Adam(run.trained.parameters(), lr=args.lr or run.lr, **optimizer_kwargs(device))
+    validation loss; a line of log.jsonl per epoch. The best epoch and the number of epochs run."""
+    opt = torch.optim.Adam(run.trained.parameters(), lr=lr, **optimizer_kwargs(device))
     per_batch = args.schedule == "published"
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16 if per_batch else args.epochs, eta_min=1e-6)
     scaler = rt.grad_scaler(device, dtype)
@@ -228,18 +225,17 @@ def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, args
             checkpoint.append_jsonl(out / "log.jsonl", {"seed": seed, "epoch": epoch + 1, "train_loss": train_loss,
                                                         "val_loss": val_loss, "lr": opt.param_groups[0]["lr"]})
         if best is None or val_loss < best.val_loss:
-            best, waited = Best(epoch + 1, 0, val_loss, logits.numpy(), targets.numpy(),
+            best, waited = Best(epoch + 1, val_loss, logits.numpy(), targets.numpy(),
                                 {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}), 0
         else:
             waited += 1
             if waited >= args.patience:
                 break
-    best.epochs_run = epoch + 1
-    return best
+    return best, epoch + 1
 
 
 def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
-             features: dict[str, TensorDataset] | None, args: argparse.Namespace, seed: int, out: Path,
+             features: dict[str, TensorDataset] | None, lr: float, args: argparse.Namespace, seed: int, out: Path,
              device: torch.device, dtype: torch.dtype | None) -> dict:
     """One fine-tuning run (App. C.6): train with early stopping, restore the
     best weights, evaluate (metrics.evaluate), write the prediction file and the model."""
@@ -252,21 +248,21 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     weights = class_weights(index.class_counts(parts["train"] if args.class_weights_from == "train" else labelled),
                             args.class_weights)
     loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal, weights=weights)
-    best = train_with_early_stopping(net, run, loss_fn, args, seed, out, device, dtype)
+    best, epochs_run = train_with_early_stopping(net, run, loss_fn, lr, args, seed, out, device, dtype)
     run.model.load_state_dict(best.state)
     net.eval()
     logits, targets = collect(lambda x: net(run.inputs(x)), run.test, device, dtype)
     headline = HEADLINES[args.metric]
     found = evaluate(best.val_logits, best.val_targets, logits.numpy(), targets.numpy(), index.multilabel, headline,
-                     val_thresholds=args.thresholds == "val", resamples_n=args.resamples, seed=seed,
+                     val_thresholds=args.thresholds == "val", resamples=args.resamples, seed=seed,
                      groups=np.array([index.groups[i] for i in parts["test"]]) if index.groups else None)
     thresholds = dict(zip(index.classes, found["thresholds"].tolist())) if index.multilabel else None
     if rt.is_main():
         save_seed(out, seed, run.model, source, index, parts, args, best.epoch, found["calibration"]["temperature"],
-                  thresholds, probabilities(logits.numpy(), index.multilabel))
-    print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best.epoch}/{best.epochs_run}, "
+                  thresholds, probabilities(logits.double().numpy(), index.multilabel))
+    print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best.epoch}/{epochs_run}, "
           f"val loss {best.val_loss:.4f}, test {headline} {found['test'][headline]:.4f}", flush=True)
-    return {"seed": seed, "best_epoch": best.epoch, "epochs_run": best.epochs_run, "val_loss": best.val_loss,
+    return {"seed": seed, "best_epoch": best.epoch, "epochs_run": epochs_run, "val_loss": best.val_loss,
             "test_loss": loss_fn(logits, targets).item(), "test": found["test"],
             "seconds": round(time.perf_counter() - start, 2), "test_ci95": found["test_ci95"],
             "thresholds": thresholds, "calibration": found["calibration"],
@@ -326,22 +322,23 @@ def main(args: argparse.Namespace) -> dict:
         (out / "log.jsonl").unlink(missing_ok=True)
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
         if args.cache == "on" else None
-    features = None
+    features, lr = None, args.lr or LR
     if args.linear:
         import linear_probe  # ours: loaded where --linear is handled
         features = linear_probe.frozen_features(source.model, index, parts, source.img_size, source.mean,
                                                 source.std, source.intensity, cache, args.bs, args.workers,
                                                 device, dtype)
+        lr = args.lr or linear_probe.LR
 
     # ---- one fine-tuning run per seed (Sec. 4.3)
-    runs = [run_seed(source, index, parts, cache, features, args, seed, out, device, dtype) for seed in args.seeds]
+    runs = [run_seed(source, index, parts, cache, features, lr, args, seed, out, device, dtype)
+            for seed in args.seeds]
     summary, headline = over_seeds(runs), HEADLINES[args.metric]
     results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
                "frac": args.frac, "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch,
                # what the unset flags became, so that report.py compares what ran
-               "resolved": {"img_size": source.img_size, "lr": args.lr or (linear_probe.LR if args.linear else LR),
-                            "data": str(index.source)}}
+               "resolved": {"img_size": source.img_size, "lr": lr, "data": str(index.source)}}
     if rt.is_main():
         checkpoint.write_json(out / "results.json", results)
     s = summary[headline]

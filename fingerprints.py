@@ -1,4 +1,4 @@
-"""The duplicate check (ours, beyond the paper; README "Duplicates"): images that
+"""The duplicate check (ours, beyond the paper; docs/data.md): images that
 show one picture twice (the same pixels, or the same picture resized,
 recompressed or re-exposed) in train and test inflate a test score as a leaked
 patient does. Each image is fingerprinted while the data is indexed
@@ -19,7 +19,7 @@ from errors import UserError
 from splits import connect
 
 # Perceptual hashes at most this many of their 64 bits apart mark near duplicates. Measured on 21
-# real pictures of scikit-image's data module (README, "Duplicates"): copies resized, recompressed,
+# real pictures of scikit-image's data module (docs/data.md): copies resized, recompressed,
 # brightened or made grey lay within 4 bits in 172 of 176 cases (median 0); different pictures, and
 # quarter crops of one picture, 20 or more apart.
 NEAR_BITS = 4
@@ -28,17 +28,13 @@ _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def fingerprint(pixels: np.ndarray) -> list:
-    """[exact, near] of an image's decoded pixels (H, W[, C]) or DICOM frames (F, H, W[, C]): a hash of
+    """[exact, near] of an image as training decodes it (pixels.load_image: (H, W, 3) uint8): a hash of
     every value (equal: the same pixels) and a 64-bit perceptual hash, the 8x8 lowest 2-D DCT frequencies
     of a 32x32 grey thumbnail above their median (a few bits apart: one picture resized, recompressed or
     re-exposed)."""
     exact = hashlib.blake2b(f"{pixels.shape} {pixels.dtype}".encode(), digest_size=16)
     exact.update(np.ascontiguousarray(pixels).tobytes())
-    grey = pixels.astype(np.float32)
-    if grey.ndim == 4 or (grey.ndim == 3 and grey.shape[-1] > 4):  # several DICOM frames: the first
-        grey = grey[0]
-    if grey.ndim == 3:  # colour (alpha aside), or grey + alpha
-        grey = grey[..., :3].mean(-1) if grey.shape[-1] >= 3 else grey[..., 0]
+    grey = pixels.astype(np.float32).mean(-1)
     thumb = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize((32, 32), Image.Resampling.BOX))
     low = (_DCT @ thumb.astype(np.float64) @ _DCT.T)[:8, :8]
     return [exact.hexdigest(), int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")]

@@ -211,7 +211,7 @@ class PairedInterval(Interval):
     frac_le_zero: float
 
 
-def resamples(n_images: int, groups: np.ndarray | None, n: int, seed: int) -> Iterator[np.ndarray]:
+def resample_indices(n_images: int, groups: np.ndarray | None, n: int, seed: int) -> Iterator[np.ndarray]:
     """n index arrays: N images drawn with replacement, or, with groups (N,), as many groups as there are
     drawn with replacement, all their images kept (images of one patient or lesion are not independent)."""
     rng = np.random.default_rng(seed)
@@ -241,8 +241,8 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float, int, i
 def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray, scores: np.ndarray,
                  groups: np.ndarray | None = None, n: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
     """Percentile bootstrap interval of metric(targets, scores), both indexed by image on axis 0, over test
-    images (or groups, see `resamples`). Resamples where the metric is NaN are dropped and counted."""
-    values = np.array([metric(targets[i], scores[i]) for i in resamples(len(targets), groups, n, seed)], dtype=float)
+    images (or groups, see `resample_indices`). Resamples where the metric is NaN are dropped and counted."""
+    values = np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)], dtype=float)
     return Interval(float(metric(targets, scores)), *_percentiles(values, level))
 
 
@@ -252,7 +252,7 @@ def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], targets:
     """Bootstrap of metric(a) - metric(b), both scored on the same resampled images each time, so the shared
     test-set luck cancels."""
     diffs = np.array([metric(targets[i], scores_a[i]) - metric(targets[i], scores_b[i])
-                      for i in resamples(len(targets), groups, n, seed)], dtype=float)
+                      for i in resample_indices(len(targets), groups, n, seed)], dtype=float)
     used = diffs[~np.isnan(diffs)]
     return PairedInterval(float(metric(targets, scores_a) - metric(targets, scores_b)), *_percentiles(diffs, level),
                           frac_le_zero=float((used <= 0).mean()) if len(used) else np.nan)
@@ -278,7 +278,6 @@ def over_seeds(runs: list[dict]) -> dict[str, dict[str, float]]:
             for k, v in values.items()}
 
 
-
 def _json(values: float | np.ndarray) -> float | list | None:
     """NaN (undefined) as None, so the results are valid JSON."""
     if np.ndim(values):
@@ -299,7 +298,7 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, multilabel: b
 
 def evaluate(val_logits: np.ndarray, val_targets: np.ndarray, test_logits: np.ndarray, test_targets: np.ndarray,
              multilabel: bool, headline: str, *, val_thresholds: bool = False, groups: np.ndarray | None = None,
-             resamples_n: int = 1000, seed: int = 0) -> dict:
+             resamples: int = 1000, seed: int = 0) -> dict:
     """Every number fine-tuning records, from the best epoch's logits (N, C) and targets ((N,) ids or (N, C)
     0/1) of the val and test splits.
 
@@ -307,6 +306,8 @@ def evaluate(val_logits: np.ndarray, val_targets: np.ndarray, test_logits: np.nd
     `val_thresholds`, at best_thresholds on the val split; test_ci95: bootstrap intervals of the headline
     and macro AUROC over test images, or whole `groups` (patients, lesions); thresholds: (C,) those used;
     calibration: the temperature fitted on val and the test Brier and ECE after dividing by it."""
+    # float64: float32 probabilities saturate (sigmoid at logits above ~17) and would tie confident images
+    val_logits, test_logits = np.asarray(val_logits, dtype=np.float64), np.asarray(test_logits, dtype=np.float64)
     num_classes = test_logits.shape[1]
     thresholds = best_thresholds(val_targets, probabilities(val_logits, True)) if val_thresholds \
         else np.full(num_classes, 0.5)
@@ -316,9 +317,9 @@ def evaluate(val_logits: np.ndarray, val_targets: np.ndarray, test_logits: np.nd
     calibrated = probabilities(test_logits / temperature, multilabel)
     intervals = {
         headline: bootstrap_ci(lambda y, p: headline_score(headline, y, decide(p, multilabel, thresholds), multilabel),
-                               test_targets, probs, groups, resamples_n, seed),
+                               test_targets, probs, groups, resamples, seed),
         "auroc_macro": bootstrap_ci(macro_auroc_of(~np.isnan(roc_auc(test_targets, probs).per_class)),
-                                    test_targets, probs, groups, resamples_n, seed)}
+                                    test_targets, probs, groups, resamples, seed)}
     return {"test": test, "thresholds": thresholds,
             "test_ci95": {key: {k: _json(v) if isinstance(v, float) else v for k, v in asdict(i).items()}
                           for key, i in intervals.items()},

@@ -96,7 +96,6 @@ def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 
 
 @torch.no_grad()
-@torch.no_grad()
 def collect(fn: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
             dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(batch on `device`) for every batch of the loader, in order, as float32

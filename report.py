@@ -56,7 +56,8 @@ def mean_std(values: list[float]) -> str:
 # another part of the key already carries (data set, checkpoint, backbone,
 # label fraction, metric, protocol; --pretrained through the method).
 NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
-                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear", "pretrained"})
+                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear", "pretrained",
+                          "resamples"})
 
 
 def data_set(folder: Path, result: dict) -> str:
@@ -85,8 +86,9 @@ def pretraining_run(source: str) -> str:
 
 def resolved(result: dict) -> dict:
     """The settings a run used, so that runs differing only in how a value was recorded compare equal:
-    an unset --img-size as the size the checkpoint brought (recorded in `resolved` since it is), and a
-    learning rate equal to its protocol's default as unset."""
+    an unset --img-size as the size the checkpoint brought (finetune.py records it under `resolved`;
+    files without that key keep it unset), and a learning rate equal to its protocol's default
+    (finetune.LR, linear_probe.LR) as unset."""
     config = result["config"]
     default_lr = 1e-3 if result.get("protocol") == "linear" else 3e-4
     return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
@@ -266,7 +268,8 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
                 continue
             metric = seed_mean(headline, ca.multilabel)
             y, da, db = pa[0].targets, decisions(ca), decisions(cb)
-            if b[0] not in BASELINES and metric(y, db) > metric(y, da):
+            against_baseline = a[0] not in BASELINES and b[0] in BASELINES
+            if not against_baseline and metric(y, db) > metric(y, da):
                 (a, da), (b, db) = (b, db), (a, da)
             d = paired_bootstrap(metric, y, da, db, shared_groups(pa + pb), n=resamples)
             lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "

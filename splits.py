@@ -82,25 +82,20 @@ def _share(got: int, aim: int, total: int) -> str:
     return f"{got} of {total} images ({got / total:.0%}, aimed at {aim / total:.0%})"
 
 
-def make_splits(index: DataIndex, seed: int, together: bool = False, *,
-                join: Sequence[Sequence[int]] = ()) -> dict:
+def make_splits(index: DataIndex, seed: int, *, join: Sequence[Sequence[int]] = ()) -> dict:
     """Seeded, stratified 70/10/20 train/val/test as relative paths. A curator's split is kept and
     only its missing parts are carved out of train, per stratum: units (see `_units`) in a seeded
     order, as near round(f * images) images each as whole units allow (`_take`), at least one unit
     left in train; unlabelled data is all train. Groups add {"groups": {path: group}}. Where a unit
     holds several images, {"sizes": {split: count(...)}} records what each split got, and a split far
     from its ratio is noted in one line. `join`: each set of positions (fingerprints.duplicate_sets)
-    becomes one unit with the groups of its images. `together=True` is finetune.py's older spelling
-    of join=duplicate_sets(index), kept until it passes the sets."""
+    becomes one unit with the groups of its images."""
     if not index.labelled:
         return {"train": index.paths[:], "val": [], "test": []}
     given = index.given_split or {}
     pool = np.array(given.get("train", range(len(index.paths))), dtype=np.int64)
     missing = [name for name in ("val", "test") if name not in given]
     share = SPLIT_RATIOS["train"] + sum(SPLIT_RATIOS[m] for m in missing)
-    if together:
-        from fingerprints import duplicate_sets
-        join = duplicate_sets(index)
     rng, (units, keys) = np.random.default_rng(seed), _units(index, pool, join)
     sizes = np.array([len(u) for u in units])
     parts = {"train": [], **{name: idx for name, idx in given.items() if name != "train"}}
@@ -187,8 +182,3 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
               flush=True)
     return sorted(chosen)
 
-
-def mark_duplicates(index: DataIndex, splits: dict) -> dict:
-    """finetune.py's older name of fingerprints.list_duplicates, kept until it imports that."""
-    from fingerprints import list_duplicates
-    return list_duplicates(index, splits)

@@ -39,19 +39,12 @@ def test_exact_hash_is_of_the_pixels_and_the_perceptual_hash_survives_resizing_a
     assert fingerprint(changed)[1] == fingerprint(np.asarray(china))[1]
     small = china.resize((china.width // 3, china.height // 3))
     small.save(tmp_path / "small.jpg", quality=60)
-    for copy in (Image.open(tmp_path / "small.jpg"), ImageEnhance.Brightness(china).enhance(1.1), china.convert("L")):
+    for copy in (Image.open(tmp_path / "small.jpg"), ImageEnhance.Brightness(china).enhance(1.1),
+                 china.convert("L").convert("RGB")):  # grey, as training decodes it: three equal channels
         assert bits_apart(china, copy) <= NEAR_BITS
     w, h = china.size
     crops = [china.crop((0, 0, w // 2, h // 2)), china.crop((w // 2, h // 2, w, h))]
     assert bits_apart(china, photos["flower"]) > 3 * NEAR_BITS and bits_apart(*crops) > 3 * NEAR_BITS
-
-
-def test_16_bit_multi_frame_and_palette_images_have_fingerprints():
-    frames = np.stack([np.arange(64 * 48).reshape(48, 64), np.zeros((48, 64))]).astype(np.uint16)
-    assert fingerprint(frames)[1] == fingerprint(frames[0])[1]  # DICOM frames: the first one's picture
-    assert fingerprint(frames)[0] != fingerprint(frames[0])[0]  # ... but every frame's values
-    grey = Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8))
-    assert fingerprint(np.asarray(grey.convert("P").convert("RGB")))[1] == fingerprint(np.asarray(grey))[1]
 
 
 @pytest.fixture

@@ -232,7 +232,7 @@ def test_evaluate_is_every_number_of_a_seed():
     logits = 4 * (y - 0.5) + rng.normal(0, 2, (200, 3)) + 1.5  # biased up: thresholds above 0.5 pay
     val, test = slice(0, 100), slice(100, 200)
     found = evaluate(logits[val], y[val], logits[test], y[test], True, "macro_f1", val_thresholds=True,
-                     resamples_n=200, groups=np.arange(100) // 4)
+                     resamples=200, groups=np.arange(100) // 4)
     assert (found["thresholds"] > 0.5).all()
     probs = probabilities(logits[test], True)
     assert found["test"] == classification_metrics(y[test], probs, True, found["thresholds"])
@@ -242,5 +242,5 @@ def test_evaluate_is_every_number_of_a_seed():
     t = found["calibration"]["temperature"]
     assert t == fit_temperature(logits[val], y[val], True)
     assert found["calibration"]["brier"] == pytest.approx(brier(y[test], probabilities(logits[test] / t, True)))
-    fixed = evaluate(logits[val], y[val], logits[test], y[test], True, "macro_f1", resamples_n=10)
+    fixed = evaluate(logits[val], y[val], logits[test], y[test], True, "macro_f1", resamples=10)
     assert (fixed["thresholds"] == 0.5).all() and fixed["test"]["macro_f1"] != found["test"]["macro_f1"]
