@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import flags
 import pretrain_cass
 import pretrain_dino
-import flags
 import runtime as rt
 from checkpoint import prepare_out_dir, write_json
 from data import index_data, keyed_path

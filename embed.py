@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-import flags
 import checkpoint
+import flags
 import runtime as rt
 from data import DataIndex, index_data
 from models import checkpoint_features

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from timm.models import save_for_hf
 
-import flags
 import checkpoint
+import flags
 from errors import UserError
 from models import from_checkpoint
 

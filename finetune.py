@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import backbone
-import flags
 import checkpoint
+import flags
 import predictions
 import runtime as rt
 from backbone import Source

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import flags
 import checkpoint
+import flags
 import runtime as rt
 from data import index_data
 from errors import UserError

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import flags
 import checkpoint
 import figures
+import flags
 import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit, logit
 
-import flags
 import checkpoint
+import flags
 import predictions
 import runtime as rt
 from data import index_data

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import flags
 import checkpoint
+import flags
 import runtime as rt
 from data import DataIndex
 from errors import UserError

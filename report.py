@@ -29,9 +29,9 @@ import numpy as np
 
 import figures
 import flags
+import predictions
 from checkpoint import prepare_out_dir
 from errors import UserError
-import predictions
 from metrics import Interval, bootstrap_ci, decide, headline_score, paired_bootstrap
 from predictions import Predictions
 

@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 import finetune
+import flags
 import pretrain_cass
 import pretrain_dino
-import flags
 from errors import UserError
 
 METHODS = ("supervised", "cass", "cass+variance", "cass+predictor", "dino")

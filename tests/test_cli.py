@@ -12,9 +12,9 @@ import pytest
 import timm
 import torch
 
-import flags
 import checkpoint
 import finetune
+import flags
 import pretrain_cass
 import pretrain_dino
 import runtime
