@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=flags.positive_int, default=48, help="generated JPEGs for the loader test")
     p.add_argument("--image-px", type=flags.positive_int, nargs=2, default=[1000, 800], help="their width and height")
     p.add_argument("--workers", type=flags.non_negative_int, default=2, help="loader workers, both paths")
-    p.add_argument("--loader-passes", type=flags.positive_int, default=5, help="timed passes over the images, each path")
+    p.add_argument("--loader-passes", type=flags.positive_int, default=5,
+                   help="timed passes over the images, each path")
     p.add_argument("--out-dim", type=flags.positive_int, default=65536, help="DINO head output dimension")
     p.add_argument("--local-crops", type=flags.non_negative_int, default=8, help="DINO local crops")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
     g = flags.arg_groups(p)
     flags.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
-                       img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
-                       seed=False)  # --seeds and --split-seed
+                          img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
+                          seed=False)  # --seeds and --split-seed
     g.paper.add_argument("--frac", type=flags.fraction, default=1.0,
                          help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
     g.paper.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0],
@@ -201,7 +201,8 @@ class Best:
 
 
 def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, lr: float, args: argparse.Namespace,
-                              seed: int, out: Path, device: torch.device, dtype: torch.dtype | None) -> tuple[Best, int]:
+                              seed: int, out: Path, device: torch.device,
+                              dtype: torch.dtype | None) -> tuple[Best, int]:
     """The fine-tuning loop (App. C.6.2): Adam, cosine annealing to 1e-6, at
     most --epochs, stopping after --patience epochs without a lower
     validation loss; a line of log.jsonl per epoch. The best epoch and the number of epochs run."""

@@ -73,7 +73,8 @@ def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, img_size: 
     g.ours.add_argument("--intensity", nargs="+", action=IntensityFlag, default=AUTO, metavar=("MODE", "LO HI"),
                         help="16-bit, float and DICOM pixels to 0..255: auto (DICOM: the file's VOI window, else "
                              "min-max), per-image min-max, the 0.5-99.5th percentiles, or a fixed window in the "
-                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged (docs/formats.md)")
+                             "image's units (DICOM: after rescale, e.g. HU); 8-bit images are unchanged "
+                             "(docs/formats.md)")
     g.ours.add_argument("--norm", choices=("model", "imagenet"), default="model",
                         help="input normalisation: what each model's weights expect, or ImageNet "
                              "statistics for every model as in App. C.5.2")

@@ -242,7 +242,8 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.
                  groups: np.ndarray | None = None, n: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
     """Percentile bootstrap interval of metric(targets, scores), both indexed by image on axis 0, over test
     images (or groups, see `resample_indices`). Resamples where the metric is NaN are dropped and counted."""
-    values = np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)], dtype=float)
+    values = np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)],
+                      dtype=float)
     return Interval(float(metric(targets, scores)), *_percentiles(values, level))
 
 

@@ -296,8 +296,8 @@ def main(args: argparse.Namespace) -> Path:
                   f"cos {stats['cos']:.3f}{knn}{rt.usage_text(stats)}", flush=True)
             if stats["collapse"]:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
-                          "; from random initialisation see --anti-collapse (ours, beyond the paper; no option of it helped "
-                          "on every data set measured, docs/collapse-study.md)")
+                          "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
+                          "of it helped on every data set measured, docs/collapse-study.md)")
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),

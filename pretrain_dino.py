@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = flags.new_parser(__doc__)
     g = flags.arg_groups(p)
     flags.add_common_args(g, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
-                       img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
+                          img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
     flags.add_pretraining_args(g)
     # The CASS paper runs DINO with its official recipe (Caron et al. 2021, and the repository's README)
     recipe = g.paper
@@ -299,8 +299,7 @@ def main(args: argparse.Namespace) -> Path:
             knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
             print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
                   f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
-                  f"{rt.usage_text(stats)}",
-                  flush=True)
+                  f"{rt.usage_text(stats)}", flush=True)
             if stats["collapse"]:
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:

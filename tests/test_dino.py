@@ -151,7 +151,8 @@ def test_one_epoch_run_saves_a_teacher_backbone_that_fine_tunes(demo_data, tmp_p
         ["--data", str(demo_data), "--out", str(tmp_path / "dino"), "--arch", arch, "--epochs", "1", *TINY_DINO,
          "--knn-every", "1", "--cache-dir", str(tmp_path / "cache")]))
     # crops come from a cache of aspect-kept copies, the kNN monitor's square images from one of their own
-    assert {p.name.split("-")[2] for p in (tmp_path / "cache").glob("data-*")} == {"fit64", "square32", f"fingerprinted{data.CHECK_VERSION}"}
+    tags = {p.name.split("-")[2] for p in (tmp_path / "cache").glob("data-*")}
+    assert tags == {"fit64", "square32", f"fingerprinted{data.CHECK_VERSION}"}
     ckpt = torch.load(out / f"{role}.pt", map_location="cpu", weights_only=True)
     assert ckpt["method"] == "dino" and ckpt["arch"] == arch and ckpt["role"] == role and ckpt["num_classes"] == 0
     state = checkpoint.load(out / "last.pt", kind="resume")

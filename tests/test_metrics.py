@@ -119,7 +119,8 @@ def test_fit_temperature_recovers_a_known_temperature(multilabel):
 
 def test_fit_temperature_stops_at_its_bound_for_uninformative_logits():
     rng = np.random.default_rng(8)
-    assert fit_temperature(rng.normal(0, 1, (2000, 3)), rng.integers(0, 3, 2000), False) == pytest.approx(20.0, rel=1e-4)
+    logits, targets = rng.normal(0, 1, (2000, 3)), rng.integers(0, 3, 2000)
+    assert fit_temperature(logits, targets, False) == pytest.approx(20.0, rel=1e-4)
 
 
 def accuracy(y: np.ndarray, scores: np.ndarray) -> float:
