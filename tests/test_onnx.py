@@ -45,8 +45,8 @@ def test_onnx_logits_on_image_files_match_pytorch(finetuned, onnx_files, demo_da
     def dataset_for(size, intensity):
         return ImageDataset(index.root, index.paths, index.targets, size, intensity=intensity)
 
-    ours, theirs = (predict.logits_of(member, dataset_for, torch.device("cpu"), 59, 0)
-                    for member in (checkpoint.load(finetuned[role], kind="model"), predict.load_onnx(str(onnx_files[role]))))
+    members = checkpoint.load(finetuned[role], kind="model"), predict.load_onnx(str(onnx_files[role]))
+    ours, theirs = (predict.logits_of(member, dataset_for, torch.device("cpu"), 59, 0) for member in members)
     assert theirs.shape == ours.shape == (60, 4)
     diff = np.abs(theirs - ours).max()
     print(f"{finetuned[role].parent.name}: max abs logit difference ONNX Runtime vs PyTorch {diff:.2e}")
@@ -74,18 +74,21 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.mark.parametrize("calibrated", [[], ["--calibrated"]], ids=["raw", "calibrated"])
 def test_predict_writes_the_same_csv_from_onnx_files_as_from_checkpoints(finetuned, onnx_files, demo_data, tmp_path,
                                                                           calibrated):
-    """The CNN + ViT ensemble, once as checkpoints and once as ONNX files: the same rows and decisions,
-    probabilities equal to the 6 written decimals up to the last one."""
+    """The CNN + ViT ensemble as checkpoints, as ONNX files and as one of each: the same rows and
+    decisions, probabilities equal to the 6 written decimals up to the last one."""
     rows = []
-    for name, members in (("pt", finetuned), ("onnx", onnx_files)):
+    for name, members in (("pt", finetuned), ("onnx", onnx_files), ("mixed", [finetuned[0], onnx_files[1]])):
         out = tmp_path / f"{name}.csv"
         predict.main(predict.parse_args(["--ckpt", *map(str, members), "--images", str(demo_data), "--out", str(out),
                                          "--workers", "0", "--device", "cpu", *calibrated]))
         rows.append(read_csv(out))
-    pt, onnx = rows
-    assert len(pt) == 60 and [(r["path"], r["prediction"]) for r in onnx] == [(r["path"], r["prediction"]) for r in pt]
+    pt, *others = rows
+    assert len(pt) == 60
+    for table in others:
+        assert [(r["path"], r["prediction"]) for r in table] == [(r["path"], r["prediction"]) for r in pt]
     probs = [np.array([[float(v) for k, v in r.items() if k.startswith("p_")] for r in table]) for table in rows]
-    np.testing.assert_allclose(probs[1], probs[0], atol=2e-6)
+    for p in probs[1:]:
+        np.testing.assert_allclose(p, probs[0], atol=2e-6)
 
 
 def test_a_backbone_exports_its_pre_logit_features(cass_run, demo_data, tmp_path):
