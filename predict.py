@@ -4,11 +4,15 @@ by averaging their probabilities: one answer to the paper's open question of
 which arm to trust at inference (App. D.2).
 
     python predict.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases --out predictions.csv
+
+A --ckpt may also be an ONNX file of a fine-tuned model written by `export.py --onnx`,
+run with onnxruntime (on the CPU) and decided as its checkpoint would be.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,8 @@ from pixels import AUTO, ImageDataset, eval_loader
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = flags.new_parser(__doc__)
-    p.add_argument("--ckpt", nargs="+", required=True, help="fine-tuned checkpoint(s) (model_seed<N>.pt)")
+    p.add_argument("--ckpt", nargs="+", required=True,
+                   help="fine-tuned checkpoint(s) (model_seed<N>.pt), or their `export.py --onnx` files (.onnx)")
     p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--bs", type=flags.positive_int, default=32, help="batch size")
@@ -40,9 +45,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def load_onnx(path: str) -> dict:
+    """An `export.py --onnx` file as a member: its metadata (the checkpoint's fields) and, under "onnx",
+    an onnxruntime session."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{path}: running ONNX files needs onnxruntime: pip install 'onnxruntime>=1.20'") from None
+    try:
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime reports a missing or broken file in several types
+        raise UserError(f"{path} is not a readable ONNX file ({type(err).__name__})") from None
+    meta = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+    if "img_size" not in meta:
+        raise UserError(f"{path} was not written by export.py --onnx (its metadata has no img_size)")
+    return meta | {"onnx": session}
+
+
 def load_models(paths: list[str]) -> list[dict]:
-    """Fine-tuned checkpoints that agree on their classes."""
-    ckpts = [checkpoint.load(p, kind="model") for p in paths]
+    """Fine-tuned checkpoints (or their ONNX files) that agree on their classes."""
+    ckpts = [load_onnx(p) if p.endswith(".onnx") else checkpoint.load(p, kind="model") for p in paths]
     for path, ckpt in zip(paths, ckpts):
         if not ckpt.get("finetuned"):
             raise UserError(f"{path} is a pretrained backbone without a classifier; fine-tune it with finetune.py")
@@ -52,9 +74,12 @@ def load_models(paths: list[str]) -> list[dict]:
 
 
 def logits_of(ckpt: dict, dataset_for, device, bs: int, workers: int) -> np.ndarray:
-    """(N, C) float64 logits of one checkpoint's model on the images."""
-    model = from_checkpoint(ckpt).to(device).eval()
+    """(N, C) float64 logits of one checkpoint's model (or ONNX file's) on the images."""
     loader = eval_loader(dataset_for(ckpt["img_size"], ckpt.get("intensity", AUTO)), bs, workers=workers)
+    if "onnx" in ckpt:  # the file normalises inside; it takes the loader's uint8 pixels as 0..1 floats
+        return np.concatenate([ckpt["onnx"].run(None, {"image": x.numpy().astype(np.float32) / 255})[0]
+                               for x, _ in loader]).astype(np.float64)
+    model = from_checkpoint(ckpt).to(device).eval()
     return collect(lambda x: model(normalise(x, ckpt["mean"], ckpt["std"])), loader, device, None)[0].double().numpy()
 
 
