@@ -29,6 +29,12 @@ class Source:
     intensity: Intensity  # how its images' 16-bit, float or DICOM pixels became 0..255
     record: dict  # models.arch_record: what a checkpoint of it keeps to rebuild without the folder or the Hub
 
+    @property
+    def timm_arch(self) -> str:
+        """The name is_transformer and create_model take for it, also once an
+        hf-hub:/local-dir: name's folder is gone or the Hub out of reach."""
+        return self.record.get("timm_arch", self.arch)
+
 
 def from_file(path: str, img_size: int | None, intensity: Intensity) -> Source:
     """A model checkpoint; `img_size` and `intensity`, when given (not None / auto), must be its own."""

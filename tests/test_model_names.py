@@ -11,12 +11,14 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
+import backbone
 import checkpoint
 import export
 import finetune
 import pretrain_cass
 from errors import UserError
 from models import arch_record, check_arch, create_model, from_checkpoint, is_transformer
+from pixels import AUTO
 
 SIZE = 48  # not the folder's 32 px: the position embeddings must be resampled to it
 
@@ -79,6 +81,17 @@ def test_a_checkpoint_that_records_the_architecture_rebuilds_without_the_folder(
     unrecorded = {key: value for key, value in ckpt.items() if key not in ("timm_arch", "model_args")}
     with pytest.raises(UserError, match="is not a folder with a config.json"):  # the name alone needs the folder
         from_checkpoint(unrecorded)
+
+
+def test_a_pretrained_checkpoint_of_a_local_dir_model_stays_a_source_without_the_folder(folder, tmp_path):
+    model = create_model(folder, img_size=SIZE, pretrained=True)
+    path = tmp_path / "vit.pt"
+    checkpoint.save(checkpoint.model_record(model, arch=folder, img_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3,
+                                            method="cass", **arch_record(folder)), path)
+    shutil.rmtree(folder.removeprefix("local-dir:"))
+    source = backbone.from_file(str(path), None, AUTO)
+    assert (source.arch, source.timm_arch) == (folder, "test_vit") and is_transformer(source.timm_arch)
+    assert set(source.record) == {"timm_arch", "model_args"}  # what its fine-tuned checkpoints record in turn
 
 
 def test_registry_names_record_nothing_more():
