@@ -10,7 +10,7 @@ from torch import nn
 
 import checkpoint
 from errors import UserError
-from models import create_model, from_checkpoint, model_norm
+from models import arch_record, create_model, from_checkpoint, model_norm
 from pixels import AUTO, Intensity, parse_intensity
 
 
@@ -27,6 +27,13 @@ class Source:
     data: str | None  # the data set it was pretrained on
     splits: dict[str, list[str]] | None  # the split it was pretrained with
     intensity: Intensity  # how its images' 16-bit, float or DICOM pixels became 0..255
+    record: dict  # models.arch_record: what a checkpoint of it keeps to rebuild without the folder or the Hub
+
+    @property
+    def timm_arch(self) -> str:
+        """The name is_transformer and create_model take for it, also once an
+        hf-hub:/local-dir: name's folder is gone or the Hub out of reach."""
+        return self.record.get("timm_arch", self.arch)
 
 
 def from_file(path: str, img_size: int | None, intensity: Intensity) -> Source:
@@ -39,7 +46,8 @@ def from_file(path: str, img_size: int | None, intensity: Intensity) -> Source:
         raise UserError(f"--intensity {' '.join(map(str, intensity))} differs from the checkpoint's "
                         f"{' '.join(map(str, saved))}")
     return Source(from_checkpoint(ckpt), ckpt["arch"], ckpt["img_size"], ckpt["mean"], ckpt["std"], ckpt["method"],
-                  ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"), saved)
+                  ckpt.get("role"), ckpt.get("data"), ckpt.get("splits"), saved,
+                  {key: ckpt[key] for key in ("timm_arch", "model_args") if key in ckpt})
 
 
 def from_timm(arch: str, data: str, img_size: int, pretrained: bool, weights: str | None, norm: str,
@@ -47,4 +55,5 @@ def from_timm(arch: str, data: str, img_size: int, pretrained: bool, weights: st
     """A timm model for `data`: ImageNet weights (downloaded, or the local file `weights`) or random init."""
     model = create_model(arch, img_size=img_size, pretrained=pretrained, weights=weights)
     method = "supervised" if pretrained or weights else "random-init"
-    return Source(model, arch, img_size, *model_norm(model, norm), method, None, data, None, intensity)
+    return Source(model, arch, img_size, *model_norm(model, norm), method, None, data, None, intensity,
+                  arch_record(arch))

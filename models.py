@@ -1,5 +1,6 @@
 """Networks: building timm models (ImageNet, local-file or random
-initialisation), their input normalisation, rebuilding one from a checkpoint,
+initialisation; timm's registry names and its hf-hub:ORG/NAME and
+local-dir:FOLDER names), their input normalisation, rebuilding one from a checkpoint,
 and running one over a loader (evaluation, prediction, features, kNN)."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import _hub, load_model_config_from_hf, parse_model_name
 from torch import nn
 
 from data import DataIndex
@@ -18,31 +20,89 @@ from errors import UserError
 from pixels import AUTO, ImageCache, ImageDataset, Intensity, eval_loader
 
 
+def timm_source(name: str) -> tuple[str, dict] | None:
+    """(timm architecture, build arguments) that an `hf-hub:ORG/NAME`
+    or `local-dir:FOLDER` name stands for, read from its config.json (a Hub
+    name's is kept in huggingface_hub's cache, but every call asks the Hub
+    whether it changed); None for a name of timm's registry."""
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as err:  # e.g. "org/name" without a prefix: timm's message names both prefixes
+        raise UserError(str(err)) from None
+    if source is None:
+        return None
+    if source == "local-dir":
+        if not (Path(model_id) / "config.json").is_file():
+            raise UserError(f"{name}: {model_id} is not a folder with a config.json "
+                            "(one timm's save_for_hf or export.py wrote)")
+        if not hasattr(_hub, "load_model_config_from_path"):
+            raise UserError(f"this timm {timm.__version__} does not read local-dir: folders; upgrade timm")
+        _, architecture, model_args = _hub.load_model_config_from_path(model_id)
+    else:
+        try:
+            _, architecture, model_args = load_model_config_from_hf(model_id)
+        except Exception as err:  # offline, unknown repo, no access: huggingface_hub raises many types
+            raise UserError(f"could not fetch {name} from the Hugging Face Hub ({type(err).__name__}); without "
+                            f"internet download it elsewhere (huggingface-cli download {model_id} --local-dir "
+                            "FOLDER) and pass local-dir:FOLDER, or pass its timm architecture name with --weights "
+                            "FILE") from None
+    if not timm.is_model(architecture):
+        raise UserError(f"{name} is a {architecture!r}, which this timm {timm.__version__} does not know")
+    return architecture, dict(model_args)
+
+
 def check_arch(name: str) -> None:
-    """Fail early, before any data is read, on a name timm does not know."""
-    if not timm.is_model(name):
+    """Fail early, before any data is read, on a name timm does not know, a
+    missing local-dir: folder or an unreachable hf-hub: model."""
+    if timm_source(name) is None and not timm.is_model(name):
         raise UserError(f"unknown timm model {name!r} "
-                        "(python -c \"import timm; print(timm.list_models('*vit*'))\" lists names)")
+                        "(python -c \"import timm; print(timm.list_models('*vit*'))\" lists names; "
+                        "hf-hub:ORG/NAME and local-dir:FOLDER name models outside the registry)")
+
+
+def arch_record(name: str) -> dict:
+    """What a checkpoint keeps, beyond the name, so that it rebuilds without
+    the folder or the Hub: for hf-hub: and local-dir: names the timm
+    architecture and the build arguments their config.json gives; nothing
+    for registry names."""
+    source = timm_source(name)
+    if source is None:
+        return {}
+    architecture, model_args = source
+    # the checkpoint's own img_size and num_classes describe its weights, not the folder's
+    return {"timm_arch": architecture,
+            "model_args": {k: v for k, v in model_args.items() if k not in ("img_size", "num_classes")}}
 
 
 def is_transformer(arch: str) -> bool:
-    """timm marks Transformers (ViT, DeiT, Swin, ...) as fixed-input-size models."""
-    pretrained = timm.get_pretrained_cfg(arch)
+    """timm marks Transformers (ViT, DeiT, Swin, ...) as fixed-input-size
+    models. For an hf-hub:/local-dir: name its architecture's mark counts, not
+    its config.json's (save_for_hf writes False for a ViT that interpolates
+    its position embeddings): the model must be built at --img-size, as
+    from_checkpoint rebuilds it from the architecture."""
+    source = timm_source(arch)
+    pretrained = timm.get_pretrained_cfg(source[0] if source else arch)
     return bool(pretrained is not None and pretrained.fixed_input_size)
 
 
 def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pretrained: bool = False,
                  weights: str | None = None, weights_flag: str = "--weights", **extra) -> nn.Module:
-    """A timm model. Fixed-input-size models (ViT, DeiT, Swin) are built for
-    `img_size` (timm resamples position embeddings); `weights` is a local file
-    of ImageNet weights for machines without internet."""
-    check_arch(arch)
+    """A timm model. Fixed-input-size models (ViT, DeiT, Swin, also a DINOv2 at
+    patch 14) are built for `img_size` (timm resamples position embeddings
+    when it loads weights made at another size); `weights` is a local file of
+    ImageNet weights for machines without internet. `pretrained` with an
+    hf-hub:/local-dir: name loads that model's own weights."""
+    source = timm_source(arch)  # read once: an hf-hub: name asks the Hub each time
+    if source is None:
+        check_arch(arch)
     kwargs = dict(extra)
-    if is_transformer(arch):
+    if is_transformer(source[0] if source else arch):
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights:
+        if source is not None:
+            raise UserError(f"{weights_flag} is for a timm architecture name; {arch} brings its own weights")
         if not Path(weights).is_file():
             raise UserError(f"{weights_flag} {weights} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(weights), custom_load=False)
@@ -51,6 +111,8 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
     except Exception as err:  # hub and file errors come in many types
         if weights:
             raise UserError(f"could not initialise {arch} from {weights}: {err}") from None
+        if pretrained and source is not None:
+            raise UserError(f"could not load the weights of {arch} ({type(err).__name__}: {err})") from None
         if pretrained:
             raise UserError(f"could not fetch ImageNet weights for {arch} ({type(err).__name__}); without "
                             f"internet pass {weights_flag} FILE with a local weights file, or --no-pretrained "
@@ -108,9 +170,20 @@ def collect(fn: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.de
     return torch.cat(outs), torch.cat(targets)
 
 
+def rebuild_arch(ckpt: dict) -> str:
+    """The timm name a checkpoint's network is rebuilt from: the recorded
+    architecture of an hf-hub:/local-dir: model (`arch_record`), which needs
+    neither the Hub nor the folder, else the name it was trained with."""
+    return ckpt.get("timm_arch", ckpt["arch"])
+
+
 def from_checkpoint(ckpt: dict) -> nn.Module:
-    """The exact network a checkpoint describes (its own head), weights loaded strictly."""
-    model = create_model(ckpt["arch"], img_size=ckpt["img_size"], num_classes=ckpt["num_classes"])
+    """The exact network a checkpoint describes (its own head), weights loaded
+    strictly. An hf-hub:/local-dir: model is rebuilt from the architecture and
+    build arguments the checkpoint recorded (`arch_record`), so neither the
+    Hub nor the folder is needed any more."""
+    model = create_model(rebuild_arch(ckpt), img_size=ckpt["img_size"], num_classes=ckpt["num_classes"],
+                         **ckpt.get("model_args", {}))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not fit {ckpt['arch']}: missing {missing[:3]}, "
