@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from timm.models import safe_model_name
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
@@ -148,7 +149,7 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
         import linear_probe  # ours: loaded where --linear is handled
         train, val, test = linear_probe.loaders(features, parts["train"], labelled, bs, seed, rank, world)
         return Seed(model, model.get_classifier(), train, val, test, inputs=lambda x: x)
-    prepare_for_training(model, source.arch, device, args.grad_ckpt)
+    prepare_for_training(model, source.timm_arch, device, args.grad_ckpt)
     size, pin = source.img_size, device.type == "cuda"
     train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache,
                                       source.intensity), bs, seed=seed, workers=args.workers, rank=rank, world=world,
@@ -282,7 +283,7 @@ def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: Dat
         role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
         data=str(index.source), splits={name: [index.paths[i] for i in part] for name, part in parts.items()},
         seed=seed, frac=args.frac, epoch=epoch, protocol=PROTOCOL[args.linear], intensity=source.intensity,
-        temperature=temperature, thresholds=thresholds), out / f"model_seed{seed}.pt")
+        temperature=temperature, thresholds=thresholds, **source.record), out / f"model_seed{seed}.pt")
 
 
 def validate(index: DataIndex, args: argparse.Namespace) -> None:
@@ -304,7 +305,8 @@ def main(args: argparse.Namespace) -> dict:
     cfg = argparse.Namespace(**{**vars(args), "data": args.data or source.data, "seed": args.split_seed})
     stem = f"{PROTOCOL[args.linear]}-{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
     out = (Path(args.out) if args.out else Path(args.ckpt).parent / stem if args.ckpt else
-           checkpoint.default_out(f"{source.method}-{args.arch}-{PROTOCOL[args.linear]}-frac{args.frac:g}"))
+           checkpoint.default_out(f"{source.method}-{safe_model_name(args.arch)}-{PROTOCOL[args.linear]}"
+                                  f"-frac{args.frac:g}"))
     if rt.is_main():
         checkpoint.prepare_out_dir(out)
     flags.print_args(args)

@@ -27,7 +27,7 @@ import flags
 import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError
-from models import from_checkpoint, is_transformer, normalise
+from models import from_checkpoint, is_transformer, normalise, rebuild_arch
 from pixels import AUTO, ImageDataset
 from splits import select
 
@@ -141,7 +141,7 @@ def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path
     raw = torch.stack([dataset[i][0] for i in range(len(ids))]).to(device)
     x = normalise(raw, ckpt["mean"], ckpt["std"])
     images = raw.permute(0, 2, 3, 1).cpu().numpy()
-    if is_transformer(ckpt["arch"]):
+    if is_transformer(rebuild_arch(ckpt)):
         kind = "attention rollout" if args.rollout else "class-token attention"
         maps = vit_attention(model, x, args.rollout)
     else:

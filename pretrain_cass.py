@@ -26,8 +26,8 @@ import runtime as rt
 from data import DataIndex
 from errors import UserError
 from losses import cass_loss
-from models import check_arch, create_model, model_norm, normalise, optimizer_kwargs, prepare_for_training, \
-    val_knn_accuracy
+from models import (arch_record, check_arch, create_model, model_norm, normalise, optimizer_kwargs,
+                    prepare_for_training, val_knn_accuracy)
 from pixels import ImageDataset, train_augment, train_loader
 from splits import select
 from swa import SWA, default_start
@@ -233,7 +233,7 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
                 role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
                 multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, anti_collapse=cfg.anti_collapse,
                 intensity=cfg.intensity,
-                swa_averaged=arm.swa.count if arm.swa else 0), out / f"{arm.name}.pt")
+                swa_averaged=arm.swa.count if arm.swa else 0, **arch_record(arm.arch)), out / f"{arm.name}.pt")
 
 
 def main(args: argparse.Namespace) -> Path:

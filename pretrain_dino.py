@@ -27,8 +27,8 @@ import runtime as rt
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
-from models import (check_arch, create_model, is_transformer, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training, val_knn_accuracy)
+from models import (arch_record, check_arch, create_model, is_transformer, model_norm, normalise,
+                    optimizer_kwargs, prepare_for_training, val_knn_accuracy)
 from pixels import ImageDataset, train_loader
 from splits import select
 
@@ -311,7 +311,7 @@ def main(args: argparse.Namespace) -> Path:
         checkpoint.save(checkpoint.model_record(
             teacher.backbone, arch=cfg.arch, img_size=cfg.img_size, mean=mean, std=std, method="dino", role=role,
             data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel,
-            args=vars(cfg), epoch=cfg.epochs, intensity=cfg.intensity), out / f"{role}.pt")
+            args=vars(cfg), epoch=cfg.epochs, intensity=cfg.intensity, **arch_record(cfg.arch)), out / f"{role}.pt")
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
           f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 10" if cfg.demo else ""))
     return out

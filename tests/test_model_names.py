@@ -50,6 +50,7 @@ def test_fine_tune_and_linear_probe_a_local_dir_model(folder, demo_data, tmp_pat
                                        *(["--linear"] if linear else [])]))
     ckpt = checkpoint.load(out / "model_seed0.pt", kind="model")
     assert ckpt["arch"] == folder and ckpt["img_size"] == SIZE and ckpt["method"] == "supervised"
+    assert ckpt["timm_arch"] == "test_vit"  # rebuilds without the folder
     model = from_checkpoint(ckpt)
     assert model.num_classes == 4 and model.pos_embed.shape[1] == 1 + (SIZE // 16) ** 2
     if linear:  # a frozen backbone: the folder's own weights, not a random initialisation
@@ -66,7 +67,7 @@ def test_cass_pretrains_with_a_local_dir_vit_arm(folder, demo_data, tmp_path):
         "--data", str(demo_data), "--out", str(out), "--epochs", "1", "--cnn", "test_resnet", "--vit", folder,
         "--cnn-weights", str(resnet), "--img-size", str(SIZE), "--bs", "8", "--workers", "0"]))
     ckpt = checkpoint.load(out / "vit.pt", kind="model")
-    assert ckpt["arch"] == folder and ckpt["img_size"] == SIZE
+    assert ckpt["arch"] == folder and ckpt["img_size"] == SIZE and ckpt["timm_arch"] == "test_vit"
     assert from_checkpoint(ckpt).pos_embed.shape[1] == 1 + (SIZE // 16) ** 2
 
 
