@@ -248,11 +248,9 @@ def pairs(rows: list[tuple]) -> list[tuple[tuple, tuple]]:
 
 
 def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
-    """The pairs of rows (see `pairs`) at each label fraction, both scored on
-    the same resampled test images or groups (metrics.paired_bootstrap of the
-    mean-over-seeds metric), so the luck of the shared test set cancels. A
-    pretrained row is A against a no-pretraining row; otherwise A is the row
-    with the higher estimate. Rows whose prediction files do not cover the same
+    """The pairs of rows (`pairs`; A the higher where neither is a baseline) at each label fraction, both
+    scored on the same resampled test images or groups (metrics.paired_bootstrap of the mean-over-seeds
+    metric), so the luck of the shared test set cancels. Rows whose prediction files do not cover the same
     images are listed, not compared."""
     name = row_names(cells)
     rows, lines, notes = list(name), [], []
