@@ -7,17 +7,16 @@ LUT functions; then a file we cannot show, skipped with its reason."""
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import pydicom.data
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence
 
-pydicom = pytest.importorskip("pydicom")
-import pydicom.data  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut  # noqa: E402
-from pydicom.sequence import Sequence  # noqa: E402
-
-from data import unreadable_reason  # noqa: E402
-from pixels import load_image  # noqa: E402
-from test_pixels_formats import write_dicom  # noqa: E402
+from data import unreadable_reason
+from pixels import load_image
+from test_pixels_formats import write_dicom
 
 VALUES = np.arange(0, 201).reshape(1, -1)  # every stored value 0..200 once
 RAMP = VALUES.astype(np.uint16)

@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPYABLE = {"data": {"errors"}, "splits": {"errors", "data"}, "pixels": {"errors"}, "losses": set(), "swa": set(),
             "dino": set(), "metrics": set()}  # splits.py divides data.py's DataIndex: the two go together
-EXTRAS = {"dicom", "intensity", "fingerprints", "anticollapse", "demo", "linear_probe"}
+EXTRAS = {"dicom", "intensity", "fingerprints", "anticollapse", "demo", "linear_probe",
+          "onnx", "onnxscript", "onnxruntime"}  # ONNX: optional, absent where CI runs the lowest versions
 
 
 def test_copyable_modules_import_nothing_of_the_project_but_their_companions():
@@ -21,8 +22,8 @@ def test_copyable_modules_import_nothing_of_the_project_but_their_companions():
         assert names & project <= allowed, (module, sorted(names & project - allowed))
 
 
-def test_stage_scripts_load_no_extra_when_they_start():
-    code = ("import sys; import pretrain_cass, pretrain_dino, finetune, report; "
+def test_scripts_load_no_extra_when_they_start():
+    code = ("import sys; import pretrain_cass, pretrain_dino, finetune, report, export, predict; "
             f"print(sorted(set(sys.modules).intersection({sorted(EXTRAS)!r})))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
