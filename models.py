@@ -29,7 +29,9 @@ def timm_source(name: str) -> tuple[str, dict] | None:
         source, model_id = parse_model_name(name)
     except ValueError as err:  # e.g. "org/name" without a prefix: timm's message names both prefixes
         raise UserError(str(err)) from None
-    if source is None:
+    except AssertionError:  # timm before local-dir: knew only timm: and hf-hub: names
+        raise UserError(f"this timm {timm.__version__} does not know the prefix of {name}; upgrade timm") from None
+    if source in (None, "timm"):  # a registry name (timm 1.0.10 calls its source "timm", later ones None)
         return None
     if source == "local-dir":
         if not (Path(model_id) / "config.json").is_file():
