@@ -37,10 +37,15 @@ def objective(r: torch.Tensor, t: torch.Tensor, mode: str, variance_weight: floa
     """The loss for the CNN's and the Transformer's outputs r, t (B, D): `variance`,
     Eq. 1 plus `variance_weight` times each arm's variance hinge; `predictor`,
     SimSiam's symmetric form, each arm's predictor (CNN's first) on its own
-    output against the other arm's output with its gradient stopped."""
-    if mode == "predictor":
+    output against the other arm's output with its gradient stopped;
+    `predictor+variance`, the predictor's loss plus the variance hinges."""
+    if mode not in ("variance", "predictor", "predictor+variance"):
+        raise ValueError(f"unknown anti-collapse objective {mode!r}")
+    if mode.startswith("predictor"):
         cnn, vit = predictors
-        return 0.5 * (cass_loss(cnn(r), t.detach()) + cass_loss(vit(t), r.detach()))
-    if mode == "variance":
-        return cass_loss(r, t) + variance_weight * (variance_hinge(r) + variance_hinge(t))
-    raise ValueError(f"unknown anti-collapse objective {mode!r}")
+        loss = 0.5 * (cass_loss(cnn(r), t.detach()) + cass_loss(vit(t), r.detach()))
+    else:
+        loss = cass_loss(r, t)
+    if mode.endswith("variance"):
+        loss = loss + variance_weight * (variance_hinge(r) + variance_hinge(t))
+    return loss

@@ -182,6 +182,39 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
     return save(fig, path)
 
 
+# ====== study.py ======
+def study_figure(summaries: list[dict], rows: list[str], arms: list[str], frac: str, path: Path) -> Path:
+    """One panel per data set and regime: each pretrained row's paired difference in test macro F1 from the
+    no-pretraining row (mean over seeds), one marker per arm, with its 95 % paired bootstrap interval."""
+    sets = list(dict.fromkeys(s["set"] for s in summaries))
+    regimes = list(dict.fromkeys(s["regime"] for s in summaries))
+    fig, axes = plt.subplots(len(regimes), len(sets), figsize=(3.4 * len(sets), 0.45 * len(rows) * len(regimes) + 1.4),
+                             squeeze=False, sharey=True, sharex=True)
+    y = np.arange(len(rows))
+    for s in summaries:
+        ax = axes[regimes.index(s["regime"])][sets.index(s["set"])]
+        for k, (arm, marker) in enumerate(zip(arms, "os")):
+            found = [s["rows"][row][arm][frac] for row in rows]
+            diff = np.array([f["diff"] for f in found])
+            err = np.array([[d - f["low"], f["high"] - d] for d, f in zip(diff, found)]).T
+            ax.errorbar(diff, y + (k - 0.5) * 0.3, xerr=err, fmt=marker, ms=4, capsize=2, lw=1,
+                        color=f"C{k}", label=arm.upper() if arm == "cnn" else "ViT")
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{s['set']}, {s['regime']} init", fontsize="medium")
+        ax.grid(alpha=0.3, axis="x")
+    for ax in axes[:, 0]:
+        ax.set_yticks(y, rows)
+        ax.invert_yaxis()
+    for ax in axes[-1]:
+        ax.set_xlabel("macro F1 difference from no pretraining")
+    fig.suptitle(f"Pretraining minus no pretraining at {float(frac):.0%} labels (95 % paired bootstrap intervals)",
+                 fontsize="medium")
+    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(arms),
+               frameon=False)
+    return save(fig, path)
+
+
 # ====== maps.py: attention, Grad-CAM and feature maps ======
 HEAT = "viridis"  # perceptually ordered, so brighter always reads as more, in grey print too
 UNIT = {"vmin": 0, "vmax": 1, "cmap": HEAT}  # every map comes min-max scaled into [0, 1]

@@ -37,7 +37,7 @@ COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the ou
 COLLAPSE_COS = 0.9
 COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
                  "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
-ANTI_COLLAPSE = ("none", "variance", "predictor")  # ours, beyond the paper: docs/collapse-study.md
+ANTI_COLLAPSE = ("none", "variance", "predictor", "predictor+variance")  # ours, beyond the paper: docs/collapse-study.md
 DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.ours.add_argument("--anti-collapse", choices=ANTI_COLLAPSE, default="none",
                         help="none = the paper; add VICReg's variance hinge on each arm's outputs (variance), or "
                              "give each arm a SimSiam predictor that predicts the other arm's stopped output "
-                             "(predictor): anticollapse.py")
+                             "(predictor), or both: anticollapse.py")
+    g.ours.add_argument("--vit-lr", type=flags.positive_float,
+                        help="learning rate of the Transformer arm alone (default: --lr, as in the paper)")
     g.ours.add_argument("--variance-weight", type=float, default=1.0, help="weight of each arm's variance hinge")
     g.ours.add_argument("--predictor-dim", type=flags.positive_int, default=512,
                         help="hidden width of the predictor MLP (D -> width -> D, BatchNorm, ReLU)")
@@ -117,14 +119,15 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     net = rt.ddp(model, device)
     net = torch.compile(net) if cfg.compile else net
     predictor = None
-    if cfg.anti_collapse == "predictor":
+    if cfg.anti_collapse.startswith("predictor"):
         from anticollapse import predictor  # ours, beyond the paper: only the option needs it
         predictor = predictor(model.num_classes, cfg.predictor_dim).to(device)
     params = [*model.parameters(), *(predictor.parameters() if predictor else [])]
+    lr = cfg.vit_lr if name == "vit" and cfg.vit_lr else cfg.lr
     if name == "cnn" and cfg.cnn_opt == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, **optimizer_kwargs(device))
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, **optimizer_kwargs(device))
     else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, **optimizer_kwargs(device))
+        opt = torch.optim.Adam(params, lr=lr, **optimizer_kwargs(device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.eta_min)
     start = cfg.swa_start - 1 if cfg.swa_start else default_start(cfg.epochs)
     swa = SWA(model, start) if cfg.swa else None

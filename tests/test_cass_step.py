@@ -207,6 +207,17 @@ def test_anti_collapse_objectives_by_hand():
     (0.5 * cass_loss(arms[0].predictor(r), t.detach())).backward()
     assert torch.allclose(r.grad, grad_r)
     assert pretrain_cass.objective(r, t, arms, setup()[0]).item() == pytest.approx(cass_loss(r, t).item())
+    cfg, arms, _, _ = setup("--anti-collapse", "predictor+variance", "--predictor-dim", "8", "--variance-weight", "2")
+    both = 0.5 * (cass_loss(arms[0].predictor(r), t) + cass_loss(arms[1].predictor(t), r)) \
+        + 2 * (variance_hinge(r) + variance_hinge(t))
+    assert pretrain_cass.objective(r, t, arms, cfg).item() == pytest.approx(both.item(), rel=1e-6)
+
+
+def test_vit_lr_sets_the_transformer_arm_alone():
+    cfg, arms, _, _ = setup("--lr", "1e-3", "--vit-lr", "1e-4")
+    assert [arm.opt.param_groups[0]["lr"] for arm in arms] == [1e-3, 1e-4]
+    cfg, arms, _, _ = setup("--lr", "1e-3")  # default: the paper's one learning rate for both
+    assert [arm.opt.param_groups[0]["lr"] for arm in arms] == [1e-3, 1e-3]
 
 
 def test_predictor_is_trained_and_kept_in_last_pt_but_not_in_the_backbone(tmp_path):
