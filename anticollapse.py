@@ -1,4 +1,4 @@
-"""Ours, beyond the paper (--anti-collapse; docs/collapse-study.md): two objectives
+"""Ours, beyond the paper (--anti-collapse; docs/collapse-study.md): objectives
 that keep CASS's arms from mapping every image to one shared direction, which
 from random initialisation drives Eq. 1 to 0 without the arms ever being
 exactly equal (so Alg. 1's noise never fires). pretrain_cass.py imports this

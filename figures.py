@@ -183,30 +183,30 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
 
 
 # ====== study.py ======
-def study_figure(summaries: list[dict], rows: list[str], arms: list[str], frac: str, path: Path) -> Path:
-    """One panel per data set and regime: each pretrained row's paired difference in test macro F1 from the
-    no-pretraining row (mean over seeds), one marker per arm, with its 95 % paired bootstrap interval."""
+def study_figure(summaries: list[dict], labels: list[str], rows: list[str], arms: list[str], frac: str,
+                 path: Path) -> Path:
+    """One panel per data set and regime: each pretrained row's (named by `labels`) paired difference in test
+    macro F1 from the no-pretraining row (mean over seeds), one marker per arm, with its 95 % paired bootstrap
+    interval."""
     sets = list(dict.fromkeys(s["set"] for s in summaries))
     regimes = list(dict.fromkeys(s["regime"] for s in summaries))
     fig, axes = plt.subplots(len(regimes), len(sets), figsize=(3.4 * len(sets), 0.45 * len(rows) * len(regimes) + 1.4),
                              squeeze=False, sharey=True, sharex=True)
-    y = np.arange(len(rows))
+    y, step = np.arange(len(rows)), 0.6 / len(arms)
     for s in summaries:
         ax = axes[regimes.index(s["regime"])][sets.index(s["set"])]
-        for k, (arm, marker) in enumerate(zip(arms, "os")):
+        for k, arm in enumerate(arms):
             found = [s["rows"][row][arm][frac] for row in rows]
             diff = np.array([f["diff"] for f in found])
             err = np.array([[d - f["low"], f["high"] - d] for d, f in zip(diff, found)]).T
-            ax.errorbar(diff, y + (k - 0.5) * 0.3, xerr=err, fmt=marker, ms=4, capsize=2, lw=1,
-                        color=f"C{k}", label=arm.upper() if arm == "cnn" else "ViT")
+            ax.errorbar(diff, y + (k - (len(arms) - 1) / 2) * step, xerr=err, fmt="osD^v"[k % 5], ms=4, capsize=2,
+                        lw=1, color=f"C{k}", label={"cnn": "CNN", "vit": "ViT"}.get(arm, arm))
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{s['set']}, {s['regime']} init", fontsize="medium")
         ax.grid(alpha=0.3, axis="x")
-    for ax in axes[:, 0]:
-        ax.set_yticks(y, rows)
-        ax.invert_yaxis()
-    for ax in axes[-1]:
-        ax.set_xlabel("macro F1 difference from no pretraining")
+    axes[0][0].set_yticks(y, labels)  # the panels share both axes
+    axes[0][0].invert_yaxis()
+    fig.supxlabel("macro F1 difference from no pretraining", fontsize="medium")
     fig.suptitle(f"Pretraining minus no pretraining at {float(frac):.0%} labels (95 % paired bootstrap intervals)",
                  fontsize="medium")
     fig.tight_layout()

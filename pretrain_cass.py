@@ -37,7 +37,7 @@ COLLAPSE_RATIO = 0.25  # batch std below a quarter of 1/sqrt(D): >~94% of the ou
 COLLAPSE_COS = 0.9
 COLLAPSE_HINT = ("both arms map every image to nearly the same output (batch std far below 1/sqrt(D)) and agree "
                  "on it, so the low loss means little (the paper starts from ImageNet weights, --pretrained)")
-ANTI_COLLAPSE = ("none", "variance", "predictor", "predictor+variance")  # ours, beyond the paper: docs/collapse-study.md
+ANTI_COLLAPSE = ("none", "variance", "predictor", "predictor+variance")  # ours: docs/collapse-study.md
 DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
@@ -300,7 +300,7 @@ def main(args: argparse.Namespace) -> Path:
             if stats["collapse"]:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                           "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
-                          "of it helped on every data set measured, docs/collapse-study.md)")
+                          "of it helped on every data set measured, docs/study.md)")
                 print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),

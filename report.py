@@ -32,7 +32,7 @@ import flags
 import predictions
 from checkpoint import prepare_out_dir
 from errors import UserError
-from metrics import Interval, bootstrap_ci, decide, headline_score, paired_bootstrap
+from metrics import Interval, PairedInterval, bootstrap_ci, decide, headline_score, paired_bootstrap
 from predictions import Predictions
 
 
@@ -61,9 +61,8 @@ NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", 
 
 
 def data_set(folder: Path, result: dict) -> str:
-    """The data set a results.json was measured on: finetune.py writes its resolved
-    path into splits.json next to it, while config["data"] is None whenever the
-    checkpoint brought the data, so the config is only the fallback."""
+    """The data set a results.json was measured on: finetune.py writes its resolved path into splits.json next to
+    it, while config["data"] is None whenever the checkpoint brought the data, so the config is only the fallback."""
     splits = folder / "splits.json"
     if splits.is_file():
         return json.loads(splits.read_text())["data"]
@@ -85,10 +84,9 @@ def pretraining_run(source: str) -> str:
 
 
 def resolved(result: dict) -> dict:
-    """The settings a run used, so that runs differing only in how a value was recorded compare equal:
-    an unset --img-size as the size the checkpoint brought (finetune.py records it under `resolved`;
-    files without that key keep it unset), and a learning rate equal to its protocol's default
-    (finetune.LR, linear_probe.LR) as unset."""
+    """The settings a run used, so that runs differing only in how a value was recorded compare equal: an unset
+    --img-size as the size the checkpoint brought (finetune.py records it under `resolved`; files without that
+    key keep it unset), and a learning rate equal to its protocol's default (finetune.LR, linear_probe.LR) as unset."""
     config = result["config"]
     default_lr = 1e-3 if result.get("protocol") == "linear" else 3e-4
     return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
@@ -96,18 +94,16 @@ def resolved(result: dict) -> dict:
 
 
 def experiment(result: dict) -> tuple:
-    """What a row stands for: method, backbone, protocol (fine-tuning or linear
-    probe), checkpoint, and the remaining resolved settings as sorted (flag, JSON
-    value) pairs; seeds of equal experiments pool."""
+    """What a row stands for: method, backbone, protocol (fine-tuning or linear probe), checkpoint, and the
+    remaining resolved settings as sorted (flag, JSON value) pairs; seeds of equal experiments pool."""
     settings = tuple(sorted((k, json.dumps(v)) for k, v in resolved(result).items() if k not in NOT_SETTINGS))
     return result["method"], result["arch"], result.get("protocol", "finetune"), str(Path(result["source"])), settings
 
 
 @dataclass
 class Cell:
-    """Every seed of one experiment at one label fraction on one data set: its
-    headline scores, results.json's per-seed intervals (None where absent),
-    prediction files (None where finetune.py wrote none) and multi-label
+    """Every seed of one experiment at one label fraction on one data set: its headline scores, results.json's
+    per-seed intervals (None where absent), prediction files (None where finetune.py wrote none) and multi-label
     thresholds ((C,), 0.5 each where results.json records none)."""
     classes: tuple[str, ...]
     multilabel: bool
@@ -164,9 +160,8 @@ def decisions(cell: Cell) -> np.ndarray:
 
 
 def seed_mean(headline: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
-    """metric(targets, decisions): the headline metric of each seed (as in
-    results.json: metrics.headline_score), mean over seeds, i.e. the table's
-    mean computed on one (resampled) set of images."""
+    """metric(targets, decisions): the headline metric of each seed (as in results.json: metrics.headline_score),
+    mean over seeds, i.e. the table's mean computed on one (resampled) set of images."""
     def metric(y: np.ndarray, d: np.ndarray) -> float:
         return float(np.mean([headline_score(headline, y, d[:, s], multilabel) for s in range(d.shape[1])]))
     return metric
@@ -247,29 +242,38 @@ def pairs(rows: list[tuple]) -> list[tuple[tuple, tuple]]:
     return sorted(oriented, key=lambda pair: (pair[0][1:3], pair[1][0] not in BASELINES or pair[0][0] in BASELINES))
 
 
+def not_comparable(name_a: str, a: Cell, name_b: str, b: Cell) -> str | None:
+    """Why two cells cannot be paired image by image, or None."""
+    why = next((f"{name} {w}" for name, c in ((name_a, a), (name_b, b)) if (w := unshared(c))), None)
+    if not why and seed_predictions(a)[0].paths != seed_predictions(b)[0].paths:
+        why = "their prediction files cover different test images"
+    return why
+
+
+def paired_difference(a: Cell, b: Cell, headline: str, resamples: int) -> PairedInterval:
+    """Mean over seeds of test `headline`, cell a minus cell b (comparable ones), and its paired bootstrap over the
+    same resampled test images or groups (metrics.paired_bootstrap), so the shared test set's luck cancels."""
+    pa, pb = seed_predictions(a), seed_predictions(b)
+    return paired_bootstrap(seed_mean(headline, a.multilabel), pa[0].targets, decisions(a), decisions(b),
+                            shared_groups(pa + pb), n=resamples)
+
+
 def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
-    """The pairs of rows (`pairs`; A the higher where neither is a baseline) at each label fraction, both
-    scored on the same resampled test images or groups (metrics.paired_bootstrap of the mean-over-seeds
-    metric), so the luck of the shared test set cancels. Rows whose prediction files do not cover the same
-    images are listed, not compared."""
+    """The pairs of rows (`pairs`; A the higher where neither is a baseline) at each label fraction, and their
+    paired_difference. Rows whose prediction files do not cover the same images are listed, not compared."""
     name = row_names(cells)
     rows, lines, notes = list(name), [], []
     for frac in sorted({k[1] for k in cells}):
         for a, b in pairs([r for r in rows if (r, frac) in cells]):
             ca, cb = cells[(a, frac)], cells[(b, frac)]
-            why = next((f"{name[r]} {w}" for r, c in ((a, ca), (b, cb)) if (w := unshared(c))), None)
-            pa, pb = seed_predictions(ca), seed_predictions(cb)
-            if not why and pa[0].paths != pb[0].paths:
-                why = "their prediction files cover different test images"
-            if why:
+            if why := not_comparable(name[a], ca, name[b], cb):
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
                 continue
-            metric = seed_mean(headline, ca.multilabel)
-            y, da, db = pa[0].targets, decisions(ca), decisions(cb)
+            metric, y = seed_mean(headline, ca.multilabel), seed_predictions(ca)[0].targets
             against_baseline = a[0] not in BASELINES and b[0] in BASELINES
-            if not against_baseline and metric(y, db) > metric(y, da):
-                (a, da), (b, db) = (b, db), (a, da)
-            d = paired_bootstrap(metric, y, da, db, shared_groups(pa + pb), n=resamples)
+            if not against_baseline and metric(y, decisions(cb)) > metric(y, decisions(ca)):
+                (a, ca), (b, cb) = (b, cb), (a, ca)
+            d = paired_difference(ca, cb, headline, resamples)
             lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
                          f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} |")
     if not lines and not notes:
@@ -321,8 +325,7 @@ def figure_stem(cell: Cell, taken: set[str]) -> str:
 
 
 def finetune_figures(results: list[dict], out: Path) -> list[str]:
-    """ROC curves, reliability diagram and (multi-class) confusion matrix of
-    every cell with prediction files, under a heading naming the cell."""
+    """ROC curves, reliability diagram and (multi-class) confusion matrix of each cell with prediction files."""
     lines, taken = [], set()
     for data, _, table in tables(results):
         name = row_names(table)  # as in the table, also where only some rows have files
@@ -354,8 +357,7 @@ def pretraining_runs(folders: list[Path]) -> list[dict]:
 
 
 def last_knn(log: list[dict]) -> str:
-    """The last logged kNN accuracy of each network of a run (the frozen-feature
-    column next to fine-tuning and linear probes)."""
+    """The last logged kNN accuracy of each network of a run (the frozen-feature column)."""
     found = {k: e[k] for e in log for k in e if k.startswith("knn_") and e[k] is not None}
     return ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(found.items())) or "-"
 
@@ -374,13 +376,11 @@ def time_table(runs: list[dict]) -> list[str]:
 
 def main(args: argparse.Namespace) -> Path:
     folders = [Path(r) for r in args.runs]
-    missing = [f for f in folders if not f.is_dir()]
-    if missing:
+    if missing := [f for f in folders if not f.is_dir()]:
         raise UserError(f"{missing[0]} is not a folder")
     out = prepare_out_dir(Path(args.out))
     predictions.read.cache_clear()  # files may have changed since an earlier call in this process
-    results = load_results(folders)
-    runs = pretraining_runs(folders)
+    results, runs = load_results(folders), pretraining_runs(folders)
     lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
     lines += finetune_table(results, args.resamples) if results else ["No results.json found."]
     lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else ["No pretraining runs found."])

@@ -11,20 +11,20 @@ tiny backbones are first trained with labels for the transfer regime, standing i
 for the ImageNet weights the paper starts from.
 
 For every set and regime (random initialisation; transfer initialisation) each
-pretraining row (none, CASS as published, each --anti-collapse option, --vit-lr,
-DINO) is fine-tuned end to end per arm (timm's test_resnet / test_vit) on 10 % and
-100 % of the labels over --seeds, and every pretrained row is compared with the
-no-pretraining row on the same test images: report.py's paired bootstrap of the
-mean over seeds. Every run keeps its folder, so a stopped study resumes.
+pretraining row (none, CASS as published, each --anti-collapse option, two learning
+rates of ours, DINO) is fine-tuned end to end per arm (timm's test_resnet / test_vit)
+on 10 % and 100 % of the labels over --seeds, and every pretrained row is compared
+with the no-pretraining row on the same test images: report.py's paired bootstrap of
+the mean over seeds. Every run keeps its folder, so a stopped study resumes.
 
-    python study.py --out runs/study    # about two hours on 2 CPU cores
+    python study.py --out runs/study --fracs 0.1    # about 40 min on 2 CPU cores
+    python study.py --out runs/study                # and 100 % labels: about 3 h more
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +41,6 @@ import pretrain_cass
 import pretrain_dino
 import report
 from errors import UserError
-from metrics import paired_bootstrap
 from models import create_model, model_norm, normalise
 
 ARMS = {"cnn": "test_resnet", "vit": "test_vit"}
@@ -56,6 +55,8 @@ ROWS: dict[str, tuple[str, list[str]] | None] = {
     "predictor": ("cass", ["--anti-collapse", "predictor"]),
     "predictor+variance": ("cass", ["--anti-collapse", "predictor+variance"]),
     "vit-lr": ("cass", ["--vit-lr", "1e-4"]),
+    "lr": ("cass", ["--lr", "1e-4"]),
+    # the official warm-ups are 10 % (lr) and 30 % (teacher temperature) of 100 epochs: the same share of --epochs
     "dino": ("dino", ["--out-dim", "4096"]),
 }
 SIZE = 32  # image and tile size
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/study", help="folder for the data sets, every run, study.md and its figure")
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
-    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="pretraining rows ('none' is always run)")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="pretraining rows ('none', no pretraining, is always run)")
     p.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--fracs", type=flags.fraction, nargs="+", default=[0.1, 1.0], help="label fractions")
     p.add_argument("--epochs", type=flags.positive_int, default=10, help="pretraining epochs (batch 16)")
@@ -77,9 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs of supervised training on photos for the transfer regime")
     p.add_argument("--resamples", type=flags.positive_int, default=500, help="paired bootstrap resamples")
     p.add_argument("--workers", type=flags.non_negative_int, default=0)
-    args = p.parse_args(argv)
-    args.rows = ["none", *[r for r in args.rows if r != "none"]]
-    return args
+    return p.parse_args(argv)
 
 
 # ---- the data sets: real scans and photographs shipped by scikit-learn and scikit-image
@@ -114,7 +114,7 @@ def digits(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
 
 
 def textures(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
-    """Tiles of six grey-scale photographs: three textures (brick, grass, gravel), the moon, a man with a camera, coins."""
+    """Tiles of six grey-scale photographs: brick, grass, gravel, the moon, a man with a camera, coins."""
     images = skimage_images(("brick", "grass", "gravel", "moon", "camera", "coins"))
     return {name: tiles(image, PER_SET // 6, rng) for name, image in images.items()}
 
@@ -171,9 +171,9 @@ def transfer_weights(arch: str, photos_dir: Path, out: Path, epochs: int) -> Pat
     model.train()
     for epoch in range(epochs):
         for batch in torch.randperm(len(x)).split(32):
-            images = F.pad(x[batch], (4, 4, 4, 4), mode="replicate")
-            dy, dx = torch.randint(0, 9, (2,)).tolist()
-            images = images[:, :, dy:dy + SIZE, dx:dx + SIZE]
+            padded = F.pad(x[batch], (4, 4, 4, 4), mode="replicate")
+            images = torch.stack([image[:, dy:dy + SIZE, dx:dx + SIZE]
+                                  for image, (dy, dx) in zip(padded, torch.randint(0, 9, (len(batch), 2)).tolist())])
             images = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, images.flip(3), images)
             loss = F.cross_entropy(model(normalise(images, mean, std)), y[batch])
             opt.zero_grad()
@@ -199,7 +199,9 @@ def pretrain(row: str, data: Path, folder: Path, weights: dict[str, Path] | None
                          + (["--cnn-weights", str(weights["cnn"]), "--vit-weights", str(weights["vit"])] if weights
                             else ["--no-pretrained"]))}
     else:
-        jobs = {arm: (pretrain_dino, [*common, "--arch", ARMS[arm]]
+        warmups = ["--warmup-epochs", str(max(1, args.epochs // 10)),
+                   "--warmup-teacher-temp-epochs", str(max(1, 3 * args.epochs // 10))]
+        jobs = {arm: (pretrain_dino, [*common, *warmups, "--arch", ARMS[arm]]
                       + (["--weights", str(weights[arm])] if weights else ["--no-pretrained"])) for arm in ARMS}
     found = {}
     for job, (module, argv) in jobs.items():
@@ -220,63 +222,63 @@ def fine_tune(source: list[str], frac: float, folder: Path, args: argparse.Names
                                            "--epochs", str(args.ft_epochs), "--workers", str(args.workers),
                                            "--resamples", "100", "--out", str(folder),
                                            "--cache-dir", str(folder.parent / "cache")]))
-    result = report.load_results([folder])[0]
-    if [run["seed"] for run in result["runs"]] != args.seeds:
-        raise UserError(f"{folder} holds seeds {result['config']['seeds']}, not {args.seeds}: pick another --out")
-    return result
+    return report.load_results([folder])[0]
 
 
-def collapse_epochs(ckpt: Path) -> list[int]:
-    """The epochs (1-based) whose pretraining log line flagged collapse."""
-    log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
-    return [e["epoch"] for e in log if e.get("collapse")]
+def pretraining_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def compare(result: dict, baseline: dict, resamples: int) -> dict:
-    """Mean and std over seeds of the test headline metric, and (against `baseline`, the no-pretraining row on
-    the same test images) report.py's paired bootstrap of the difference of the means over seeds."""
-    scores = [run["test"][result["metric"]] for run in result["runs"]]
-    found = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1))}
+    """Mean and std over seeds of the test headline metric, the seconds the seeds took, and against `baseline`
+    (the no-pretraining row, same arm and label fraction) report.py's paired difference of the means over seeds
+    and the number of seeds that scored higher than the baseline's same seed."""
+    cell, base = (next(iter(report.collect_cells([r]).values())) for r in (result, baseline))
+    spread = float(np.std(cell.scores, ddof=1)) if len(cell.scores) > 1 else 0.0
+    numbers = {"scores": cell.scores, "mean": float(np.mean(cell.scores)), "std": spread,
+               "seconds": sum(run["seconds"] for run in result["runs"])}
     if result is baseline:
-        return found
-    a, b = (next(iter(report.collect_cells([r]).values())) for r in (result, baseline))
-    pa, pb = report.seed_predictions(a), report.seed_predictions(b)
-    if pa[0].paths != pb[0].paths:
-        raise UserError(f"{result['folder']} and {baseline['folder']} were tested on different images")
-    d = paired_bootstrap(report.seed_mean(result["metric"], False), pa[0].targets, report.decisions(a),
-                         report.decisions(b), n=resamples)
-    return found | {"diff": d.estimate, "low": d.low, "high": d.high}
+        return numbers
+    if why := report.not_comparable(str(result["folder"]), cell, str(baseline["folder"]), base):
+        raise UserError(f"cannot pair the study's rows: {why}")
+    d = report.paired_difference(cell, base, result["metric"], resamples)
+    # seed by seed: a seed draws the same labelled images in both rows
+    better = sum(a > b for a, b in zip(cell.scores, base.scores))
+    return numbers | {"diff": d.estimate, "low": d.low, "high": d.high, "seeds_better": better}
 
 
-def block(name: str, regime: str, root: Path, args: argparse.Namespace) -> dict:
-    """Every run of one set and regime, and its summary (summary.json, kept for the same rows, fractions and
-    seeds): per row, the collapse epochs of a CASS run and per arm and label fraction `compare`'s numbers."""
+def run_block(name: str, regime: str, root: Path, rows: list[str], args: argparse.Namespace) -> dict:
+    """Every run of one set and regime, and their summary (summary.json, reused while the rows, fractions and
+    resamples asked are the same): per row, its pretraining seconds and flagged collapse epochs, and per arm and
+    label fraction `compare`'s numbers."""
     folder = root / name / regime
-    asked = {"rows": args.rows, "fracs": [f"{f:g}" for f in args.fracs], "seeds": args.seeds}
+    asked = {"rows": rows, "fracs": [f"{f:g}" for f in args.fracs], "resamples": args.resamples}
     done = folder / "summary.json"
     if done.exists() and (summary := json.loads(done.read_text()))["asked"] == asked:
         return summary
-    started = time.time()
     data = image_set(name, root / "data")
     weights = None
     if regime == "transfer":
         photos_dir = image_set("photos", root / "data")
         weights = {arm: transfer_weights(arch, photos_dir, root / "transfer", args.source_epochs)
                    for arm, arch in ARMS.items()}
-    results: dict[str, dict] = {}
-    for row in args.rows:
+    results, summary = {}, {"set": name, "regime": regime, "asked": asked, "rows": {}}
+    for row in rows:
         ckpts = pretrain(row, data, folder, weights, args) if ROWS[row] else None
-        results[row] = {arm: {f"{frac:g}": fine_tune(
-            ["--ckpt", str(ckpts[arm])] if ckpts else
-            ["--arch", arch, "--data", str(data), "--img-size", str(SIZE),
-             *(["--weights", str(weights[arm])] if weights else ["--no-pretrained"])],
-            frac, folder / "finetune" / f"{row}-{arm}-{frac:g}", args) for frac in args.fracs}
-            for arm, arch in ARMS.items()}
-        results[row]["collapse"] = collapse_epochs(ckpts["cnn"]) if ckpts and ROWS[row][0] == "cass" else None
-    rows = {row: {"collapse": found["collapse"],
-                  **{arm: {frac: compare(result, results["none"][arm][frac], args.resamples)
-                           for frac, result in found[arm].items()} for arm in ARMS}} for row, found in results.items()}
-    summary = {"set": name, "regime": regime, "asked": asked, "seconds": round(time.time() - started), "rows": rows}
+        results[row] = {}
+        for arm, arch in ARMS.items():
+            start = ["--ckpt", str(ckpts[arm])] if ckpts else \
+                ["--arch", arch, "--data", str(data), "--img-size", str(SIZE),
+                 *(["--weights", str(weights[arm])] if weights else ["--no-pretrained"])]
+            results[row][arm] = {f"{frac:g}": fine_tune(start, frac, folder / "finetune" / f"{row}-{arm}-{frac:g}",
+                                                        args) for frac in args.fracs}
+        logs = [pretraining_log(run) for run in dict.fromkeys(p.parent for p in ckpts.values())] if ckpts else []
+        cass = ROWS[row] is not None and ROWS[row][0] == "cass"
+        summary["rows"][row] = {
+            "pretraining_seconds": sum(e["seconds"] for log in logs for e in log),
+            "collapse": [e["epoch"] for e in logs[0] if e.get("collapse") is True] if cass else None,
+            **{arm: {frac: compare(result, results["none"][arm][frac], args.resamples)
+                     for frac, result in results[row][arm].items()} for arm in ARMS}}
     checkpoint.write_json(done, summary)
     return summary
 
@@ -291,41 +293,79 @@ def command(args: argparse.Namespace) -> str:
             f"--source-epochs {args.source_epochs} --resamples {args.resamples}")
 
 
-def cell(found: dict) -> str:
-    """A table cell: mean ± std over seeds, and for a pretrained row its paired difference and interval."""
-    text = f"{found['mean']:.3f} ± {found['std']:.3f}"
-    return text + (f"<br>{found['diff']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]" if "diff" in found else "")
+def compute_minutes(summaries: list[dict]) -> float:
+    """The pretraining and fine-tuning time the runs recorded (not counting start-up, scoring and the bootstrap)."""
+    return sum(row["pretraining_seconds"] + sum(numbers["seconds"] for arm in ARMS for numbers in row[arm].values())
+               for s in summaries for row in s["rows"].values()) / 60
+
+
+def table_cell(numbers: dict) -> str:
+    """Mean ± std over seeds; for a pretrained row also its paired difference and interval."""
+    text = f"{numbers['mean']:.3f} ± {numbers['std']:.3f}"
+    if "diff" in numbers:
+        text += (f"<br>{numbers['diff']:+.3f} [{numbers['low']:+.3f}, {numbers['high']:+.3f}], "
+                 f"{numbers['seeds_better']}/{len(numbers['scores'])} seeds above")
+    return text
+
+
+def epochs_text(epochs: list[int]) -> str:
+    """1-based epochs as runs: [2, 3, 4, 7] -> '2-4, 7'; none -> 'none'."""
+    runs: list[list[int]] = []
+    for e in epochs:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
 
 
 def verdicts(summaries: list[dict], rows: list[str], frac: str) -> list[str]:
-    """Per pretrained row, over every set, regime and arm at `frac`: how many paired intervals lie above 0,
-    include 0 or lie below 0, and the worst difference; then the row chosen on the tuning sets alone."""
-    lines = ["| pretraining | interval above 0 | includes 0 | below 0 | worst difference (set, regime, arm) |",
-             "|---|---|---|---|---|"]
+    """Per pretrained row at `frac`, over every set, regime and arm: how many paired intervals lie above 0,
+    include 0 or lie below 0, the worst difference, and the study's two verdicts: it helps (every interval above
+    0) and it does no harm (none below 0)."""
+    lines = ["| pretraining | intervals above 0 | include 0 | below 0 | worst difference (set, regime, arm) "
+             "| helps everywhere | no harm anywhere |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        found = [(s["rows"][row][arm][frac], s["set"], s["regime"], arm) for s in summaries for arm in ARMS]
-        above, below = sum(f["low"] > 0 for f, *_ in found), sum(f["high"] < 0 for f, *_ in found)
-        worst = min(found, key=lambda f: f[0]["diff"])
-        lines.append(f"| {row} | {above} | {len(found) - above - below} | {below} | "
-                     f"{worst[0]['diff']:+.3f} ({', '.join(worst[1:])}) |")
-    tuning = [s for s in summaries if s["set"] in TUNING]
-    if tuning:
-        best = max(rows, key=lambda r: min(s["rows"][r][arm][frac]["diff"] for s in tuning for arm in ARMS))
-        lines += ["", f"Chosen on the tuning sets alone ({', '.join(sorted({s['set'] for s in tuning}))}), by the "
-                      f"highest worst-case difference over their regimes and arms: **{best}**."]
+        pairs = [(s["rows"][row][arm][frac], f"{s['set']}, {s['regime']}, {arm}") for s in summaries for arm in ARMS]
+        above = sum(numbers["low"] > 0 for numbers, _ in pairs)
+        below = sum(numbers["high"] < 0 for numbers, _ in pairs)
+        worst = min(pairs, key=lambda pair: pair[0]["diff"])
+        lines.append(f"| {label(row)} | {above} | {len(pairs) - above - below} | {below} | {worst[0]['diff']:+.3f} "
+                     f"({worst[1]}) | {'yes' if above == len(pairs) else 'no'} | {'yes' if not below else 'no'} |")
     return lines
 
 
-def write_report(summaries: list[dict], args: argparse.Namespace) -> Path:
-    """study.md and study.png in --out."""
-    out, fracs = Path(args.out), [f"{f:g}" for f in args.fracs]
-    pretrained = args.rows[1:]
-    lines = ["# Does CASS help? The study's results", "",
-             f"`{command(args)}`", "",
+def choice(summaries: list[dict], rows: list[str], frac: str) -> list[str]:
+    """The CASS setting chosen on the tuning sets alone: the highest worst-case difference over their regimes and
+    arms at `frac`; then how it fares on the kept-back set."""
+    tuning = [s for s in summaries if s["set"] in TUNING]
+    candidates = [r for r in rows if ROWS[r][0] == "cass"]
+    if not tuning or not candidates:
+        return []
+    best = max(candidates, key=lambda r: min(s["rows"][r][arm][frac]["diff"] for s in tuning for arm in ARMS))
+    lines = [f"Chosen on the tuning sets alone ({', '.join(dict.fromkeys(s['set'] for s in tuning))}) among the CASS "
+             f"settings, by the highest worst-case difference: **{label(best)}**."]
+    for s in (s for s in summaries if s["set"] == KEPT_BACK):
+        lines.append(f"On the kept-back set, {s['regime']} init: " + "; ".join(
+            f"{arm} {(n := s['rows'][best][arm][frac])['diff']:+.3f} [{n['low']:+.3f}, {n['high']:+.3f}]"
+            for arm in ARMS) + ".")
+    return [" ".join(lines), ""]
+
+
+def label(row: str) -> str:
+    """The row's name in the report: the baseline, the paper's, or a setting of ours with its flags."""
+    named = {"none": "none (no pretraining)", "cass": "CASS as published", "dino": "DINO"}
+    return named.get(row) or f"CASS {' '.join(ROWS[row][1])} (ours)"
+
+
+def write_report(summaries: list[dict], args: argparse.Namespace, rows: list[str]) -> Path:
+    """study.md, and study-<percent>.png per label fraction, in --out."""
+    out, fracs, pretrained = Path(args.out), [f"{f:g}" for f in args.fracs], rows[1:]
+    lines = ["# Does CASS help? The study's results", "", f"`{command(args)}`", "",
              f"Test macro F1, mean ± std over seeds {' '.join(map(str, args.seeds))}. Under each pretrained row: its "
              "difference from the no-pretraining row of the same arm, set and regime, and the 95 % paired bootstrap "
-             f"interval of that difference over the same test images ({args.resamples} resamples). Compute: "
-             f"{sum(s['seconds'] for s in summaries) / 60:.0f} min on this machine for the blocks below.", ""]
+             f"interval of that difference over the same test images ({args.resamples} resamples). Pretraining and "
+             f"fine-tuning took {compute_minutes(summaries):.0f} min.", ""]
     for frac in fracs:
         lines += [f"## {float(frac):.0%} labels", ""]
         for name in SETS:
@@ -333,28 +373,43 @@ def write_report(summaries: list[dict], args: argparse.Namespace) -> Path:
             if blocks:
                 heads = [f"{s['regime']} init, {arm}" for s in blocks for arm in ARMS]
                 lines += [f"**{name}**{' (kept back)' if name == KEPT_BACK else ''}", "",
-                          "| pretraining | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads),
-                          *(f"| {row} | " + " | ".join(cell(s["rows"][row][arm][frac]) for s in blocks for arm in ARMS)
-                            + " |" for row in args.rows), ""]
+                          "| pretraining | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+                lines += [f"| {label(row)} | " + " | ".join(table_cell(s["rows"][row][arm][frac])
+                                                            for s in blocks for arm in ARMS) + " |" for row in rows]
+                lines.append("")
         if pretrained:
-            lines += [*verdicts(summaries, pretrained, frac), ""]
+            lines += [*verdicts(summaries, pretrained, frac), "", *choice(summaries, pretrained, frac)]
+            figures.study_figure(summaries, [label(r) for r in pretrained], pretrained, list(ARMS), frac,
+                                 out / f"study-{float(frac):.0%}.png".replace("%", ""))
     cass_rows = [r for r in pretrained if ROWS[r][0] == "cass"]
     if cass_rows:
-        lines += ["## Epochs the CASS runs flagged as collapsed", "", "| set | regime | " + " | ".join(cass_rows) + " |",
-                  "|---|---|" + "---|" * len(cass_rows),
-                  *(f"| {s['set']} | {s['regime']} | " + " | ".join(
-                      f"{e[0]}-{e[-1]}" if (e := s["rows"][r]["collapse"]) else "none" for r in cass_rows) + " |"
-                    for s in summaries), ""]
+        lines += ["## Epochs whose pretraining log flagged collapse", "",
+                  "| set | regime | " + " | ".join(map(label, cass_rows)) + " |", "|---|---|" + "---|" * len(cass_rows)]
+        lines += [f"| {s['set']} | {s['regime']} | " + " | ".join(epochs_text(s["rows"][r]["collapse"])
+                                                                   for r in cass_rows) + " |" for s in summaries]
     path = out / "study.md"
-    path.write_text("\n".join(lines))
-    if pretrained:
-        figures.study_figure(summaries, pretrained, list(ARMS), fracs[0], out / "study.png")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
+RUN_SETTINGS = ("epochs", "ft_epochs", "source_epochs", "seeds")  # what the runs under --out were made with
+
+
+def check_settings(out: Path, args: argparse.Namespace) -> None:
+    """Runs found under --out are reused, so they must have been made with the same settings."""
+    path, asked = out / "settings.json", {key: getattr(args, key) for key in RUN_SETTINGS}
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(path, asked)
+    elif (made := json.loads(path.read_text())) != asked:
+        raise UserError(f"{out} holds runs made with {made}, not {asked}: pick another --out")
+
+
 def main(args: argparse.Namespace) -> Path:
-    summaries = [block(name, regime, Path(args.out), args) for name in args.sets for regime in args.regimes]
-    path = write_report(summaries, args)
+    check_settings(Path(args.out), args)
+    rows = ["none", *(r for r in args.rows if r != "none")]  # every row is compared with no pretraining
+    summaries = [run_block(name, regime, Path(args.out), rows, args) for name in args.sets for regime in args.regimes]
+    path = write_report(summaries, args, rows)
     print(path.read_text())
     return path
 

@@ -61,23 +61,49 @@ def test_transfer_weights_are_trained_on_photos_and_load_into_each_arm(tmp_path)
         assert study.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1) == path  # once
 
 
-def test_a_small_study_reports_paired_differences_and_resumes(tmp_path, capsys):
-    small = ["--out", str(tmp_path), "--sets", "digits", "--regimes", "random", "--rows", "cass", "--fracs", "0.1",
-             "--epochs", "1", "--ft-epochs", "1", "--resamples", "50"]
-    argv = [*small, "--seeds", "0", "1"]
+def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tmp_path):
+    settings = ["--out", str(tmp_path), "--sets", "digits", "--rows", "cass", "dino", "--fracs", "0.1", "--epochs", "1",
+                "--ft-epochs", "1", "--source-epochs", "1", "--resamples", "50"]
+    argv = [*settings, "--seeds", "0", "1"]
     report = study.main(study.parse_args(argv))
-    summary = json.loads((tmp_path / "digits" / "random" / "summary.json").read_text())
-    none, cass = (summary["rows"][row]["vit"]["0.1"] for row in ("none", "cass"))
-    assert "diff" not in none and cass["diff"] == pytest.approx(cass["mean"] - none["mean"])
-    assert cass["low"] <= cass["diff"] <= cass["high"]
+    for regime in study.REGIMES:
+        summary = json.loads((tmp_path / "digits" / regime / "summary.json").read_text())
+        assert list(summary["rows"]) == ["none", "cass", "dino"]  # no pretraining first, always
+        for row, arm in [("cass", "cnn"), ("cass", "vit"), ("dino", "cnn"), ("dino", "vit")]:
+            none, pretrained = summary["rows"]["none"][arm]["0.1"], summary["rows"][row][arm]["0.1"]
+            assert "diff" not in none and pretrained["diff"] == pytest.approx(pretrained["mean"] - none["mean"])
+            assert pretrained["low"] <= pretrained["diff"] <= pretrained["high"]
+        assert summary["rows"]["cass"]["pretraining_seconds"] > 0 and summary["rows"]["dino"]["collapse"] is None
+    started = json.loads((tmp_path / "digits" / "transfer" / "cass" / "args.json").read_text())
+    assert started["cnn_weights"].endswith("test_resnet.pth") and started["pretrained"]
     text = report.read_text()
-    assert study.command(study.parse_args(argv)) in text and f"{cass['diff']:+.3f} [" in text
-    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert study.command(study.parse_args(argv)) in text and f"{pretrained['diff']:+.3f} [" in text
+    assert (tmp_path / "study-10.png").read_bytes()[:4] == b"\x89PNG"
+
     results = tmp_path / "digits" / "random" / "finetune" / "cass-vit-0.1" / "results.json"
-    stamp = results.stat().st_mtime_ns
-    (tmp_path / "digits" / "random" / "summary.json").unlink()
+    stamp, before = results.stat().st_mtime_ns, summary["rows"]
+    (tmp_path / "digits" / "transfer" / "summary.json").unlink()
     study.main(study.parse_args(argv))  # the summary again, from the runs on disk: nothing retrained
     assert results.stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "digits" / "random" / "summary.json").read_text())["rows"] == summary["rows"]
+    assert json.loads((tmp_path / "digits" / "transfer" / "summary.json").read_text())["rows"] == before
     with pytest.raises(UserError, match="pick another --out"):
-        study.main(study.parse_args([*small, "--seeds", "0"]))
+        study.main(study.parse_args([*settings, "--seeds", "0"]))
+    with pytest.raises(UserError, match="pick another --out"):
+        study.main(study.parse_args([*argv, "--epochs", "2"]))
+
+
+def test_a_stopped_pretraining_run_is_resumed_not_restarted(tmp_path):
+    data = study.image_set("digits", tmp_path / "data")
+    args = study.parse_args(["--epochs", "2", "--workers", "0"])
+    ckpts = study.pretrain("cass", data, tmp_path, None, args)
+    for path in ckpts.values():  # as if stopped after its last save of last.pt
+        path.unlink()
+    lines = (tmp_path / "cass" / "log.jsonl").read_text()
+    assert study.pretrain("cass", data, tmp_path, None, args) == ckpts
+    assert all(path.exists() for path in ckpts.values())
+    assert (tmp_path / "cass" / "log.jsonl").read_text() == lines  # no epoch trained again
+
+
+def test_collapse_epochs_read_as_runs():
+    assert study.epochs_text([2, 3, 4, 7, 9, 10]) == "2-4, 7, 9-10"
+    assert study.epochs_text([]) == "none"
