@@ -40,7 +40,9 @@ BUDGETS = {"cuda_tests": 100, "bench_fp32": 35, "bench_bf16": 95, "bench_bf16_co
            "pretrain_theirs": 40, "finetune": 30}  # seconds, 450 in all: 30 s left for the images and start-up
 PAPER = {"cnn": "resnet50", "vit": "vit_base_patch16_384", "img_size": 384, "bs": 16, "workers": 14,
          "per_class": 60, "steps": 5, "out_dim": 65536, "local_crops": 8, "device": "cuda"}
-DRY = {"cnn": "test_resnet", "vit": "test_vit", "img_size": 32, "bs": 4, "workers": 0, "per_class": 8,
+# 64 px, not 32: at 32 px (the tiny CNN's last feature map 1x1) its bf16 DINO step on the CPU turned
+# non-finite in 6 of 40 identical seeded runs, and the dry run's test failed now and then; 0 of 40 at 64 px
+DRY = {"cnn": "test_resnet", "vit": "test_vit", "img_size": 64, "bs": 4, "workers": 0, "per_class": 8,
        "steps": 1, "out_dim": 256, "local_crops": 2, "device": "cpu"}
 
 

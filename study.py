@@ -13,12 +13,13 @@ for the ImageNet weights the paper starts from.
 For every set and regime (random initialisation; transfer initialisation) each
 pretraining row (none, CASS as published, each --anti-collapse option, two learning
 rates of ours, DINO) is fine-tuned end to end per arm (timm's test_resnet / test_vit)
-on 10 % and 100 % of the labels over --seeds, and every pretrained row is compared
-with the no-pretraining row on the same test images: report.py's paired bootstrap of
-the mean over seeds. Every run keeps its folder, so a stopped study resumes.
+on 10 % of the labels over --seeds, and every pretrained row is compared with the
+no-pretraining row on the same test images: report.py's paired bootstrap of the mean
+over seeds. The CASS setting with the best worst case on the tuning sets is chosen;
+at 100 % labels, no pretraining, CASS as published, the chosen setting and DINO are
+run. Every run keeps its folder, so a stopped study resumes.
 
-    python study.py --out runs/study --fracs 0.1    # about 40 min on 2 CPU cores
-    python study.py --out runs/study                # and 100 % labels: about 3 h more
+    python study.py --out runs/study    # about 1.5 hours on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -71,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="pretraining rows ('none', no pretraining, is always run)")
     p.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    p.add_argument("--fracs", type=flags.fraction, nargs="+", default=[0.1, 1.0], help="label fractions")
+    p.add_argument("--fracs", type=flags.fraction, nargs="+", default=[0.1, 1.0],
+                   help="label fractions: the first for every row, the others for no pretraining, CASS as published, "
+                        "the setting chosen at the first and DINO")
     p.add_argument("--epochs", type=flags.positive_int, default=10, help="pretraining epochs (batch 16)")
     p.add_argument("--ft-epochs", type=flags.positive_int, default=50,
                    help="fine-tuning epochs at most, with early stopping (finetune.py's default)")
@@ -247,39 +250,40 @@ def compare(result: dict, baseline: dict, resamples: int) -> dict:
     return numbers | {"diff": d.estimate, "low": d.low, "high": d.high, "seeds_better": better}
 
 
-def run_block(name: str, regime: str, root: Path, rows: list[str], args: argparse.Namespace) -> dict:
-    """Every run of one set and regime, and their summary (summary.json, reused while the rows, fractions and
-    resamples asked are the same): per row, its pretraining seconds and flagged collapse epochs, and per arm and
-    label fraction `compare`'s numbers."""
+def run_block(name: str, regime: str, root: Path, plan: dict[str, list[str]], args: argparse.Namespace) -> dict:
+    """Every run of one set and regime that `plan` ({label fraction: rows, 'none' first}) asks for, and their
+    summary (summary.json): per row, its pretraining seconds and flagged collapse epochs, and per arm and label
+    fraction `compare`'s numbers. Numbers already in summary.json are kept: the runs under --out never change."""
     folder = root / name / regime
-    asked = {"rows": rows, "fracs": [f"{f:g}" for f in args.fracs], "resamples": args.resamples}
-    done = folder / "summary.json"
-    if done.exists() and (summary := json.loads(done.read_text()))["asked"] == asked:
-        return summary
+    path = folder / "summary.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    summary = {"set": name, "regime": regime, "resamples": args.resamples,
+               "rows": kept["rows"] if kept.get("resamples") == args.resamples else {}}
     data = image_set(name, root / "data")
     weights = None
     if regime == "transfer":
         photos_dir = image_set("photos", root / "data")
         weights = {arm: transfer_weights(arch, photos_dir, root / "transfer", args.source_epochs)
                    for arm, arch in ARMS.items()}
-    results, summary = {}, {"set": name, "regime": regime, "asked": asked, "rows": {}}
-    for row in rows:
+    baseline = {}
+    for row in dict.fromkeys(row for rows in plan.values() for row in rows):
         ckpts = pretrain(row, data, folder, weights, args) if ROWS[row] else None
-        results[row] = {}
+        logs = [pretraining_log(run) for run in dict.fromkeys(p.parent for p in ckpts.values())] if ckpts else []
+        cass = ROWS[row] is not None and ROWS[row][0] == "cass"
+        entry = summary["rows"].setdefault(row, {
+            "pretraining_seconds": sum(e["seconds"] for log in logs for e in log),
+            "collapse": [e["epoch"] for e in logs[0] if e.get("collapse") is True] if cass else None,
+            **{arm: {} for arm in ARMS}})
         for arm, arch in ARMS.items():
             start = ["--ckpt", str(ckpts[arm])] if ckpts else \
                 ["--arch", arch, "--data", str(data), "--img-size", str(SIZE),
                  *(["--weights", str(weights[arm])] if weights else ["--no-pretrained"])]
-            results[row][arm] = {f"{frac:g}": fine_tune(start, frac, folder / "finetune" / f"{row}-{arm}-{frac:g}",
-                                                        args) for frac in args.fracs}
-        logs = [pretraining_log(run) for run in dict.fromkeys(p.parent for p in ckpts.values())] if ckpts else []
-        cass = ROWS[row] is not None and ROWS[row][0] == "cass"
-        summary["rows"][row] = {
-            "pretraining_seconds": sum(e["seconds"] for log in logs for e in log),
-            "collapse": [e["epoch"] for e in logs[0] if e.get("collapse") is True] if cass else None,
-            **{arm: {frac: compare(result, results["none"][arm][frac], args.resamples)
-                     for frac, result in results[row][arm].items()} for arm in ARMS}}
-    checkpoint.write_json(done, summary)
+            for frac in (frac for frac, rows in plan.items() if row in rows):
+                result = fine_tune(start, float(frac), folder / "finetune" / f"{row}-{arm}-{frac}", args)
+                baseline.setdefault((arm, frac), result)  # 'none' comes first
+                if frac not in entry[arm]:
+                    entry[arm][frac] = compare(result, baseline[(arm, frac)], args.resamples)
+    checkpoint.write_json(path, summary)
     return summary
 
 
@@ -335,16 +339,21 @@ def verdicts(summaries: list[dict], rows: list[str], frac: str) -> list[str]:
     return lines
 
 
-def choice(summaries: list[dict], rows: list[str], frac: str) -> list[str]:
+def chosen_row(summaries: list[dict], rows: list[str], frac: str) -> str | None:
     """The CASS setting chosen on the tuning sets alone: the highest worst-case difference over their regimes and
-    arms at `frac`; then how it fares on the kept-back set."""
+    arms at `frac`; None without tuning sets or CASS rows."""
     tuning = [s for s in summaries if s["set"] in TUNING]
-    candidates = [r for r in rows if ROWS[r][0] == "cass"]
+    candidates = [r for r in rows if ROWS[r] and ROWS[r][0] == "cass"]
     if not tuning or not candidates:
-        return []
-    best = max(candidates, key=lambda r: min(s["rows"][r][arm][frac]["diff"] for s in tuning for arm in ARMS))
-    lines = [f"Chosen on the tuning sets alone ({', '.join(dict.fromkeys(s['set'] for s in tuning))}) among the CASS "
-             f"settings, by the highest worst-case difference: **{label(best)}**."]
+        return None
+    return max(candidates, key=lambda r: min(s["rows"][r][arm][frac]["diff"] for s in tuning for arm in ARMS))
+
+
+def choice(summaries: list[dict], best: str, frac: str) -> list[str]:
+    """The chosen setting and how it fares on the kept-back set."""
+    tuning = ", ".join(dict.fromkeys(s["set"] for s in summaries if s["set"] in TUNING))
+    lines = [f"Chosen on the tuning sets alone ({tuning}) among the CASS settings, by the highest worst-case "
+             f"difference: **{label(best)}**."]
     for s in (s for s in summaries if s["set"] == KEPT_BACK):
         lines.append(f"On the kept-back set, {s['regime']} init: " + "; ".join(
             f"{arm} {(n := s['rows'][best][arm][frac])['diff']:+.3f} [{n['low']:+.3f}, {n['high']:+.3f}]"
@@ -358,15 +367,16 @@ def label(row: str) -> str:
     return named.get(row) or f"CASS {' '.join(ROWS[row][1])} (ours)"
 
 
-def write_report(summaries: list[dict], args: argparse.Namespace, rows: list[str]) -> Path:
+def write_report(summaries: list[dict], plan: dict[str, list[str]], args: argparse.Namespace) -> Path:
     """study.md, and study-<percent>.png per label fraction, in --out."""
-    out, fracs, pretrained = Path(args.out), [f"{f:g}" for f in args.fracs], rows[1:]
+    out, first = Path(args.out), next(iter(plan))
     lines = ["# Does CASS help? The study's results", "", f"`{command(args)}`", "",
              f"Test macro F1, mean ± std over seeds {' '.join(map(str, args.seeds))}. Under each pretrained row: its "
-             "difference from the no-pretraining row of the same arm, set and regime, and the 95 % paired bootstrap "
-             f"interval of that difference over the same test images ({args.resamples} resamples). Pretraining and "
-             f"fine-tuning took {compute_minutes(summaries):.0f} min.", ""]
-    for frac in fracs:
+             "difference from the no-pretraining row of the same arm, set and regime, the 95 % paired bootstrap "
+             f"interval of that difference over the same test images ({args.resamples} resamples), and how many seeds "
+             f"beat the no-pretraining row's same seed. Pretraining and fine-tuning took "
+             f"{compute_minutes(summaries):.0f} min.", ""]
+    for frac, rows in plan.items():
         lines += [f"## {float(frac):.0%} labels", ""]
         for name in SETS:
             blocks = [s for s in summaries if s["set"] == name]
@@ -377,11 +387,13 @@ def write_report(summaries: list[dict], args: argparse.Namespace, rows: list[str
                 lines += [f"| {label(row)} | " + " | ".join(table_cell(s["rows"][row][arm][frac])
                                                             for s in blocks for arm in ARMS) + " |" for row in rows]
                 lines.append("")
-        if pretrained:
-            lines += [*verdicts(summaries, pretrained, frac), "", *choice(summaries, pretrained, frac)]
+        if pretrained := rows[1:]:
+            lines += [*verdicts(summaries, pretrained, frac), ""]
+            if frac == first and (best := chosen_row(summaries, pretrained, frac)):
+                lines += choice(summaries, best, frac)
             figures.study_figure(summaries, [label(r) for r in pretrained], pretrained, list(ARMS), frac,
                                  out / f"study-{float(frac):.0%}.png".replace("%", ""))
-    cass_rows = [r for r in pretrained if ROWS[r][0] == "cass"]
+    cass_rows = [r for r in plan[first] if ROWS[r] and ROWS[r][0] == "cass"]
     if cass_rows:
         lines += ["## Epochs whose pretraining log flagged collapse", "",
                   "| set | regime | " + " | ".join(map(label, cass_rows)) + " |", "|---|---|" + "---|" * len(cass_rows)]
@@ -406,10 +418,20 @@ def check_settings(out: Path, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> Path:
+    """Every row at the first label fraction; at the others (100 % labels by default) no pretraining, CASS as
+    published, the setting chosen on the tuning sets at the first, and DINO."""
     check_settings(Path(args.out), args)
     rows = ["none", *(r for r in args.rows if r != "none")]  # every row is compared with no pretraining
-    summaries = [run_block(name, regime, Path(args.out), rows, args) for name in args.sets for regime in args.regimes]
-    path = write_report(summaries, args, rows)
+    fracs = [f"{f:g}" for f in args.fracs]
+    plan = {fracs[0]: rows}
+    blocks = [(name, regime) for name in args.sets for regime in args.regimes]
+    summaries = [run_block(name, regime, Path(args.out), plan, args) for name, regime in blocks]
+    if fracs[1:]:
+        best = chosen_row(summaries, rows[1:], fracs[0])
+        few = [r for r in dict.fromkeys(["none", "cass", best, "dino"]) if r in rows]
+        plan |= {frac: few for frac in fracs[1:]}
+        summaries = [run_block(name, regime, Path(args.out), plan, args) for name, regime in blocks]
+    path = write_report(summaries, plan, args)
     print(path.read_text())
     return path
 

@@ -62,26 +62,34 @@ def test_transfer_weights_are_trained_on_photos_and_load_into_each_arm(tmp_path)
 
 
 def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tmp_path):
-    settings = ["--out", str(tmp_path), "--sets", "digits", "--rows", "cass", "dino", "--fracs", "0.1", "--epochs", "1",
+    settings = ["--out", str(tmp_path), "--sets", "digits", "--rows", "cass", "variance", "dino", "--epochs", "1",
                 "--ft-epochs", "1", "--source-epochs", "1", "--resamples", "50"]
     argv = [*settings, "--seeds", "0", "1"]
     report = study.main(study.parse_args(argv))
-    for regime in study.REGIMES:
-        summary = json.loads((tmp_path / "digits" / regime / "summary.json").read_text())
-        assert list(summary["rows"]) == ["none", "cass", "dino"]  # no pretraining first, always
-        for row, arm in [("cass", "cnn"), ("cass", "vit"), ("dino", "cnn"), ("dino", "vit")]:
-            none, pretrained = summary["rows"]["none"][arm]["0.1"], summary["rows"][row][arm]["0.1"]
-            assert "diff" not in none and pretrained["diff"] == pytest.approx(pretrained["mean"] - none["mean"])
-            assert pretrained["low"] <= pretrained["diff"] <= pretrained["high"]
+    summaries = [json.loads((tmp_path / "digits" / regime / "summary.json").read_text()) for regime in study.REGIMES]
+    best = study.chosen_row(summaries, ["cass", "variance", "dino"], "0.1")
+    assert best in ("cass", "variance")  # a CASS setting, never DINO
+    for summary in summaries:
+        assert list(summary["rows"]) == ["none", "cass", "variance", "dino"]  # no pretraining first, always
+        for row in ("cass", "variance", "dino"):
+            for arm in study.ARMS:
+                none, pretrained = summary["rows"]["none"][arm]["0.1"], summary["rows"][row][arm]["0.1"]
+                assert "diff" not in none and pretrained["diff"] == pytest.approx(pretrained["mean"] - none["mean"])
+                assert pretrained["low"] <= pretrained["diff"] <= pretrained["high"]
+                assert pretrained["seeds_better"] == sum(a > b for a, b in zip(pretrained["scores"], none["scores"]))
+                # all labels: no pretraining, CASS as published, the chosen setting and DINO only
+                assert ("1" in summary["rows"][row][arm]) == (row in ("cass", best, "dino"))
         assert summary["rows"]["cass"]["pretraining_seconds"] > 0 and summary["rows"]["dino"]["collapse"] is None
     started = json.loads((tmp_path / "digits" / "transfer" / "cass" / "args.json").read_text())
     assert started["cnn_weights"].endswith("test_resnet.pth") and started["pretrained"]
     text = report.read_text()
-    assert study.command(study.parse_args(argv)) in text and f"{pretrained['diff']:+.3f} [" in text
-    assert (tmp_path / "study-10.png").read_bytes()[:4] == b"\x89PNG"
+    assert study.command(study.parse_args(argv)) in text and f"**{study.label(best)}**" in text
+    assert f"{pretrained['diff']:+.3f} [" in text
+    for figure in ("study-10.png", "study-100.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
 
     results = tmp_path / "digits" / "random" / "finetune" / "cass-vit-0.1" / "results.json"
-    stamp, before = results.stat().st_mtime_ns, summary["rows"]
+    stamp, before = results.stat().st_mtime_ns, summaries[1]["rows"]
     (tmp_path / "digits" / "transfer" / "summary.json").unlink()
     study.main(study.parse_args(argv))  # the summary again, from the runs on disk: nothing retrained
     assert results.stat().st_mtime_ns == stamp
