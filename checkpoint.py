@@ -51,6 +51,11 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
+def read_log(run: Path) -> list[dict]:
+    """A run folder's log.jsonl: one record per epoch."""
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
 def keep_log_until(path: Path, epoch: int) -> None:
     """Drop log lines of epochs after `epoch` (a fresh run keeps none, a resumed
     one those of the epochs its last.pt holds)."""

@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import flags
-from checkpoint import prepare_out_dir, write_json
+from checkpoint import prepare_out_dir, read_log, write_json
 
 HERE = Path(__file__).resolve().parent
 BUDGETS = {"cuda_tests": 100, "bench_fp32": 35, "bench_bf16": 95, "bench_bf16_compile": 110, "pretrain_ours": 40,
@@ -79,10 +79,6 @@ def junit_summary(path: Path) -> dict:
         tests[f"{case.get('classname')}::{case.get('name')}"] = outcome
     return {"counts": {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")},
             "tests": tests}
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def fresh(run: Path) -> Path:

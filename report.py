@@ -30,7 +30,7 @@ import numpy as np
 import figures
 import flags
 import predictions
-from checkpoint import prepare_out_dir
+from checkpoint import prepare_out_dir, read_log
 from errors import UserError
 from metrics import Interval, PairedInterval, bootstrap_ci, decide, headline_score, paired_bootstrap
 from predictions import Predictions
@@ -349,7 +349,7 @@ def pretraining_runs(folders: list[Path]) -> list[dict]:
         args = json.loads(args_file.read_text())
         method = "CASS" if "vit" in args and "cnn" in args else "DINO" if "out_dim" in args else None
         if method:
-            log = [json.loads(line) for line in log_file.read_text().splitlines()]
+            log = read_log(args_file.parent)
             models = f"{args['cnn']} + {args['vit']}" if method == "CASS" else args["arch"]
             name = args_file.parent.relative_to(root).as_posix() if args_file.parent != root else root.name
             found.append({"name": name, "method": method, "models": models, "log": log})

@@ -1,5 +1,6 @@
-"""study.py: its data sets are real shipped images, written once and the same each time; the transfer
-regime's weights load into both arms; a small study runs, reports paired differences, and resumes."""
+"""study_sets.py: the study's data sets are real shipped images, written once and the same each time; the
+transfer regime's weights load into both arms. study.py: a small study runs, reports paired differences,
+and resumes."""
 import hashlib
 import json
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 import study
+import study_sets
 from errors import UserError
 from models import create_model
 
@@ -19,46 +21,46 @@ def digest(folder):
 
 @pytest.mark.parametrize("name, classes", [("digits", 10), ("textures", 6), ("tissue", 3), ("photos", 5)])
 def test_each_set_is_600_real_images_in_balanced_classes_and_the_same_each_time(tmp_path, name, classes):
-    folder = study.image_set(name, tmp_path / "a")
+    folder = study_sets.image_set(name, tmp_path / "a")
     counts = {c.name: len(list(c.glob("*.png"))) for c in folder.iterdir() if c.is_dir()}
-    assert len(counts) == classes and set(counts.values()) == {study.PER_SET // classes}
+    assert len(counts) == classes and set(counts.values()) == {study_sets.PER_SET // classes}
     first = Image.open(next(folder.rglob("*.png")))
-    assert first.size == (study.SIZE, study.SIZE)
+    assert first.size == (study_sets.SIZE, study_sets.SIZE)
     pixels = np.stack([np.asarray(Image.open(p).convert("L"), dtype=float) for p in sorted(folder.rglob("*.png"))])
     assert pixels.std() > 10  # photographs and scans, not blank tiles
-    assert digest(study.image_set(name, tmp_path / "b")) == digest(folder)  # seeded: the same set anywhere
+    assert digest(study_sets.image_set(name, tmp_path / "b")) == digest(folder)  # seeded: the same set anywhere
 
 
 def test_the_set_is_written_once_and_a_half_written_one_again(tmp_path):
-    folder = study.image_set("tissue", tmp_path)
+    folder = study_sets.image_set("tissue", tmp_path)
     (folder / "cell" / "000.png").unlink()
     assert not (folder / "cell" / "000.png").exists()  # complete sets are not touched
     (folder / ".complete").unlink()
-    study.image_set("tissue", tmp_path)
+    study_sets.image_set("tissue", tmp_path)
     assert (folder / "cell" / "000.png").exists()
 
 
 def test_retina_tiles_lie_inside_the_fundus_and_too_few_tiles_is_an_error(tmp_path):
-    folder = study.image_set("tissue", tmp_path)
+    folder = study_sets.image_set("tissue", tmp_path)
     means = [np.asarray(Image.open(p)).mean() for p in (folder / "retina").glob("*.png")]
     assert min(means) > 40
     with pytest.raises(UserError, match="fewer than 10"):
-        study.tiles(np.zeros((64, 64), np.uint8), 10, np.random.default_rng(0))
+        study_sets.tiles(np.zeros((64, 64), np.uint8), 10, np.random.default_rng(0))
 
 
 def test_transfer_weights_are_trained_on_photos_and_load_into_each_arm(tmp_path):
-    photos = study.image_set("photos", tmp_path / "data")
+    photos = study_sets.image_set("photos", tmp_path / "data")
     for arch in study.ARMS.values():
-        path = study.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1)
+        path = study_sets.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1)
         saved = torch.load(path, weights_only=True)
         torch.manual_seed(0)
-        fresh = create_model(arch, img_size=study.SIZE, num_classes=1000).state_dict()
+        fresh = create_model(arch, img_size=study_sets.SIZE, num_classes=1000).state_dict()
         assert any(not torch.equal(saved[k], fresh[k]) for k in saved)  # trained, not the initialisation
         for classes in (1000, 3):  # CASS keeps the 1000-way head, fine-tuning replaces it
-            loaded = create_model(arch, img_size=study.SIZE, num_classes=classes, weights=str(path)).state_dict()
+            loaded = create_model(arch, img_size=study_sets.SIZE, num_classes=classes, weights=str(path)).state_dict()
             body = [k for k in saved if loaded[k].shape == saved[k].shape]
             assert all(torch.equal(loaded[k], saved[k]) for k in body)
-        assert study.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1) == path  # once
+        assert study_sets.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1) == path  # once
 
 
 def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tmp_path):
@@ -101,7 +103,7 @@ def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tm
 
 
 def test_a_stopped_pretraining_run_is_resumed_not_restarted(tmp_path):
-    data = study.image_set("digits", tmp_path / "data")
+    data = study_sets.image_set("digits", tmp_path / "data")
     args = study.parse_args(["--epochs", "2", "--workers", "0"])
     ckpts = study.pretrain("cass", data, tmp_path, None, args)
     for path in ckpts.values():  # as if stopped after its last save of last.pt
