@@ -9,6 +9,7 @@ The two checkpoint records are defined here and nowhere else:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -40,6 +41,15 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         tmp.unlink(missing_ok=True)
         kept = "the previous one is intact" if path.exists() else "nothing was written"
         raise UserError(f"could not write {path} ({getattr(err, 'strerror', None) or err}); {kept}") from None
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks: who a record names, whatever its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from splits import count, label_fraction, select
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
 LR = 3e-4  # Adam's learning rate, App. C.6.2
+RUNNING = ("out", "workers", "device", "threads", "cache", "cache_dir")  # flags that change nothing a run computes
+SEED_FILES = ("model_seed*.pt", "predictions_seed*.csv", "log.jsonl")  # what a run writes before results.json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +98,8 @@ def load_source(args: argparse.Namespace) -> Source:
         raise UserError("pass either --ckpt (a pretrained checkpoint) or --arch with --data (supervised baseline)")
     if args.gamma < 0:
         raise UserError(f"--gamma must be 0 or more, got {args.gamma}")
+    if twice := sorted({s for s in args.seeds if args.seeds.count(s) > 1}):
+        raise UserError(f"--seeds lists seed {twice[0]} more than once; each seed is one run")
     if args.ckpt:
         return backbone.from_file(args.ckpt, args.img_size, args.intensity)
     if not args.data:
@@ -102,6 +107,39 @@ def load_source(args: argparse.Namespace) -> Source:
     check_arch(args.arch)
     return backbone.from_timm(args.arch, args.data, args.img_size or 384, args.pretrained, args.weights, args.norm,
                               args.intensity)
+
+
+def source_identity(args: argparse.Namespace) -> dict:
+    """The network a run starts from, named so that `cd` and moved folders change nothing: the resolved path and
+    SHA-256 of the checkpoint (or --weights file); report.py groups runs by the hash. A timm name otherwise."""
+    file = args.ckpt or args.weights
+    if not file:
+        return {"arch": args.arch, "pretrained": args.pretrained}
+    return {"path": str(Path(file).resolve()), "sha256": checkpoint.sha256(file)}
+
+
+def claim_folder(out: Path, identity: dict) -> None:
+    """Make `out` this run's folder: run.json (`identity`: the source and every flag but RUNNING's) from the
+    start, results.json once every seed is done. A folder holding a finished run, an unfinished run of another
+    identity, or seed files of an unknown run is refused; an unfinished run of the same identity starts over, its
+    seed files removed. So a folder holds one run, and results.json never sits beside another run's files."""
+    checkpoint.prepare_out_dir(out)
+    if (out / "results.json").exists():
+        raise UserError(f"{out} already holds a finished fine-tuning run; pick another --out (report.py pools the "
+                        "seeds of runs with equal settings) or remove the folder")
+    left = sorted(p for pattern in SEED_FILES for p in out.glob(pattern))
+    if (out / "run.json").exists():
+        before = json.loads((out / "run.json").read_text())
+        if differ := sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k)):
+            raise UserError(f"{out} holds an unfinished fine-tuning run of other settings ({differ[0]}: "
+                            f"{before.get(differ[0])} there, {identity.get(differ[0])} here); pick another --out "
+                            "or remove the folder")
+        print(f"note: {out} holds an unfinished run of these settings; starting it over")
+        for path in left:
+            path.unlink()
+    elif left:
+        raise UserError(f"{out} holds files of another run ({left[0].name}); pick another --out or remove them")
+    checkpoint.write_json(out / "run.json", identity)
 
 
 def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> dict[str, list[str]]:
@@ -259,9 +297,9 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
                      val_thresholds=args.thresholds == "val", resamples=args.resamples, seed=seed,
                      groups=np.array([index.groups[i] for i in parts["test"]]) if index.groups else None)
     thresholds = dict(zip(index.classes, found["thresholds"].tolist())) if index.multilabel else None
-    if rt.is_main():
-        save_seed(out, seed, run.model, source, index, parts, args, best.epoch, found["calibration"]["temperature"],
-                  thresholds, probabilities(logits.double().numpy(), index.multilabel))
+    written = save_seed(out, seed, run.model, source, index, parts, args, best.epoch,
+                        found["calibration"]["temperature"], thresholds,
+                        probabilities(logits.double().numpy(), index.multilabel)) if rt.is_main() else None
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best.epoch}/{epochs_run}, "
           f"val loss {best.val_loss:.4f}, test {headline} {found['test'][headline]:.4f}", flush=True)
     return {"seed": seed, "best_epoch": best.epoch, "epochs_run": epochs_run, "val_loss": best.val_loss,
@@ -269,21 +307,24 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "seconds": round(time.perf_counter() - start, 2), "test_ci95": found["test_ci95"],
             "thresholds": thresholds, "calibration": found["calibration"],
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
-            "labelled": count(index, labelled), "labelled_files": [index.paths[i] for i in labelled]}
+            "labelled": count(index, labelled), "labelled_files": [index.paths[i] for i in labelled],
+            "predictions": written}
 
 
 def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: DataIndex,
               parts: dict[str, list[int]], args: argparse.Namespace, epoch: int, temperature: float,
-              thresholds: dict[str, float] | None, probs: np.ndarray) -> None:
+              thresholds: dict[str, float] | None, probs: np.ndarray) -> dict:
     """predictions_seed<N>.csv (the test images' probabilities) and model_seed<N>.pt (the fine-tuned
-    network with everything predict.py and a later reader need)."""
-    predictions.write(out / f"predictions_seed{seed}.csv", index, parts["test"], probs)
+    network with everything predict.py and a later reader need); the prediction file's name and SHA-256."""
+    name = f"predictions_seed{seed}.csv"
+    digest = predictions.write(out / name, index, parts["test"], probs)
     checkpoint.save(checkpoint.model_record(
         model, arch=source.arch, img_size=source.img_size, mean=source.mean, std=source.std, method=source.method,
         role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
         data=str(index.source), splits={name: [index.paths[i] for i in part] for name, part in parts.items()},
         seed=seed, frac=args.frac, epoch=epoch, protocol=PROTOCOL[args.linear], intensity=source.intensity,
         temperature=temperature, thresholds=thresholds, **source.record), out / f"model_seed{seed}.pt")
+    return {"file": name, "sha256": digest}
 
 
 def validate(index: DataIndex, args: argparse.Namespace) -> None:
@@ -307,8 +348,10 @@ def main(args: argparse.Namespace) -> dict:
     out = (Path(args.out) if args.out else Path(args.ckpt).parent / stem if args.ckpt else
            checkpoint.default_out(f"{source.method}-{safe_model_name(args.arch)}-{PROTOCOL[args.linear]}"
                                   f"-frac{args.frac:g}"))
+    identity = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in RUNNING},
+                                      "source": source_identity(args)}, default=str))  # as run.json reads back
     if rt.is_main():
-        checkpoint.prepare_out_dir(out)
+        claim_folder(out, identity)
     flags.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
@@ -322,7 +365,6 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
     if rt.is_main():
         rt.write_splits(out, index, splits)
-        (out / "log.jsonl").unlink(missing_ok=True)
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
         if args.cache == "on" else None
     features, lr = None, args.lr or LR
@@ -340,6 +382,7 @@ def main(args: argparse.Namespace) -> dict:
     results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
                "frac": args.frac, "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch,
+               "source_id": identity["source"],
                # what the unset flags became, so that report.py compares what ran
                "resolved": {"img_size": source.img_size, "lr": lr, "data": str(index.source)}}
     if rt.is_main():

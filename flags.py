@@ -107,8 +107,9 @@ def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, img_size: 
 def add_pretraining_args(groups: ArgGroups) -> None:
     groups.running.add_argument("--demo", action="store_true", help="generate a small image set and default to "
                                 "tiny models (no data, GPU or internet needed)")
-    groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
-                                "(its own settings are used; only --workers, --threads and --device may change)")
+    groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR, wherever it now "
+                                "lies, from its last.pt with its own settings; only --workers, --threads and "
+                                "--device may be given beside it")
     groups.running.add_argument("--save-every", type=positive_int, default=1,
                                 help="write last.pt every N epochs (and after the last one)")
     groups.ours.add_argument("--knn-every", type=non_negative_int, default=10,
@@ -117,11 +118,18 @@ def add_pretraining_args(groups: ArgGroups) -> None:
 
 
 def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
+    """The flags of a pretraining script. With --resume, `typed` also holds each flag the user typed
+    (dest -> value, also when it equals the default), so that runtime.run_settings can refuse those
+    that would change the resumed run."""
     args = p.parse_args(argv)
     if args.demo:  # the demo's settings become defaults, so explicit flags still win
         from demo import DEMO_SETTINGS  # only --demo needs it
         p.set_defaults(**DEMO_SETTINGS, **demo_models)
         args = p.parse_args(argv)
+    if args.resume:  # parsed again over a namespace that has every flag already: argparse adds no default
+        unset = object()
+        given = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+        args = argparse.Namespace(**vars(args), typed={k: v for k, v in vars(given).items() if v is not unset})
     return args
 
 

@@ -3,10 +3,13 @@ token's attention in the last block (heads averaged; attention rollout with
 --rollout), per image and averaged over --n test images as in Figs. 7-10; for a
 CNN, the feature maps after the first convolution (Figs. 5-6) and Grad-CAM for
 the predicted class. Two checkpoints (e.g. supervised and CASS) are also shown
-side by side. Written to --out (figures.py draws them): <name>/<image>.png, each
-image beside its map; <name>_mean.png, the map averaged over the images listed
-in images.txt; <name>_first_conv.png (CNNs); compare.png, both averages on one
-scale, when both checkpoints have one (a headless CNN has no Grad-CAM).
+side by side. Written to --out (figures.py draws them): <name>/<image path>,
+each image beside its map, at the image's path relative to its data set with
+.png added unless it ends so (blobs/0.png, checks/0.png, scans/a.jpg.png), so
+that no two images share an overlay; <name>_mean.png, the map averaged over the
+images listed in images.txt; <name>_first_conv.png (CNNs); compare.png, both
+averages on one scale, when both checkpoints have one (a headless CNN has no
+Grad-CAM).
 
     python maps.py --ckpt runs/<run>/finetune-vit-frac1/model_seed0.pt --n 30 --out runs/maps
     python maps.py --ckpt supervised/model_seed0.pt cass/model_seed0.pt --n 30 --out runs/maps
@@ -154,7 +157,9 @@ def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path
             return None
         kind, maps = "Grad-CAM of the predicted class", grad_cam(model, x)
     for path, image, m in zip(dataset.paths, images, maps.cpu().numpy()):
-        figures.overlay_figure(image, m, kind, f"{name}: {path}", out / name / (Path(path).stem + ".png"))
+        # the image's own relative path: files of one name in two folders, or a.jpg beside a.png, stay apart
+        overlay = path if path.lower().endswith(".png") else path + ".png"
+        figures.overlay_figure(image, m, kind, f"{name}: {path}", out / name / overlay)
     average = unit_range(maps.mean(0, keepdim=True))[0].cpu().numpy()
     figures.heatmap_figure({name: (kind, average)}, f"mean over the {len(ids)} images of images.txt",
                            out / f"{name}_mean.png")

@@ -6,6 +6,7 @@ model decides at, as recorded in its checkpoint and results.json."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from dataclasses import dataclass
 from functools import cache
@@ -27,16 +28,21 @@ class Predictions:
     groups: tuple[str, ...] | None  # of each image; None in files without groups
 
 
-def write(path: Path, index: DataIndex, ids: list[int], probs: np.ndarray) -> None:
+def write(path: Path, index: DataIndex, ids: list[int], probs: np.ndarray) -> str:
     """Atomically: a row per image of `index` at positions `ids`, its true class name(s) (DataIndex.label),
-    its group (empty without groups) and each class's probability (probs (len(ids), C)) to 6 decimals."""
+    its group (empty without groups) and each class's probability (probs (len(ids), C)) in full: the shortest
+    text that reads back as the same float64, so any metric recomputed from the file equals the recorded one
+    (a rounded probability can cross a validation threshold). Returns the file's SHA-256, which results.json
+    records so that report.py never pairs a score with another run's file."""
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["path", "group", "true", *(f"p_{c}" for c in index.classes)])
     for i, p in zip(ids, probs):
         writer.writerow([index.paths[i], index.groups[i] if index.groups else "", index.label(i),
-                         *(f"{v:.6f}" for v in p)])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+                         *(repr(float(v)) for v in p)])
+    data = text.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
 
 
 @cache

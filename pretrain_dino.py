@@ -109,6 +109,18 @@ def validate(cfg: argparse.Namespace) -> None:
     rt.check_run(cfg)
 
 
+def warmup_warning(cfg: argparse.Namespace) -> str | None:
+    """One `warning:` line naming each warm-up that the run ends before (None when none): both are
+    squeezed into the run, so a short run never trains at the settings its flags name. The lr's needs
+    an epoch after it to reach its peak and decay; the teacher temperature's ends in its last epoch."""
+    late = ([f"--warmup-epochs {cfg.warmup_epochs} (the lr rises to the end and never decays)"]
+            if cfg.warmup_epochs >= cfg.epochs else []) + \
+        ([f"--warmup-teacher-temp-epochs {cfg.warmup_teacher_temp_epochs}"]
+         if cfg.warmup_teacher_temp_epochs > cfg.epochs else [])
+    return (f"warning: warm-up squeezed into the run's {cfg.epochs} epochs: {', '.join(late)}; shorten it for a "
+            "short run") if late else None
+
+
 def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, MultiCropNet, list, list]:
     """Student and teacher (same start, no gradient for the teacher, no
     stochastic depth in the teacher, as in the official code), input mean and
@@ -248,6 +260,8 @@ def main(args: argparse.Namespace) -> Path:
     cfg = with_recipe(cfg)
     validate(cfg)
     flags.print_args(cfg)
+    if warning := warmup_warning(cfg):
+        print(warning, flush=True)
     out = rt.make_run_folder(cfg)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data

@@ -4,10 +4,13 @@ Collects every results.json (fine-tuning, with the predictions_seed<N>.csv
 next to it) and every pretraining run (args.json + log.jsonl) under the given
 folders and writes report.md: one table per data set and headline metric, a
 row per experiment (method, backbone, pretraining run, fine-tuning settings), a
-column per label fraction, mean +- std over all seeds found and a 95 %
+column per label fraction, mean +- std over all seeds found (each seed of an
+experiment once: a seed found twice, or a prediction file that is not the one
+its results.json recorded, stops the report with one line) and a 95 %
 bootstrap interval over the test images, or over their groups (patients,
 lesions) where the prediction files name them (Tables 1, 3-5); paired
-bootstrap differences between the rows, resampled alike; pretraining time per
+bootstrap differences between the rows, resampled alike, naming the settings a
+pair's rows differ in; pretraining time per
 run (Table 2); and PNG figures (figures.py): ROC curves, reliability diagrams
 and confusion matrices per experiment, loss, kNN accuracy and collapse signals
 per pretraining epoch.
@@ -30,7 +33,7 @@ import numpy as np
 import figures
 import flags
 import predictions
-from checkpoint import prepare_out_dir, read_log
+from checkpoint import prepare_out_dir, read_log, sha256
 from errors import UserError
 from metrics import Interval, PairedInterval, bootstrap_ci, decide, headline_score, paired_bootstrap
 from predictions import Predictions
@@ -56,8 +59,32 @@ def mean_std(values: list[float]) -> str:
 # another part of the key already carries (data set, checkpoint, backbone,
 # label fraction, metric, protocol; --pretrained through the method).
 NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
-                          "grad_ckpt", "threads", "data", "ckpt", "arch", "frac", "metric", "linear", "pretrained",
-                          "resamples"})
+                          "grad_ckpt", "threads", "data", "ckpt", "arch", "weights", "frac", "metric", "linear",
+                          "pretrained", "resamples"})
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """The network a row's runs started from. `key` tells sources apart: the SHA-256 of the checkpoint (or
+    --weights file) that finetune.py records as source_id, so that neither `cd` nor a moved folder splits or
+    merges rows; the timm name; the text typed, for results.json files older than source_id. `shown` names it."""
+    key: str
+    shown: str = field(compare=False)
+
+
+def source_of(result: dict, root: Path) -> Source:
+    """A results.json's Source, its checkpoint's folder shown relative to `root` (the searched folders')."""
+    found = result.get("source_id")
+    if not found:
+        return Source(str(Path(result["source"])), pretraining_run(result["source"]))
+    if "sha256" not in found:
+        return Source(f"timm:{found['arch']}", "-")
+    path = Path(found["path"])
+    if not result["config"].get("ckpt"):  # a --weights file
+        return Source(found["sha256"], path.name)
+    folder = path.parent
+    return Source(found["sha256"], folder.relative_to(root).as_posix() if folder.is_relative_to(root) and
+                  folder != root else str(folder))
 
 
 def data_set(folder: Path, result: dict) -> str:
@@ -70,12 +97,18 @@ def data_set(folder: Path, result: dict) -> str:
 
 
 def load_results(folders: list[Path]) -> list[dict]:
-    """Every results.json under the folders once (folders may nest), with its data set."""
-    results = []
+    """Every results.json under the folders once (folders may nest), with its data set and Source."""
+    results, root = [], common_root(folders)
     for path in sorted({p.resolve() for f in folders for p in f.rglob("results.json")}):
         r = json.loads(path.read_text())
-        results.append({**r, "data_set": data_set(path.parent, r), "folder": path.parent})
+        results.append({**r, "data_set": data_set(path.parent, r), "folder": path.parent,
+                        "source_of": source_of(r, root)})
     return results
+
+
+def common_root(folders: list[Path]) -> Path:
+    """The deepest folder holding all the searched ones: run names are shown relative to it."""
+    return Path(os.path.commonpath([f.resolve() for f in folders]))
 
 
 def pretraining_run(source: str) -> str:
@@ -97,16 +130,17 @@ def experiment(result: dict) -> tuple:
     """What a row stands for: method, backbone, protocol (fine-tuning or linear probe), checkpoint, and the
     remaining resolved settings as sorted (flag, JSON value) pairs; seeds of equal experiments pool."""
     settings = tuple(sorted((k, json.dumps(v)) for k, v in resolved(result).items() if k not in NOT_SETTINGS))
-    return result["method"], result["arch"], result.get("protocol", "finetune"), str(Path(result["source"])), settings
+    return result["method"], result["arch"], result.get("protocol", "finetune"), result["source_of"], settings
 
 
 @dataclass
 class Cell:
     """Every seed of one experiment at one label fraction on one data set: its headline scores, results.json's
-    per-seed intervals (None where absent), prediction files (None where finetune.py wrote none) and multi-label
-    thresholds ((C,), 0.5 each where results.json records none)."""
+    per-seed intervals (None where absent), prediction files (None where finetune.py wrote none), multi-label
+    thresholds ((C,), 0.5 each where results.json records none) and the folder each seed came from."""
     classes: tuple[str, ...]
     multilabel: bool
+    origins: dict[int, Path] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)
     seed_intervals: list[dict | None] = field(default_factory=list)
     files: list[Path | None] = field(default_factory=list)
@@ -115,15 +149,28 @@ class Cell:
 
 def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
     """(data set, metric, experiment, label fraction) -> Cell; seeds of one
-    experiment pool also when split over several results.json files."""
+    experiment pool also when split over several results.json files, each seed
+    once. A seed found twice, or a prediction file other than the one its
+    results.json recorded (by SHA-256), is a UserError: either would put
+    numbers of two runs in one cell."""
     cells: dict[tuple, Cell] = {}
     for r in results:
         key = (r["data_set"], r["metric"], experiment(r), r["frac"])
         cell = cells.setdefault(key, Cell(tuple(r.get("classes", ())), r.get("multilabel", False)))
         for run in r["runs"]:
+            seed = run.get("seed")
+            if (twice := cell.origins.get(seed)) is not None:
+                raise UserError(f"seed {seed} of one experiment is in both {twice} and {r['folder']}; counted twice "
+                                "it would shrink the std and the interval: report on folders that hold it once")
+            if seed is not None:
+                cell.origins[seed] = r["folder"]
             cell.scores.append(run["test"][r["metric"]])
             cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
-            file = r["folder"] / f"predictions_seed{run.get('seed')}.csv"
+            file = r["folder"] / f"predictions_seed{seed}.csv"
+            recorded = (run.get("predictions") or {}).get("sha256")
+            if recorded and file.is_file() and sha256(file) != recorded:
+                raise UserError(f"{file} is not the prediction file its results.json recorded (another run wrote "
+                                "it); re-run that fine-tuning into a new folder")
             cell.files.append(file if file.is_file() else None)
             cell.thresholds.append(predictions.thresholds(run.get("thresholds"), cell.classes))
     return cells
@@ -206,7 +253,10 @@ def row_columns(rows: list[tuple]) -> tuple[list[str], list[list[str]]]:
     flags = [dict(row[4]) for row in rows]
     varying = sorted(k for k in set().union(*flags) if len({f.get(k) for f in flags}) > 1)
     names = ["method (backbone)", "protocol", "pretraining run", *(["settings"] if varying else [])]
-    values = [[f"{row[0]} ({row[1]})", row[2], pretraining_run(row[3]),
+    # two sources shown alike (e.g. a run folder pretrained again) are told apart by their hash
+    alike = {row[3].shown for row in rows if len({r[3] for r in rows if r[3].shown == row[3].shown}) > 1}
+    values = [[f"{row[0]} ({row[1]})", row[2], f"{row[3].shown} ({row[3].key[:8]})" if row[3].shown in alike
+               else row[3].shown,
                *([", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in varying)] if varying else [])]
               for row, f in zip(rows, flags)]
     return names, values
@@ -250,6 +300,14 @@ def not_comparable(name_a: str, a: Cell, name_b: str, b: Cell) -> str | None:
     return why
 
 
+def differing(a: tuple, b: tuple) -> str:
+    """The fine-tuning settings two rows differ in, as "flag A vs B"; "-" when none."""
+    fa, fb = dict(a[4]), dict(b[4])
+    shown = {k: [json.loads(f[k]) if k in f else "-" for f in (fa, fb)] for k in sorted(fa.keys() | fb.keys())
+             if fa.get(k) != fb.get(k)}
+    return ", ".join(f"{k} {va} vs {vb}" for k, (va, vb) in shown.items()) or "-"
+
+
 def paired_difference(a: Cell, b: Cell, headline: str, resamples: int) -> PairedInterval:
     """Mean over seeds of test `headline`, cell a minus cell b (comparable ones), and its paired bootstrap over the
     same resampled test images or groups (metrics.paired_bootstrap), so the shared test set's luck cancels."""
@@ -275,16 +333,17 @@ def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> lis
                 (a, ca), (b, cb) = (b, cb), (a, ca)
             d = paired_difference(ca, cb, headline, resamples)
             lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
-                         f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} |")
+                         f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} | {differing(a, b)} |")
     if not lines and not notes:
         return []
     head = [f"Paired differences of the mean over seeds of test {headline}, A - B, with their 95 % paired "
             f"bootstrap interval over the same test images, or whole groups where both rows' prediction files name "
             f"the same ({resamples} resamples), and the fraction of resamples with A - B <= 0 (near 0: A is better "
             "beyond test-set luck). Rows are paired within one backbone and protocol, each pretrained row against "
-            "the no-pretraining rows first.", ""]
-    table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 |", "|---|---|---|---|---|---|",
-             *lines] if lines else []
+            "the no-pretraining rows first. Where their fine-tuning settings differ (last column), the difference "
+            "measures those settings too, not the pretraining alone.", ""]
+    table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 | settings differ (A vs B) |",
+             "|---|---|---|---|---|---|---|", *lines] if lines else []
     return ["#### Paired differences", "", *head, *table, *([""] if table and notes else []), *notes]
 
 
@@ -341,7 +400,7 @@ def finetune_figures(results: list[dict], out: Path) -> list[str]:
 def pretraining_runs(folders: list[Path]) -> list[dict]:
     """Every folder holding args.json and log.jsonl of a CASS or DINO pretraining, once, named by its
     path below the folders' common root (several runs may share a folder name)."""
-    found, root = [], Path(os.path.commonpath([f.resolve() for f in folders]))
+    found, root = [], common_root(folders)
     for args_file in sorted({p.resolve() for folder in folders for p in folder.rglob("args.json")}):
         log_file = args_file.parent / "log.jsonl"
         if not log_file.is_file():

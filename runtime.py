@@ -140,24 +140,47 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------- pretraining runs
+RESUME_MAY_CHANGE = ("resume", "workers", "threads", "device")  # where a resumed run executes, not what it computes
+PATHS = ("data", "out", "cache_dir", "cnn_weights", "vit_weights", "weights")  # recorded absolute, where set
+
+
+def absolute(path: str | Path) -> str:
+    """A path as a run records it: absolute, so that it means the same from any working folder."""
+    return str(Path(path).expanduser().resolve())
+
+
 def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:
-    """The run's effective settings (a new namespace; `args` is never changed)
-    and, when resuming, the saved state. --demo's data is out/data (`write_demo_data`)."""
+    """The run's effective settings (a new namespace; `args` is never changed) and, when resuming, the
+    saved state. A new run records its PATHS absolute (--demo's data is out/data, `write_demo_data`). A
+    resumed run continues in RUN_DIR wherever it now lies, from any working
+    folder: data that lay inside the run folder moves with it. A flag typed beside --resume that
+    would change the run (all but RESUME_MAY_CHANGE) is refused."""
     if args.resume:
-        state = checkpoint.load(Path(args.resume) / "last.pt", kind="resume")
+        run = Path(args.resume)
+        state = checkpoint.load(run / "last.pt", kind="resume")
         if state.get("method") != method:
             raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
+        saved = state["args"]
+        for name, value in args.typed.items():
+            if name in PATHS and value is not None:
+                value = absolute(value)  # the same folder typed another way changes nothing
+            if name not in RESUME_MAY_CHANGE and value != saved.get(name):
+                raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
+                                f"{saved.get(name)}; beside --resume only --workers, --threads and --device "
+                                "may be given")
         print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
+        data, old_out = Path(saved["data"]), Path(saved["out"])
+        if data.is_relative_to(old_out):
+            data = run / data.relative_to(old_out)
         # flags added since the run was saved take their defaults: the run never used them
-        saved = {**vars(args), **state["args"]}
-        return argparse.Namespace(**dict(saved, workers=args.workers, device=args.device,
-                                         threads=args.threads, resume=args.resume)), state
-    if args.demo:
-        out = args.out or f"runs/demo-{method}"
-        return argparse.Namespace(**{**vars(args), "data": str(Path(out) / "data"), "out": out}), None
-    if not args.data:
+        defaults = {k: v for k, v in vars(args).items() if k != "typed"}
+        return argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE},
+                                     "out": absolute(run), "data": absolute(data)}), state
+    if not args.data and not args.demo:
         raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
-    return argparse.Namespace(**{**vars(args), "out": args.out or str(checkpoint.default_out(method))}), None
+    out = args.out or (f"runs/demo-{method}" if args.demo else checkpoint.default_out(method))
+    cfg = {**vars(args), "out": out, "data": Path(out) / "data" if args.demo else args.data}
+    return argparse.Namespace(**{k: absolute(v) if k in PATHS and v is not None else v for k, v in cfg.items()}), None
 
 
 def write_demo_data(cfg: argparse.Namespace) -> None:

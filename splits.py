@@ -147,11 +147,17 @@ def select(index: DataIndex, splits: dict, apart: bool = False) -> dict[str, lis
     return out
 
 
+def _holds(index: DataIndex, ids: np.ndarray, c: int) -> np.ndarray:
+    """Whether each image at positions `ids` is of class `c` (multi-label: has a positive for it)."""
+    return index.targets[ids, c] > 0 if index.multilabel else index.targets[ids] == c
+
+
 def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -> list[int]:
     """A seeded stratified subset of `train` holding about `frac` of its images in whole units
     (`_units`): per stratum, the units a seeded draw of round(frac * units) picks, followed when they
-    miss by the others in a seeded order, as near round(frac * images) as they allow (`_take`); at
-    least one unit per class (multi-label: one with a positive for each label present in train). Where
+    miss by the others in a seeded order, as near round(frac * images) as they allow (`_take`); then,
+    for each class present in train that no chosen image holds, a seeded unit holding one of its
+    images (multi-label: one with a positive for it), so that every class is labelled. Where
     a unit holds several images, a fraction far from `frac` is noted in one line."""
     if frac >= 1.0:
         return sorted(train)
@@ -171,12 +177,13 @@ def label_fraction(index: DataIndex, train: list[int], frac: float, seed: int) -
             taken = _take([*first, *rng.permutation(np.setdiff1d(group, first))], sizes, target)
         aim += target
         chosen.update(i for u in taken or [min(group, key=sizes.__getitem__)] for i in units[u])
-    if index.multilabel:
-        unit_of = {i: u for u, members in enumerate(units) for i in members}
-        for c in range(len(index.classes)):
-            positives = train[index.targets[train, c] > 0]
-            if len(positives) and not index.targets[sorted(chosen), c].any():
-                chosen.update(units[unit_of[int(rng.choice(positives))]])
+    # strata follow each unit's majority (multi-label: its rarest label): a class that is no group's
+    # majority can be missed by every stratum
+    unit_of = {i: u for u, members in enumerate(units) for i in members}
+    for c in range(len(index.classes)):
+        positives = train[_holds(index, train, c)]
+        if len(positives) and not _holds(index, np.array(sorted(chosen)), c).any():
+            chosen.update(units[unit_of[int(rng.choice(positives))]])
     if sizes.max(initial=1) > 1 and abs(len(chosen) - aim) > OFF * aim:
         print(f"note: whole groups keep the label fraction off its ratio: {_share(len(chosen), aim, len(train))}",
               flush=True)

@@ -171,10 +171,10 @@ def test_maps_script_writes_overlays_averages_and_a_comparison(finetuned, tmp_pa
                                           "--out", str(tmp_path), "--workers", "0"]))
     vit_name, cnn_name = list(averages)
     assert averages[vit_name].shape == (2, 2) and averages[vit_name].max() == pytest.approx(1)
-    assert len(list((tmp_path / vit_name).glob("*.png"))) == len(list((tmp_path / cnn_name).glob("*.png"))) == 4
+    assert len(list((tmp_path / vit_name).rglob("*.png"))) == len(list((tmp_path / cnn_name).rglob("*.png"))) == 4
     size = {png: Image.open(tmp_path / png).size for png in (
         f"{vit_name}_mean.png", f"{cnn_name}_mean.png", f"{cnn_name}_first_conv.png", "compare.png",
-        next((tmp_path / vit_name).glob("*.png")).relative_to(tmp_path))}
+        next((tmp_path / vit_name).rglob("*.png")).relative_to(tmp_path))}
     assert all(w >= 400 and h >= 300 for w, h in size.values()), size  # figures with titles and a colour bar
     assert size["compare.png"][0] > 1.5 * size[f"{vit_name}_mean.png"][0]  # two maps side by side
     drawn = (tmp_path / "images.txt").read_text().split()

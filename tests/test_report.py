@@ -171,8 +171,8 @@ def guesses(targets: np.ndarray, accuracy: float, seed: int, num_classes: int = 
 
 def paired_rows(text: str) -> list[tuple[str, float, float, float, float]]:
     """(A, A - B, low, high, fraction <= 0) of every row of the paired-differences tables."""
-    found = re.findall(r"^\| \d+% \| (.+?) \| .+? \| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \|$",
-                       text, re.M)
+    found = re.findall(r"^\| \d+% \| (.+?) \| .+? \| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \| "
+                       r".+ \|$", text, re.M)
     return [(a, *map(float, numbers)) for a, *numbers in found]
 
 
