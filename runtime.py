@@ -162,9 +162,9 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
             raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
         saved = state["args"]
         for name, value in args.typed.items():
-            if name in PATHS and value is not None:
-                value = absolute(value)  # the same folder typed another way changes nothing
-            if name not in RESUME_MAY_CHANGE and value != saved.get(name):
+            # a path names the same file however it is typed
+            same = (absolute(value) if name in PATHS and value is not None else value) == saved.get(name)
+            if name not in RESUME_MAY_CHANGE and not same:
                 raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
                                 f"{saved.get(name)}; beside --resume only --workers, --threads and --device "
                                 "may be given")
