@@ -5,8 +5,10 @@ precision, calibration, per-label thresholds and bootstrap intervals.
 
 scikit-learn and SciPy compute everything they offer. Ours is only what they
 lack: the expected calibration error, the temperature fit's objective, the
-F1-maximising multi-label thresholds and percentile bootstrap intervals over
-test images or whole groups, alone or paired. `evaluate` is the one step from
+F1-maximising multi-label thresholds, percentile bootstrap intervals over
+test images or whole groups, intervals of a mean over seeds (alone or paired)
+that add the seeds' spread to the test images' (SeedInterval), and Holm's
+adjustment. `evaluate` is the one step from
 a fine-tuned model's validation and test logits to every number fine-tuning
 records; report.py scores its prediction files with the same functions.
 Imports nothing else of this project.
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
+from scipy.stats import t as student_t
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
                              confusion_matrix, f1_score, multilabel_confusion_matrix, precision_score, recall_score,
                              roc_auc_score)
@@ -204,13 +207,6 @@ class Interval:
     n_dropped: int
 
 
-@dataclass(frozen=True)
-class PairedInterval(Interval):
-    """Interval of metric(a) - metric(b); frac_le_zero: the fraction of used resamples with a difference
-    <= 0, a one-sided p-like number for "a > b"."""
-    frac_le_zero: float
-
-
 def resample_indices(n_images: int, groups: np.ndarray | None, n: int, seed: int) -> Iterator[np.ndarray]:
     """n index arrays: N images drawn with replacement, or, with groups (N,), as many groups as there are
     drawn with replacement, all their images kept (images of one patient or lesion are not independent)."""
@@ -238,25 +234,101 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float, int, i
     return float(low), float(high), len(used), len(values) - len(used)
 
 
+def bootstrap_values(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray, scores: np.ndarray,
+                     groups: np.ndarray | None = None, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n,) metric(targets[i], scores[i]) over n resamples i of the test images (or groups, see
+    `resample_indices`), both indexed by image on axis 0; NaN where the metric is undefined."""
+    return np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)],
+                    dtype=float)
+
+
 def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray, scores: np.ndarray,
                  groups: np.ndarray | None = None, n: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
-    """Percentile bootstrap interval of metric(targets, scores), both indexed by image on axis 0, over test
-    images (or groups, see `resample_indices`). Resamples where the metric is NaN are dropped and counted."""
-    values = np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)],
-                      dtype=float)
+    """Percentile bootstrap interval of metric(targets, scores) over test images (or groups): `bootstrap_values`,
+    resamples where the metric is NaN dropped and counted."""
+    values = bootstrap_values(metric, targets, scores, groups, n, seed)
     return Interval(float(metric(targets, scores)), *_percentiles(values, level))
 
 
-def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray,
-                     scores_a: np.ndarray, scores_b: np.ndarray, groups: np.ndarray | None = None,
-                     n: int = 1000, seed: int = 0, level: float = 0.95) -> PairedInterval:
-    """Bootstrap of metric(a) - metric(b), both scored on the same resampled images each time, so the shared
-    test-set luck cancels."""
-    diffs = np.array([metric(targets[i], scores_a[i]) - metric(targets[i], scores_b[i])
-                      for i in resample_indices(len(targets), groups, n, seed)], dtype=float)
-    used = diffs[~np.isnan(diffs)]
-    return PairedInterval(float(metric(targets, scores_a) - metric(targets, scores_b)), *_percentiles(diffs, level),
-                          frac_le_zero=float((used <= 0).mean()) if len(used) else np.nan)
+@dataclass(frozen=True)
+class SeedInterval:
+    """A mean over S seeds (of a metric, or of matched seeds' paired differences) and its interval over both
+    kinds of luck a reader generalises over: the test images and the training run (a seed's labelled images,
+    initialisation, augmentation and order). se = sqrt(v + s2 / S), v the bootstrap variance of the mean over
+    test images (or groups), s2 the seeds' sample variance; the interval mean +- t(S - 1) * se and `p` the
+    two-sided p-value of a mean of 0 on the same t. With one seed the training run's luck cannot be measured:
+    the interval is the percentile bootstrap over test images only and se, p are NaN (`seeds` says which)."""
+    estimate: float
+    low: float
+    high: float
+    se: float
+    p: float
+    seeds: int
+    per_seed: tuple[float, ...]
+
+
+def over_seeds_and_images(per_seed: np.ndarray, image_values: np.ndarray, level: float = 0.95) -> SeedInterval:
+    """SeedInterval of the S values `per_seed` given `image_values`, the bootstrap values of their mean over test
+    images (`bootstrap_values`, NaN for undefined resamples, dropped). A simulation in tests/test_metrics.py
+    checks the coverage: equal methods, seeds spread 0.05, the paired interval covers 0 in >= 90 % of studies."""
+    per_seed = np.asarray(per_seed, dtype=float)
+    mean, used = float(per_seed.mean()), image_values[~np.isnan(image_values)]
+    if len(per_seed) == 1:
+        low, high = _percentiles(image_values, level)[:2]
+        return SeedInterval(mean, low, high, np.nan, np.nan, 1, tuple(per_seed.tolist()))
+    se = float(np.sqrt((used.var(ddof=1) if len(used) > 1 else 0.0) + per_seed.var(ddof=1) / len(per_seed)))
+    q = float(student_t.ppf(0.5 + level / 2, len(per_seed) - 1))
+    p = float(2 * student_t.sf(abs(mean) / se, len(per_seed) - 1)) if se > 0 else float(mean == 0)
+    return SeedInterval(mean, mean - q * se, mean + q * se, se, p, len(per_seed), tuple(per_seed.tolist()))
+
+
+def seed_mean_interval(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray,
+                       decisions: np.ndarray, groups: np.ndarray | None = None, n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> SeedInterval:
+    """The mean over seeds of metric(targets, decisions[:, s]) ((N, S, ...) decisions, one column per seed, all
+    on the same test images) and its SeedInterval: each bootstrap resample scores every seed on the same images."""
+    seeds = range(decisions.shape[1])
+    per_seed = np.array([metric(targets, decisions[:, s]) for s in seeds])
+    values = bootstrap_values(lambda y, d: np.mean([metric(y, d[:, s]) for s in seeds]), targets, decisions,
+                              groups, n, seed)
+    return over_seeds_and_images(per_seed, values, level)
+
+
+def paired_seed_interval(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray,
+                         a: np.ndarray, b: np.ndarray, groups: np.ndarray | None = None, n: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> SeedInterval:
+    """The mean over matched seeds of metric(a's seed s) - metric(b's seed s) ((N, S, ...) decisions of the
+    same S seeds, in the same order, on the same test images) and its SeedInterval: each resample scores both
+    on the same images, so the shared test set's luck cancels, and the seeds' spread of differences counts."""
+    return seed_mean_interval(lambda y, d: metric(y, d[:, 0]) - metric(y, d[:, 1]), targets, np.stack([a, b], 2),
+                              groups, n, seed, level)
+
+
+def seeds_needed(found: SeedInterval, margin: float, level: float = 0.95, most: int = 100) -> int | None:
+    """The fewest seeds whose SeedInterval would reach no further than `margin` from its mean, were the test
+    images' variance and the seeds' spread those `found` measured; None when even `most` seeds would not (the
+    test set's own luck is too large: more test images are needed) or `found` has one seed (no spread known)."""
+    if found.seeds < 2:
+        return None
+    seed_var = float(np.var(found.per_seed, ddof=1))
+    image_var = max(found.se ** 2 - seed_var / found.seeds, 0.0)
+    for n in range(2, most + 1):
+        if student_t.ppf(0.5 + level / 2, n - 1) * np.sqrt(image_var + seed_var / n) <= margin:
+            return n
+    return None
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN kept, left out of the family): the k-th smallest
+    of m times (m - k + 1), never below the one before, capped at 1."""
+    p = np.asarray(p, dtype=float)
+    known = np.flatnonzero(~np.isnan(p))
+    order = known[np.argsort(p[known], kind="stable")]
+    adjusted, running = p.copy(), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
 
 
 def macro_auroc_of(defined: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:

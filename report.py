@@ -7,13 +7,13 @@ row per experiment (method, backbone, pretraining run, fine-tuning settings), a
 column per label fraction, mean +- std over all seeds found (each seed of an
 experiment once: a seed found twice, or a prediction file that is not the one
 its results.json recorded, stops the report with one line) and a 95 %
-bootstrap interval over the test images, or over their groups (patients,
-lesions) where the prediction files name them (Tables 1, 3-5); paired
-bootstrap differences between the rows, resampled alike, naming the settings a
-pair's rows differ in; pretraining time per
-run (Table 2); and PNG figures (figures.py): ROC curves, reliability diagrams
-and confusion matrices per experiment, loss, kNN accuracy and collapse signals
-per pretraining epoch.
+interval over the test images (or their groups: patients, lesions, where the
+prediction files name them) and the seeds (Tables 1, 3-5); paired differences
+between the rows over matched seeds, resampled alike, with p-values (Holm-
+adjusted for the pretrained-against-baseline pairs), naming the settings a
+pair's rows differ in; pretraining time per run (Table 2); and PNG figures
+(figures.py): ROC curves, reliability diagrams and confusion matrices per
+experiment, loss, kNN accuracy and collapse signals per pretraining epoch.
 
     python report.py runs/ --out runs/report
 """
@@ -24,7 +24,8 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ import flags
 import predictions
 from checkpoint import prepare_out_dir, read_log, sha256
 from errors import UserError
-from metrics import Interval, PairedInterval, bootstrap_ci, decide, headline_score, paired_bootstrap
+from metrics import SeedInterval, decide, headline_score, holm, paired_seed_interval, seed_mean_interval
 from predictions import Predictions
 
 
@@ -135,14 +136,16 @@ def experiment(result: dict) -> tuple:
 
 @dataclass
 class Cell:
-    """Every seed of one experiment at one label fraction on one data set: its headline scores, results.json's
-    per-seed intervals (None where absent), prediction files (None where finetune.py wrote none), multi-label
-    thresholds ((C,), 0.5 each where results.json records none) and the folder each seed came from."""
+    """Every seed of one experiment at one label fraction on one data set, in the order found: its id (None in
+    files without one), headline score, labelled images (None where unrecorded), prediction file (None where
+    finetune.py wrote none) and multi-label thresholds ((C,), 0.5 each where results.json records none); and the
+    folder each seed id came from."""
     classes: tuple[str, ...]
     multilabel: bool
     origins: dict[int, Path] = field(default_factory=dict)
+    seeds: list[int | None] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    seed_intervals: list[dict | None] = field(default_factory=list)
+    labelled: list[tuple[str, ...] | None] = field(default_factory=list)
     files: list[Path | None] = field(default_factory=list)
     thresholds: list[np.ndarray] = field(default_factory=list)
 
@@ -164,8 +167,9 @@ def collect_cells(results: list[dict]) -> dict[tuple, Cell]:
                                 "it would shrink the std and the interval: report on folders that hold it once")
             if seed is not None:
                 cell.origins[seed] = r["folder"]
+            cell.seeds.append(seed)
             cell.scores.append(run["test"][r["metric"]])
-            cell.seed_intervals.append(run.get("test_ci95", {}).get(r["metric"]))
+            cell.labelled.append(tuple(sorted(run["labelled_files"])) if "labelled_files" in run else None)
             file = r["folder"] / f"predictions_seed{seed}.csv"
             recorded = (run.get("predictions") or {}).get("sha256")
             if recorded and file.is_file() and sha256(file) != recorded:
@@ -197,54 +201,47 @@ def unshared(cell: Cell) -> str | None:
     return None if all(p.paths == preds[0].paths for p in preds) else "has seeds tested on different images"
 
 
-def decisions(cell: Cell) -> np.ndarray:
+def decisions(cell: Cell, order: list[int] | None = None) -> np.ndarray:
     """What the headline metric scores, seeds stacked on axis 1 so a bootstrap
     resample of images (axis 0) applies to every seed at once: (N, S) argmax
     class ids, or (N, S, C) bool at sigmoid > each seed's thresholds, as
-    finetune.py. Every seed has a prediction file (see unshared)."""
-    probs = [predictions.read(f, cell.classes, cell.multilabel).probs for f in cell.files]
-    return np.stack([decide(p, cell.multilabel, t) for p, t in zip(probs, cell.thresholds)], axis=1)
+    finetune.py; the seeds at positions `order` (default: all, as found). Every
+    seed has a prediction file (see unshared)."""
+    order = range(len(cell.files)) if order is None else order
+    probs = [predictions.read(cell.files[k], cell.classes, cell.multilabel).probs for k in order]
+    return np.stack([decide(p, cell.multilabel, cell.thresholds[k]) for p, k in zip(probs, order)], axis=1)
 
 
-def seed_mean(headline: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
-    """metric(targets, decisions): the headline metric of each seed (as in results.json: metrics.headline_score),
-    mean over seeds, i.e. the table's mean computed on one (resampled) set of images."""
-    def metric(y: np.ndarray, d: np.ndarray) -> float:
-        return float(np.mean([headline_score(headline, y, d[:, s], multilabel) for s in range(d.shape[1])]))
-    return metric
+def headline(name: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+    """metric(targets, decisions) of one seed, as results.json records it (metrics.headline_score)."""
+    return partial(headline_score, name, multilabel=multilabel)
 
 
-def pooled_interval(cell: Cell, headline: str, resamples: int) -> Interval | None:
-    """95 % percentile bootstrap over the test images (or their groups) of the
-    mean-over-seeds metric: each resample draws the images once and scores
-    every seed on them.
-    It measures test-set luck for the experiment as the table reports it (a
-    mean over seeds); averaging the seeds' probabilities first would instead
-    describe an ensemble nobody trained. None unless the seeds share test images."""
+def cell_interval(cell: Cell, metric: str, resamples: int) -> SeedInterval | None:
+    """The cell's mean over seeds and its 95 % interval over test images (or their groups) and seeds
+    (metrics.seed_mean_interval): each bootstrap resample draws the images once and scores every seed on them,
+    and the seeds' spread adds the training run's luck; with one seed, over test images only. Averaging the
+    seeds' probabilities first would instead describe an ensemble nobody trained. None unless the seeds share
+    test images."""
     if unshared(cell):
         return None
     preds = seed_predictions(cell)
-    metric = seed_mean(headline, cell.multilabel)
-    return bootstrap_ci(metric, preds[0].targets, decisions(cell), shared_groups(preds), n=resamples)
+    return seed_mean_interval(headline(metric, cell.multilabel), preds[0].targets, decisions(cell),
+                              shared_groups(preds), n=resamples)
 
 
-def interval_text(cell: Cell, headline: str, resamples: int) -> str:
-    """The cell's interval: pooled when possible, otherwise (marked †) from the
-    lowest to the highest bound of the seeds' own intervals in results.json."""
-    pooled = pooled_interval(cell, headline, resamples)
-    if pooled:
-        return f" [{pooled.low:.4f}, {pooled.high:.4f}]"
-    known = [i for i in cell.seed_intervals if i and i["low"] is not None and i["high"] is not None]
-    if known and len(known) == len(cell.scores):
-        return f" [{min(i['low'] for i in known):.4f}, {max(i['high'] for i in known):.4f}]†"
-    return ""
+def interval_text(cell: Cell, metric: str, resamples: int) -> str:
+    """The cell's interval (cell_interval), marked ‡ when it covers the test images only (one seed)."""
+    found = cell_interval(cell, metric, resamples)
+    return "" if found is None else f" [{found.low:.4f}, {found.high:.4f}]{'‡' if found.seeds == 1 else ''}"
 
 
-INTERVAL_NOTE = ("In brackets: 95 % percentile bootstrap interval over the test images ({n} resamples; whole "
-                 "groups, e.g. patients, where the prediction files name each image's group) of the "
-                 "mean over seeds (each resample scores every seed on the same images). † : the seeds do not "
-                 "share prediction files of the same test images, so the bracket spans the lowest to the highest "
-                 "bound of the seeds' own intervals. No bracket: neither is available.")
+INTERVAL_NOTE = ("In brackets: 95 % interval of the mean over seeds that covers both kinds of luck a reader "
+                 "generalises over, the test images ({n} bootstrap resamples; whole groups, e.g. patients, where "
+                 "the prediction files name each image's group) and the training run (the seeds' spread, with t on "
+                 "seeds - 1 degrees of freedom: three seeds give wide intervals). ‡ : one seed, so the bracket "
+                 "covers test-image luck only. No bracket: the seeds have no prediction files of the same test "
+                 "images.")
 
 
 def row_columns(rows: list[tuple]) -> tuple[list[str], list[list[str]]]:
@@ -293,11 +290,21 @@ def pairs(rows: list[tuple]) -> list[tuple[tuple, tuple]]:
 
 
 def not_comparable(name_a: str, a: Cell, name_b: str, b: Cell) -> str | None:
-    """Why two cells cannot be paired image by image, or None."""
+    """Why two cells cannot be paired seed by seed and image by image, or None: each needs prediction files of
+    one set of test images, the same for both, and the same seed ids, each of which labelled the same images in
+    both (where recorded)."""
     why = next((f"{name} {w}" for name, c in ((name_a, a), (name_b, b)) if (w := unshared(c))), None)
-    if not why and seed_predictions(a)[0].paths != seed_predictions(b)[0].paths:
-        why = "their prediction files cover different test images"
-    return why
+    if why:
+        return why
+    if seed_predictions(a)[0].paths != seed_predictions(b)[0].paths:
+        return "their prediction files cover different test images"
+    if None in a.seeds or sorted(a.seeds) != sorted(b.seeds):
+        return (f"their seeds differ ({' '.join(map(str, sorted(a.seeds, key=str)))} vs "
+                f"{' '.join(map(str, sorted(b.seeds, key=str)))}), so they cannot be matched")
+    labelled_b = dict(zip(b.seeds, b.labelled))
+    if bad := [s for s, files in zip(a.seeds, a.labelled) if files and labelled_b[s] and files != labelled_b[s]]:
+        return f"seed {bad[0]} labelled other images in the two rows"
+    return None
 
 
 def differing(a: tuple, b: tuple) -> str:
@@ -308,42 +315,57 @@ def differing(a: tuple, b: tuple) -> str:
     return ", ".join(f"{k} {va} vs {vb}" for k, (va, vb) in shown.items()) or "-"
 
 
-def paired_difference(a: Cell, b: Cell, headline: str, resamples: int) -> PairedInterval:
-    """Mean over seeds of test `headline`, cell a minus cell b (comparable ones), and its paired bootstrap over the
-    same resampled test images or groups (metrics.paired_bootstrap), so the shared test set's luck cancels."""
+def paired_difference(a: Cell, b: Cell, metric: str, resamples: int) -> SeedInterval:
+    """The mean over matched seeds (seed s of a against seed s of b) of test `metric`, a minus b, for comparable
+    cells, and its interval over the same resampled test images or groups and over the seeds
+    (metrics.paired_seed_interval): the shared test set's luck cancels, the seeds' spread of differences counts."""
+    order_a = sorted(range(len(a.seeds)), key=a.seeds.__getitem__)
+    order_b = sorted(range(len(b.seeds)), key=b.seeds.__getitem__)
     pa, pb = seed_predictions(a), seed_predictions(b)
-    return paired_bootstrap(seed_mean(headline, a.multilabel), pa[0].targets, decisions(a), decisions(b),
-                            shared_groups(pa + pb), n=resamples)
+    return paired_seed_interval(headline(metric, a.multilabel), pa[0].targets, decisions(a, order_a),
+                                decisions(b, order_b), shared_groups(pa + pb), n=resamples)
 
 
-def paired_table(cells: dict[tuple, Cell], headline: str, resamples: int) -> list[str]:
-    """The pairs of rows (`pairs`; A the higher where neither is a baseline) at each label fraction, and their
-    paired_difference. Rows whose prediction files do not cover the same images are listed, not compared."""
+def paired_table(cells: dict[tuple, Cell], metric: str, resamples: int) -> list[str]:
+    """The pairs of rows (`pairs`; A the higher mean where neither is a baseline) at each label fraction, and
+    their paired_difference. Each pretrained row against a no-pretraining row is a primary comparison: their
+    p-values are Holm-adjusted together (one family per table); the other pairs are exploratory. Rows that
+    cannot be matched seed by seed and image by image are listed, not compared."""
     name = row_names(cells)
-    rows, lines, notes = list(name), [], []
+    rows, found, notes = list(name), [], []
     for frac in sorted({k[1] for k in cells}):
         for a, b in pairs([r for r in rows if (r, frac) in cells]):
             ca, cb = cells[(a, frac)], cells[(b, frac)]
             if why := not_comparable(name[a], ca, name[b], cb):
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
                 continue
-            metric, y = seed_mean(headline, ca.multilabel), seed_predictions(ca)[0].targets
-            against_baseline = a[0] not in BASELINES and b[0] in BASELINES
-            if not against_baseline and metric(y, decisions(cb)) > metric(y, decisions(ca)):
-                (a, ca), (b, cb) = (b, cb), (a, ca)
-            d = paired_difference(ca, cb, headline, resamples)
-            lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | "
-                         f"[{d.low:+.4f}, {d.high:+.4f}] | {d.frac_le_zero:.3f} | {differing(a, b)} |")
-    if not lines and not notes:
+            primary, d = a[0] not in BASELINES and b[0] in BASELINES, paired_difference(ca, cb, metric, resamples)
+            if not primary and d.estimate < 0:  # B - A: the same interval turned round
+                a, b, d = b, a, replace(d, estimate=-d.estimate, low=-d.high, high=-d.low,
+                                        per_seed=tuple(-v for v in d.per_seed))
+            found.append((frac, a, b, primary, d))
+    if not found and not notes:
         return []
-    head = [f"Paired differences of the mean over seeds of test {headline}, A - B, with their 95 % paired "
-            f"bootstrap interval over the same test images, or whole groups where both rows' prediction files name "
-            f"the same ({resamples} resamples), and the fraction of resamples with A - B <= 0 (near 0: A is better "
-            "beyond test-set luck). Rows are paired within one backbone and protocol, each pretrained row against "
-            "the no-pretraining rows first. Where their fine-tuning settings differ (last column), the difference "
-            "measures those settings too, not the pretraining alone.", ""]
-    table = ["| labels | A | B | A - B | 95 % interval | resamples with A - B <= 0 | settings differ (A vs B) |",
-             "|---|---|---|---|---|---|---|", *lines] if lines else []
+    adjusted = iter(holm([d.p for *_, primary, d in found if primary]))
+    lines = []
+    for frac, a, b, primary, d in found:
+        p = f"{d.p:.3f}" if d.seeds > 1 else "-"
+        holm_p = "exploratory" if not primary else f"{q:.3f}" if not np.isnan(q := next(adjusted)) else "-"
+        seeds = ", ".join(f"{v:+.3f}" for v in d.per_seed)
+        lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | [{d.low:+.4f}, {d.high:+.4f}]"
+                     f"{'‡' if d.seeds == 1 else ''} | {p} | {holm_p} | {seeds} | {differing(a, b)} |")
+    head = [f"Paired differences of test {metric}, A - B: the mean over matched seeds (seed s of A against seed s "
+            "of B, which labelled the same images) with its 95 % interval over the same test images, or whole "
+            f"groups where both rows' prediction files name the same ({resamples} bootstrap resamples), and over "
+            "the seeds (t on seeds - 1 degrees of freedom; ‡ : one seed, test images only), the two-sided p-value "
+            "of no difference, and each seed's difference. Rows are paired within one backbone and protocol. Each "
+            "pretrained row against a no-pretraining row is a primary comparison, its p-value Holm-adjusted over "
+            "all of this table's; the other pairs (A the higher) are exploratory. An interval that includes 0 is "
+            "no evidence of no difference: a margin needs its own test and enough seeds. Where the rows' "
+            "fine-tuning settings differ (last column), the difference measures those settings too, not the "
+            "pretraining alone.", ""]
+    table = ["| labels | A | B | A - B | 95 % interval | p | Holm p | per seed | settings differ (A vs B) |",
+             "|---|---|---|---|---|---|---|---|---|", *lines] if lines else []
     return ["#### Paired differences", "", *head, *table, *([""] if table and notes else []), *notes]
 
 
@@ -356,7 +378,7 @@ def tables(results: list[dict]) -> list[tuple[str, str, dict[tuple, Cell]]]:
 
 def finetune_table(results: list[dict], resamples: int = 1000) -> list[str]:
     """One table per data set and headline metric, cells mean +- std over every
-    seed of one experiment and a bootstrap interval over test images, then the
+    seed of one experiment and an interval over test images and seeds, then the
     paired differences between its rows. Anything else that tells runs apart
     makes another row or table, never one cell."""
     lines = []

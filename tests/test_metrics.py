@@ -2,9 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
-from metrics import (average_precision, bootstrap_ci, brier, classification_metrics, ece, evaluate, fit_temperature,
-                     headline_score, macro_auroc_of, paired_bootstrap, probabilities, roc_auc, thresholded_metrics)
+from metrics import (average_precision, bootstrap_ci, bootstrap_values, brier, classification_metrics, ece, evaluate,
+                     fit_temperature, headline_score, holm, macro_auroc_of, paired_seed_interval, probabilities,
+                     roc_auc, SeedInterval, seeds_needed, thresholded_metrics)
 
 
 def test_multiclass_metrics_by_hand():
@@ -198,17 +200,71 @@ def test_macro_auroc_interval_keeps_only_resamples_with_every_class():
     assert mixed.n_dropped == 0 and mixed.high > ci.high
 
 
-def test_paired_bootstrap():
+def test_a_paired_seed_interval_matches_seeds_and_adds_their_spread():
     rng = np.random.default_rng(12)
     y = np.zeros(500, dtype=int)
-    a, b = np.where(rng.random(500) < 0.8, 0, 1), np.where(rng.random(500) < 0.7, 0, 1)
-    same = paired_bootstrap(accuracy, y, a, a)
-    assert (same.estimate, same.low, same.high, same.frac_le_zero, same.n_used) == (0.0, 0.0, 0.0, 1.0, 1000)
-    better = paired_bootstrap(accuracy, y, a, b, seed=5)
-    assert better.estimate == pytest.approx(accuracy(y, a) - accuracy(y, b))
-    assert 0 < better.low < better.estimate < better.high and better.frac_le_zero < 0.01
-    assert paired_bootstrap(accuracy, y, b, a, seed=5).frac_le_zero > 0.99
-    assert paired_bootstrap(accuracy, y, a, b, seed=5) == better
+    a = np.stack([np.where(rng.random(500) < q, 0, 1) for q in (0.80, 0.85, 0.75)], 1)  # (N, S): 0 is right
+    b = np.stack([np.where(rng.random(500) < q, 0, 1) for q in (0.70, 0.72, 0.71)], 1)
+    same = paired_seed_interval(accuracy, y, a, a)
+    assert (same.estimate, same.low, same.high, same.se, same.p, same.seeds) == (0.0, 0.0, 0.0, 0.0, 1.0, 3)
+    found = paired_seed_interval(accuracy, y, a, b, n=300, seed=5)
+    per_seed = [accuracy(y, a[:, s]) - accuracy(y, b[:, s]) for s in range(3)]
+    assert found.per_seed == pytest.approx(per_seed) and found.estimate == pytest.approx(np.mean(per_seed))
+    values = bootstrap_values(lambda t, d: np.mean([accuracy(t, d[:, s, 0]) - accuracy(t, d[:, s, 1])
+                                                    for s in range(3)]), y, np.stack([a, b], 2), n=300, seed=5)
+    se = np.sqrt(values.var(ddof=1) + np.var(per_seed, ddof=1) / 3)
+    assert found.se == pytest.approx(se) and found.high - found.estimate == pytest.approx(4.302653 * se)
+    image_only = np.percentile(values, [2.5, 97.5])
+    assert found.low < image_only[0] and found.high > image_only[1]  # the seeds widen it
+    assert 0 < found.p < 0.05 and paired_seed_interval(accuracy, y, b, a, n=300, seed=5).p == pytest.approx(found.p)
+    one = paired_seed_interval(accuracy, y, a[:, :1], b[:, :1], n=300, seed=5)  # one seed: test images only
+    assert one.seeds == 1 and np.isnan(one.p) and one.low < one.estimate < one.high
+
+
+def test_seeds_needed_for_a_margin_from_a_measured_spread():
+    per_seed, image_var = (0.1, 0.0, -0.1), 1e-4  # seeds' sample variance 0.01
+    found = SeedInterval(0.0, -0.1, 0.1, float(np.sqrt(image_var + 0.01 / 3)), 1.0, 3, per_seed)
+    n = seeds_needed(found, 0.05)
+
+    def half_width(seeds: int) -> float:
+        return student_t.ppf(0.975, seeds - 1) * np.sqrt(image_var + 0.01 / seeds)
+    assert half_width(n) <= 0.05 < half_width(n - 1) and 10 < n < 30
+    assert seeds_needed(found, 0.005) is None  # the test images' own luck alone exceeds it
+    assert seeds_needed(SeedInterval(0.1, 0.0, 0.2, np.nan, np.nan, 1, (0.1,)), 0.05) is None
+
+
+def test_holm_adjusts_a_family_step_down_and_leaves_unknown_p_out():
+    assert holm([0.01, 0.04, 0.03, np.nan]) == pytest.approx([0.03, 0.06, 0.06, np.nan], nan_ok=True)
+    assert holm([0.5, 0.8]) == [1.0, 1.0] and holm([]) == []
+
+
+def simulated_study(rng: np.random.Generator, images: int, seeds: int, spread: float) -> tuple[np.ndarray, ...]:
+    """Two methods of equal expected accuracy (0.8) on a fresh test set: each seed's accuracy drawn with std
+    `spread` (the training run's luck), each image's difficulty shared by every model (the test set's)."""
+    difficulty = rng.random(images)
+
+    def method() -> np.ndarray:
+        accuracy = 0.8 + rng.normal(0, spread, seeds)
+        right = 0.5 * difficulty[:, None] + 0.5 * rng.random((images, seeds)) < 0.5 * accuracy[None, :] + 0.25
+        return np.where(right, 0, 1)
+    return np.zeros(images, dtype=int), method(), method()
+
+
+@pytest.mark.parametrize("images, seeds", [(120, 3), (200, 5)])
+def test_the_paired_interval_covers_no_difference_between_equal_methods(images, seeds):
+    # 200 simulated studies: the interval over images and seeds covers the true difference, 0, in >= 90 % of
+    # them; the old interval over test images alone (their percentiles) covered it far less often
+    rng, covered, images_only = np.random.default_rng(0), 0, 0
+    for study in range(200):
+        y, a, b = simulated_study(rng, images, seeds, spread=0.05)
+        found = paired_seed_interval(accuracy, y, a, b, n=100, seed=study)
+        covered += found.low <= 0 <= found.high
+        values = bootstrap_values(lambda t, d: np.mean([accuracy(t, d[:, s, 0]) - accuracy(t, d[:, s, 1])
+                                                        for s in range(seeds)]), y, np.stack([a, b], 2), n=100,
+                                  seed=study)
+        low, high = np.percentile(values, [2.5, 97.5])
+        images_only += low <= 0 <= high
+    assert covered / 200 >= 0.90 and images_only / 200 < 0.8
 
 
 @pytest.mark.parametrize("multilabel", [False, True])

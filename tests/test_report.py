@@ -14,7 +14,7 @@ from PIL import Image
 import report
 from sklearn.metrics import f1_score
 
-from metrics import bootstrap_ci, paired_bootstrap
+from metrics import paired_seed_interval, seed_mean_interval
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,
@@ -170,10 +170,10 @@ def guesses(targets: np.ndarray, accuracy: float, seed: int, num_classes: int = 
 
 
 def paired_rows(text: str) -> list[tuple[str, float, float, float, float]]:
-    """(A, A - B, low, high, fraction <= 0) of every row of the paired-differences tables."""
-    found = re.findall(r"^\| \d+% \| (.+?) \| .+? \| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \| "
-                       r".+ \|$", text, re.M)
-    return [(a, *map(float, numbers)) for a, *numbers in found]
+    """(A, A - B, low, high, p; NaN for '-') of every row of the paired-differences tables."""
+    found = re.findall(r"^\| \d+% \| (.+?) \| .+? \| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\]‡? \| "
+                       r"([\d.]+|-) \| .+ \|$", text, re.M)
+    return [(a, *(float(n) if n != "-" else np.nan for n in numbers)) for a, *numbers in found]
 
 
 TARGETS = np.random.default_rng(0).integers(0, 2, 200)
@@ -189,35 +189,48 @@ def test_a_model_paired_with_itself_differs_by_exactly_zero(tmp_path):
 
 def test_a_clearly_better_model_has_a_positive_difference_whose_interval_excludes_zero(tmp_path):
     write_predicted_run(tmp_path / "runs/weak", TARGETS, [guesses(TARGETS, 0.6, s) for s in range(3)], bs=16)
-    write_predicted_run(tmp_path / "runs/strong", TARGETS, [guesses(TARGETS, 0.95, s) for s in (3, 4)], bs=32)
-    [(better, diff, low, high, le_zero)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
-    assert better.endswith("bs=32") and diff > 0.2 and 0 < low < diff < high and le_zero == 0.0
+    write_predicted_run(tmp_path / "runs/strong", TARGETS, [guesses(TARGETS, 0.95, s) for s in (3, 4, 5)], bs=32)
+    [(better, diff, low, high, p)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert better.endswith("bs=32") and diff > 0.2 and 0 < low < diff < high and p < 0.01
 
 
-def test_the_pooled_interval_contains_its_estimate_and_fills_the_cell(tmp_path):
+def test_rows_whose_seeds_cannot_be_matched_are_not_paired(tmp_path):
+    write_predicted_run(tmp_path / "runs/three", TARGETS, [guesses(TARGETS, 0.6, s) for s in range(3)], bs=16)
+    write_predicted_run(tmp_path / "runs/two", TARGETS, [guesses(TARGETS, 0.9, s) for s in range(2)], bs=32)
+    text = make_report(tmp_path, tmp_path / "runs")
+    assert paired_rows(text) == [] and "not compared, their seeds differ (0 1 2 vs 0 1)" in text
+    # matched seeds that labelled other images measure the draw of labels, not the methods
+    results = json.loads((tmp_path / "runs/three/results.json").read_text())
+    results["runs"] = results["runs"][:2]
+    results["runs"][1]["labelled_files"] = ["b/7.png"]
+    (tmp_path / "runs/three/results.json").write_text(json.dumps(results))
+    (tmp_path / "runs/three/predictions_seed2.csv").unlink()
+    assert "not compared, seed 1 labelled other images in the two rows" in make_report(tmp_path, tmp_path / "runs")
+
+
+def test_the_cell_interval_covers_images_and_seeds_and_fills_the_cell(tmp_path):
     targets = np.random.default_rng(1).integers(0, 3, 90)
     write_predicted_run(tmp_path / "runs/a", targets, [guesses(targets, 0.7, s, 3) for s in range(3)],
                         classes=("x", "y", "z"))
     results = report.load_results([tmp_path / "runs"])
     [cell] = report.collect_cells(results).values()
-    interval = report.pooled_interval(cell, "macro_f1", resamples=RESAMPLES)
-    assert interval.low < interval.estimate < interval.high and interval.n_used == RESAMPLES
-    assert interval.estimate == pytest.approx(np.mean(cell.scores))  # the table's mean, on the same images
-    metric = report.seed_mean("macro_f1", False)  # files without a group column: images resampled
+    interval = report.cell_interval(cell, "macro_f1", resamples=RESAMPLES)
+    assert interval.low < interval.estimate < interval.high and interval.seeds == 3
+    assert interval.estimate == pytest.approx(np.mean(cell.scores), abs=1e-4)  # the table's mean, on the same images
+    metric = report.headline("macro_f1", False)  # files without a group column: images resampled
     in_file_order = report.seed_predictions(cell)[0].targets  # sorted by path
-    assert interval == bootstrap_ci(metric, in_file_order, report.decisions(cell), n=RESAMPLES)
+    assert interval == seed_mean_interval(metric, in_file_order, report.decisions(cell), n=RESAMPLES)
+    assert interval.se ** 2 > np.var(cell.scores, ddof=1) / 3  # the seeds' spread and the images' luck
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
     assert row.endswith(f"(n=3) [{interval.low:.4f}, {interval.high:.4f}] |")
 
 
-def test_seeds_without_prediction_files_span_their_own_intervals(tmp_path):
-    folder = write_run(tmp_path / "runs/a", "/data/set", [0.8, 0.9])
-    results = json.loads((folder / "results.json").read_text())
-    for run, (low, high) in zip(results["runs"], ((0.7, 0.85), (0.75, 0.95))):
-        run["test_ci95"] = {"macro_f1": {"estimate": run["test"]["macro_f1"], "low": low, "high": high, "n_used": 1000}}
-    (folder / "results.json").write_text(json.dumps(results))
-    assert table_rows(make_report(tmp_path, tmp_path / "runs")) == [
-        "| cass (resnet50) | finetune | runs/cass | 0.8500 +- 0.0707 (n=2) [0.7000, 0.9500]† |"]
+def test_one_seed_is_marked_test_images_only_and_seeds_without_files_get_no_bracket(tmp_path):
+    write_predicted_run(tmp_path / "runs/one", TARGETS, [guesses(TARGETS, 0.8, 0)], bs=16)
+    write_run(tmp_path / "runs/none", "/data/set", [0.8, 0.9], bs=32)  # no prediction files: no interval for nothing
+    rows = table_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert rows[0].endswith("(n=1) [" + rows[0].split("[")[1].split("]")[0] + "]‡ |")
+    assert rows[1].endswith("| 0.8500 +- 0.0707 (n=2) |")
 
 
 def test_rows_tested_on_different_images_are_not_paired(tmp_path):
@@ -285,8 +298,8 @@ def test_each_seeds_recorded_thresholds_make_its_multilabel_decisions(tmp_path):
     write_predicted_run(tmp_path / "runs/a", targets, probs, thresholds=thresholds)
     [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
     at_half = np.mean([f1_score(targets, p > 0.5, average="macro", zero_division=0) for p in probs])
-    interval = report.pooled_interval(cell, "macro_f1", resamples=200)
-    assert interval.estimate == pytest.approx(np.mean(cell.scores)) != pytest.approx(at_half)
+    interval = report.cell_interval(cell, "macro_f1", resamples=200)
+    assert interval.estimate == pytest.approx(np.mean(cell.scores), abs=1e-4) != pytest.approx(at_half, abs=1e-4)
 
 
 def grouped(tmp_path: Path, name: str, accuracy: float, seed: int, **flags) -> tuple[np.ndarray, np.ndarray]:
@@ -304,13 +317,13 @@ def grouped(tmp_path: Path, name: str, accuracy: float, seed: int, **flags) -> t
 def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
     groups, _ = grouped(tmp_path, "a", 0.7, seed=5)
     [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
-    metric, decided = report.seed_mean("macro_f1", False), report.decisions(cell)
-    by_group = bootstrap_ci(metric, TARGETS, decided, groups=groups, n=RESAMPLES)
-    by_image = bootstrap_ci(metric, TARGETS, decided, n=RESAMPLES)
-    assert report.pooled_interval(cell, "macro_f1", resamples=RESAMPLES) == by_group
+    metric, decided = report.headline("macro_f1", False), report.decisions(cell)
+    by_group = seed_mean_interval(metric, TARGETS, decided, groups=groups, n=RESAMPLES)
+    by_image = seed_mean_interval(metric, TARGETS, decided, n=RESAMPLES)
+    assert report.cell_interval(cell, "macro_f1", resamples=RESAMPLES) == by_group
     assert by_group.high - by_group.low > 1.5 * (by_image.high - by_image.low)
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
-    assert row.endswith(f"[{by_group.low:.4f}, {by_group.high:.4f}] |")
+    assert row.endswith(f"[{by_group.low:.4f}, {by_group.high:.4f}]‡ |")  # one seed: test images only
 
 
 def test_paired_differences_resample_whole_groups(tmp_path):
@@ -318,11 +331,11 @@ def test_paired_differences_resample_whole_groups(tmp_path):
     _, strong = grouped(tmp_path, "strong", 0.8, seed=7, bs=32)
     cells = report.collect_cells(report.load_results([tmp_path / "runs"]))
     a, b = sorted(cells, key=lambda key: -np.mean(cells[key].scores))  # A: the row with the higher F1
-    metric, y = report.seed_mean("macro_f1", False), TARGETS
+    metric, y = report.headline("macro_f1", False), TARGETS
     da, db = report.decisions(cells[a]), report.decisions(cells[b])
-    expected = paired_bootstrap(metric, y, da, db, groups=groups, n=RESAMPLES)
-    by_image = paired_bootstrap(metric, y, da, db, n=RESAMPLES)
-    [(better, diff, low, high, le_zero)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
+    expected = paired_seed_interval(metric, y, da, db, groups=groups, n=RESAMPLES)
+    by_image = paired_seed_interval(metric, y, da, db, n=RESAMPLES)
+    [(better, diff, low, high, p)] = paired_rows(make_report(tmp_path, tmp_path / "runs"))
     assert better.endswith("bs=32") and (diff, low, high) == pytest.approx(
-        (expected.estimate, expected.low, expected.high), abs=5e-5) and le_zero == round(expected.frac_le_zero, 3)
+        (expected.estimate, expected.low, expected.high), abs=5e-5) and np.isnan(p)  # one seed: no p
     assert (round(low, 4), round(high, 4)) != (round(by_image.low, 4), round(by_image.high, 4))
