@@ -1,6 +1,8 @@
 """Speed benchmark, measured in one run on whatever device it finds:
 
-1. loader images/s: per-sample decode + resize of large JPEGs vs the decode-once cache;
+1. loader images/s: per-sample decode + resize of large JPEGs vs the decode-once cache; per-image
+   milliseconds of each augmentation pipeline in one process (the paper's, --aug blur, DINO's multi-crop), and
+   of one Gaussian blur by Pillow (ours) and by torchvision's 39 x 39 kernel (before);
 2. pretraining step images/s: CASS (both arms) vs DINO (2 + 8 crops) for each
    architecture, and CASS time / (DINO-CNN + DINO-ViT time) for the same images
    (the paper's Table 2 claim as one number);
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
 
 import flags
 import pretrain_cass
@@ -36,7 +39,8 @@ from checkpoint import prepare_out_dir, write_json
 from data import index_data, keyed_path
 from losses import cass_loss
 from models import normalise
-from pixels import ImageDataset, open_cache, train_augment, train_loader
+from dino import MultiCropAugment
+from pixels import ImageDataset, gaussian_blur, open_cache, train_augment, train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
     p.add_argument("--compile", action="store_true", help="time the steps of torch.compile'd models")
     p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the loader (1.); --no-loader: the steps only, e.g. in a run per precision")
+                   help="measure the loader and the augmentations (1.); --no-loader: the steps only, e.g. in a "
+                        "run per precision")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, measure peak memory and the largest batch (4.)")
     p.add_argument("--side-by-side", type=flags.non_negative_int, default=0, metavar="IMAGES",
@@ -92,7 +97,7 @@ def loader_speed(args, folder: Path) -> dict:
 
     def pass_rate(source) -> float:
         loader = train_loader(ImageDataset(index.root, index.paths, index.targets, args.img_size,
-                                           train_augment(args.img_size), source), args.bs, seed=0,
+                                           train_augment(), source), args.bs, seed=0,
                               workers=args.workers)
         for _ in loader:  # warm-up: worker start, file system cache
             pass
@@ -105,6 +110,30 @@ def loader_speed(args, folder: Path) -> dict:
     plain, cached = pass_rate(None), pass_rate(cache)
     return {"loader_plain_ips": plain, "loader_cached_ips": cached, "loader_speedup": cached / plain,
             "cache_build_s": build}
+
+
+def augment_speed(args, images: int = 12) -> dict:
+    """Milliseconds per image in this process (no workers) at --img-size, over generated photographs-like RGB
+    images (smooth gradients and noise): each pipeline once per image after a warm-up."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, args.img_size)
+    pictures = [Image.fromarray(np.clip(ramp[None, :, None] * rng.random(3) + rng.normal(0, 20, (args.img_size,
+                args.img_size, 3)), 0, 255).astype(np.uint8)) for _ in range(images)]
+    old_blur = v2.GaussianBlur(2 * int(0.05 * args.img_size) + 1, sigma=(0.1, 2.0))  # before: an exact kernel
+
+    def per_image(transform) -> float:
+        transform(pictures[0])
+        start = time.perf_counter()
+        for picture in pictures:
+            transform(picture)
+        return 1000 * (time.perf_counter() - start) / len(pictures)
+
+    found = {"aug_paper_ms": per_image(train_augment("paper")), "aug_blur_ms": per_image(train_augment("blur")),
+             "dino_multicrop_ms": per_image(MultiCropAugment(args.img_size, 96, args.local_crops, (0.4, 1.0),
+                                                             (0.05, 0.4))),
+             "blur_pillow_ms": per_image(gaussian_blur), "blur_torchvision_ms": per_image(old_blur)}
+    return {**found, "aug_blur_over_paper": found["aug_blur_ms"] / found["aug_paper_ms"],
+            "blur_torchvision_over_pillow": found["blur_torchvision_ms"] / found["blur_pillow_ms"]}
 
 
 class Batches:
@@ -248,6 +277,7 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.loader:
         measured(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
+        measured(augment_speed(args))
     cass = cass_speed(args, device, dtype, compiled=args.compile)
     flops = cass_flops_per_image(cass["arms"], args, device, dtype)
     peak = matmul_peak(device, dtype)

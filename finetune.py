@@ -189,7 +189,7 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
         return Seed(model, model.get_classifier(), train, val, test, inputs=lambda x: x)
     prepare_for_training(model, source.timm_arch, device, args.grad_ckpt)
     size, pin = source.img_size, device.type == "cuda"
-    train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(size, args.aug), cache,
+    train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(args.aug), cache,
                                       source.intensity), bs, seed=seed, workers=args.workers, rank=rank, world=world,
                          pin_memory=pin)
     val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
@@ -287,7 +287,8 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
     net = torch.compile(net) if args.compile else net
     weights = class_weights(index.class_counts(parts["train"] if args.class_weights_from == "train" else labelled),
                             args.class_weights)
-    loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal, weights=weights)
+    loss_fn = partial(focal_loss, alpha=args.alpha, gamma=args.gamma, form=args.focal,
+                      weights=None if weights is None else weights.to(device))  # copied once, not every step
     best, epochs_run = train_with_early_stopping(net, run, loss_fn, lr, args, seed, out, device, dtype)
     run.model.load_state_dict(best.state)
     net.eval()

@@ -17,12 +17,13 @@ def cass_loss(r: torch.Tensor, t: torch.Tensor, eps: float = 1e-12) -> torch.Ten
     r, t: (B, D) output logits of the CNN and the Transformer. Computed in
     float32 whatever the autocast dtype: the Alg. 1 noise (1e-6, 1e-10) would
     vanish in fp16. When r and t are identical, Gaussian noise is added to both
-    (Alg. 1) so the loss keeps a non-zero gradient.
+    (Alg. 1) so the loss keeps a non-zero gradient; whether they are is decided
+    on the device (torch.where), so the host never waits for the step to get there.
     """
     r, t = r.float(), t.float()
-    if torch.equal(r, t):
-        r = r + torch.randn_like(r) * 1e-9 + 1e-6
-        t = t + torch.randn_like(t) * 1e-15 + 1e-10
+    same = (r == t).all()
+    r = torch.where(same, r + torch.randn_like(r) * 1e-9 + 1e-6, r)
+    t = torch.where(same, t + torch.randn_like(t) * 1e-15 + 1e-10, t)
     cos = (F.normalize(r, dim=1, eps=eps) * F.normalize(t, dim=1, eps=eps)).sum(dim=1)
     return (2 - 2 * cos).mean()
 

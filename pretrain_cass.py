@@ -264,7 +264,7 @@ def main(args: argparse.Namespace) -> Path:
     cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" else None
     loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
-                                       train_augment(cfg.img_size, cfg.aug), cache, cfg.intensity),
+                                       train_augment(cfg.aug), cache, cfg.intensity),
                           cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                           drop_last=True, pin_memory=device.type == "cuda")
     if rt.is_main():

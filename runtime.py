@@ -116,11 +116,13 @@ def ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for --amp auto|bf16|fp16|off; None means full fp32.
-    auto: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 on CPU."""
+    auto: bf16 on GPUs that compute it natively (compute capability 8.0 on: Ampere, Ada, Hopper), else fp16
+    (with a GradScaler); fp32 on CPU. Turing and Volta cards (the paper's RTX8000 among them) answer
+    torch.cuda.is_bf16_supported() with yes by emulation, where bf16 convolutions leave cuDNN for slow kernels."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

@@ -21,7 +21,7 @@ def test_cached_path_yields_the_same_pixels_and_augmentations_as_the_plain_path(
     write_image(tmp_path / "d" / "b" / "mri.tif", "I;16", size=(64, 64))
     index = index_data(tmp_path / "d", workers=1)
     cache = cache_of(index, "square", 48, tmp_path / "cache")
-    for augment in (None, train_augment(48)):
+    for augment in (None, train_augment()):
         plain = ImageDataset(index.root, index.paths, index.targets, 48, augment)
         cached = ImageDataset(index.root, index.paths, index.targets, 48, augment, cache)
         for i in range(len(index.paths)):
@@ -31,7 +31,7 @@ def test_cached_path_yields_the_same_pixels_and_augmentations_as_the_plain_path(
             assert torch.equal(x, cached[i][0]), index.paths[i]
     # loader workers open the memory map themselves and draw the same augmentations
     batches = [torch.cat([x for x, _ in train_loader(ImageDataset(index.root, index.paths, index.targets, 48,
-                                                                  train_augment(48), c), 4, seed=1, workers=w)])
+                                                                  train_augment(), c), 4, seed=1, workers=w)])
                for c, w in ((None, 0), (cache, 2))]
     assert torch.equal(*batches)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN
 from torchvision.transforms import v2
 
@@ -19,7 +20,7 @@ from conftest import TINY
 from anticollapse import variance_hinge
 from losses import cass_loss
 from models import normalise
-from pixels import train_augment
+from pixels import gaussian_blur, train_augment
 
 CPU = torch.device("cpu")
 
@@ -166,20 +167,39 @@ def test_each_ablation_switch_changes_what_it_names():
 
 
 def test_table_9_augmentations_add_blur_and_solarize():
-    def kinds(variant):
-        ops = train_augment(32, variant).transforms
-        return {type(op).__name__ for op in ops} | {type(inner).__name__ for op in ops
-                                                     for inner in getattr(op, "transforms", [])}
+    def kinds(variant):  # each transform's class, a Lambda's function
+        ops = train_augment(variant).transforms
+        ops = [*ops, *(inner for op in ops for inner in getattr(op, "transforms", []))]
+        return {op.lambd.__name__ if isinstance(op, v2.Lambda) else type(op).__name__ for op in ops}
 
-    assert not {"GaussianBlur", "RandomSolarize"} & kinds("paper")
-    assert {"GaussianBlur", "RandomSolarize"} <= kinds("blur+solarize")
-    assert "GaussianBlur" in kinds("blur") and "RandomSolarize" not in kinds("blur")
+    assert not {"gaussian_blur", "RandomSolarize"} & kinds("paper")
+    assert {"gaussian_blur", "RandomSolarize"} <= kinds("blur+solarize")
+    assert "gaussian_blur" in kinds("blur") and "RandomSolarize" not in kinds("blur")
     bright = v2.functional.to_pil_image(torch.full((3, 32, 32), 200, dtype=torch.uint8))
     solarized = []
     for seed in range(20):
         torch.manual_seed(seed)
-        solarized.append(np.asarray(train_augment(32, "solarize")(bright)).max() < 128)
+        solarized.append(np.asarray(train_augment("solarize")(bright)).max() < 128)
     assert any(solarized) and not all(solarized)  # p = 0.2: 255 - 200 = 55 on some draws
+
+
+def test_the_blur_is_pillows_gaussian_at_a_seeded_sigma():
+    checks = v2.functional.to_pil_image(((torch.arange(64)[:, None] // 4 + torch.arange(64) // 4) % 2 * 255)
+                                        .to(torch.uint8).expand(3, 64, 64))
+
+    def blurred(seed: int) -> np.ndarray:
+        torch.manual_seed(seed)
+        return np.asarray(gaussian_blur(checks), dtype=float)
+    def sigma(seed: int) -> float:  # the draw gaussian_blur makes after manual_seed(seed)
+        torch.manual_seed(seed)
+        return float(torch.empty(()).uniform_(0.1, 2.0))
+    sigmas = [sigma(seed) for seed in range(10)]
+    assert 0.1 <= min(sigmas) < max(sigmas) <= 2.0
+    wide = int(np.argmax(sigmas))  # a sigma above 1.5: a visible blur
+    assert np.array_equal(blurred(wide), np.asarray(checks.filter(ImageFilter.GaussianBlur(radius=sigmas[wide])),
+                                                    dtype=float))
+    assert np.array_equal(blurred(wide), blurred(wide)) and not np.array_equal(blurred(wide), blurred(wide + 1))
+    assert blurred(wide).std() < 0.9 * np.asarray(checks, dtype=float).std()
 
 
 def test_variance_hinge_by_hand():

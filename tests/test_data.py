@@ -158,7 +158,7 @@ def test_loader_order_and_augmentations_depend_only_on_seed_and_epoch(demo_data)
     ids = list(range(12))
 
     def batches(workers, epoch):
-        ds = ImageDataset(index.root, *index.part(ids), 32, train_augment(32, "blur+solarize"))
+        ds = ImageDataset(index.root, *index.part(ids), 32, train_augment("blur+solarize"))
         loader = train_loader(ds, 4, seed=5, workers=workers)
         loader.sampler.set_epoch(epoch)
         return torch.cat([x for x, _ in loader])
@@ -173,7 +173,7 @@ def test_loader_order_and_augmentations_depend_only_on_seed_and_epoch(demo_data)
 
 def test_image_dataset_works_with_a_plain_int_index_in_any_dataloader(demo_data):
     index = index_data(demo_data, workers=1)
-    ds = ImageDataset(index.root, *index.part([0, 1, 2, 40]), 24, train_augment(24))
+    ds = ImageDataset(index.root, *index.part([0, 1, 2, 40]), 24, train_augment())
     x, y = next(iter(DataLoader(ds, batch_size=4, shuffle=True, num_workers=0)))
     assert x.shape == (4, 3, 24, 24) and x.dtype == torch.uint8
     assert sorted(y.tolist()) == sorted(index.targets[[0, 1, 2, 40]].tolist())
