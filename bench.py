@@ -8,7 +8,9 @@
    (the paper's Table 2 claim as one number);
 3. achieved model FLOP/s (torch.utils.flop_counter) over the matmul peak measured here;
 4. on CUDA: peak memory with and without AMP and gradient checkpointing, and the largest batch;
-5. with --side-by-side: seconds per epoch of a pretrain_cass.py run alone and of
+5. evaluation: seconds of metrics.evaluate (every metric and its 1,000-resample intervals) on one seed of
+   --eval-images test images of 8 classes (ISIC-2019's size by default);
+6. with --side-by-side: seconds per epoch of a pretrain_cass.py run alone and of
    each of two runs side by side on the CPU, with the default threads and with
    PyTorch's own (--threads 0).
 
@@ -38,6 +40,7 @@ import runtime as rt
 from checkpoint import prepare_out_dir, write_json
 from data import index_data, keyed_path
 from losses import cass_loss
+from metrics import evaluate
 from models import normalise
 from dino import MultiCropAugment
 from pixels import ImageDataset, gaussian_blur, open_cache, train_augment, train_loader
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA, measure peak memory and the largest batch (4.)")
     p.add_argument("--side-by-side", type=flags.non_negative_int, default=0, metavar="IMAGES",
                    help="time pretrain_cass.py alone and two at once on this many generated 64 px images (0: skip)")
+    p.add_argument("--eval-images", type=flags.non_negative_int, default=5000,
+                   help="test images of the evaluation timing (5.; 0: skip)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
     return p.parse_args(argv)
 
@@ -134,6 +139,16 @@ def augment_speed(args, images: int = 12) -> dict:
              "blur_pillow_ms": per_image(gaussian_blur), "blur_torchvision_ms": per_image(old_blur)}
     return {**found, "aug_blur_over_paper": found["aug_blur_ms"] / found["aug_paper_ms"],
             "blur_torchvision_over_pillow": found["blur_torchvision_ms"] / found["blur_pillow_ms"]}
+
+
+def evaluation_speed(images: int, classes: int = 8, resamples: int = 1000) -> dict:
+    """Seconds of one seed's metrics.evaluate on generated logits (500 val and `images` test images)."""
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, classes, images)
+    logits = rng.normal(size=(images, classes)) + 2 * np.eye(classes)[targets]
+    start = time.perf_counter()
+    evaluate(logits[:500], targets[:500], logits, targets, False, "macro_f1", resamples=resamples)
+    return {"evaluate_s": time.perf_counter() - start}
 
 
 class Batches:
@@ -287,6 +302,8 @@ def main(args: argparse.Namespace) -> dict:
     dino_cnn, dino_vit = (dino_speed(args, arch, device, dtype, args.compile) for arch in (args.cnn, args.vit))
     measured({"dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
               "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
+    if args.eval_images:
+        measured(evaluation_speed(args.eval_images))
     if args.memory and device.type == "cuda":
         measured(cuda_memory(args, device))
     if args.side_by_side:

@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
     bench = [py, "bench.py", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
              str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
     if args.dry_run:
-        bench += ["--images", "4", "--image-px", "64", "48", "--loader-passes", "1"]
+        bench += ["--images", "4", "--image-px", "64", "48", "--loader-passes", "1", "--eval-images", "500"]
     # the dry run leaves out --compile: on the CPU, inductor spends minutes compiling C++ for tiny models
     compiled = [] if args.dry_run else ["--compile"]
     for name, extra in (("bench_fp32", ["--amp", "off", "--no-loader", "--no-memory"]),

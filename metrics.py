@@ -234,10 +234,64 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float, int, i
     return float(low), float(high), len(used), len(values) - len(used)
 
 
+class Weighted:
+    """A metric that scores every bootstrap resample at once: over(targets, scores, weights) -> (R,), weights
+    (R, N) the number of times each of the N images was drawn into each of R resamples (so a resample is a
+    matrix product, not a Python call per resample). Called as metric(targets, scores) it scores the whole set."""
+
+    def __init__(self, over: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]):
+        self.over = over
+
+    def __call__(self, targets: np.ndarray, scores: np.ndarray) -> float:
+        return float(self.over(targets, scores, np.ones((1, len(targets))))[0])
+
+
+def _weighted_headline(headline: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """headline_score of decisions on every resample of `weights` at once, from the resamples' weighted
+    confusion counts, as scikit-learn defines it: multi-class macro F1 over the classes in the truth or the
+    decisions, balanced accuracy the mean recall over the classes in the truth; multi-label macro F1 over every
+    label (0/0 as 0), balanced accuracy the mean over labels of the mean recall over the values (0, 1) each
+    label's truth holds. tests/test_metrics.py checks each resample against headline_score."""
+    def over(y: np.ndarray, d: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if multilabel:
+            truth, said = np.asarray(y, dtype=float), np.asarray(d, dtype=float)
+        else:
+            classes = int(max(y.max(), d.max())) + 1
+            truth, said = np.eye(classes)[y], np.eye(classes)[d]
+        tp, true, pred = w @ (truth * said), w @ truth, w @ said  # (R, C) each
+        if headline == "macro_f1":
+            f1 = np.divide(2 * tp, true + pred, out=np.zeros_like(tp), where=true + pred > 0)
+            if multilabel:
+                return f1.mean(1)
+            present = true + pred > 0
+            return (f1 * present).sum(1) / present.sum(1)
+        recall = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
+        if not multilabel:
+            return (recall * (true > 0)).sum(1) / (true > 0).sum(1)
+        negatives = w.sum(1, keepdims=True) - true
+        specificity = np.divide(negatives - pred + tp, negatives, out=np.zeros_like(tp), where=negatives > 0)
+        return ((recall * (true > 0) + specificity * (negatives > 0)) / ((true > 0) * 1.0 + (negatives > 0))).mean(1)
+    return over
+
+
+def headline_metric(headline: str, multilabel: bool) -> Weighted:
+    """metric(targets, decisions): headline_score, computed for every bootstrap resample at once (Weighted)."""
+    return Weighted(_weighted_headline(headline, multilabel))
+
+
+def resample_weights(n_images: int, groups: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """(n, N) how many times each image is drawn into each of the n resamples of `resample_indices`."""
+    return np.stack([np.bincount(i, minlength=n_images) for i in resample_indices(n_images, groups, n, seed)]
+                    ).astype(float)
+
+
 def bootstrap_values(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray, scores: np.ndarray,
                      groups: np.ndarray | None = None, n: int = 1000, seed: int = 0) -> np.ndarray:
     """(n,) metric(targets[i], scores[i]) over n resamples i of the test images (or groups, see
-    `resample_indices`), both indexed by image on axis 0; NaN where the metric is undefined."""
+    `resample_indices`), both indexed by image on axis 0; NaN where the metric is undefined. A Weighted metric
+    scores them all at once."""
+    if isinstance(metric, Weighted):
+        return np.asarray(metric.over(targets, scores, resample_weights(len(targets), groups, n, seed)), dtype=float)
     return np.array([metric(targets[i], scores[i]) for i in resample_indices(len(targets), groups, n, seed)],
                     dtype=float)
 
@@ -289,9 +343,9 @@ def seed_mean_interval(metric: Callable[[np.ndarray, np.ndarray], float], target
     on the same test images) and its SeedInterval: each bootstrap resample scores every seed on the same images."""
     seeds = range(decisions.shape[1])
     per_seed = np.array([metric(targets, decisions[:, s]) for s in seeds])
-    values = bootstrap_values(lambda y, d: np.mean([metric(y, d[:, s]) for s in seeds]), targets, decisions,
-                              groups, n, seed)
-    return over_seeds_and_images(per_seed, values, level)
+    mean = Weighted(lambda y, d, w: np.mean([metric.over(y, d[:, s], w) for s in seeds], axis=0)) \
+        if isinstance(metric, Weighted) else lambda y, d: np.mean([metric(y, d[:, s]) for s in seeds])
+    return over_seeds_and_images(per_seed, bootstrap_values(mean, targets, decisions, groups, n, seed), level)
 
 
 def paired_seed_interval(metric: Callable[[np.ndarray, np.ndarray], float], targets: np.ndarray,
@@ -300,8 +354,9 @@ def paired_seed_interval(metric: Callable[[np.ndarray, np.ndarray], float], targ
     """The mean over matched seeds of metric(a's seed s) - metric(b's seed s) ((N, S, ...) decisions of the
     same S seeds, in the same order, on the same test images) and its SeedInterval: each resample scores both
     on the same images, so the shared test set's luck cancels, and the seeds' spread of differences counts."""
-    return seed_mean_interval(lambda y, d: metric(y, d[:, 0]) - metric(y, d[:, 1]), targets, np.stack([a, b], 2),
-                              groups, n, seed, level)
+    difference = Weighted(lambda y, d, w: metric.over(y, d[:, 0], w) - metric.over(y, d[:, 1], w)) \
+        if isinstance(metric, Weighted) else lambda y, d: metric(y, d[:, 0]) - metric(y, d[:, 1])
+    return seed_mean_interval(difference, targets, np.stack([a, b], 2), groups, n, seed, level)
 
 
 def seeds_needed(found: SeedInterval, margin: float, level: float = 0.95, most: int = 100) -> int | None:
@@ -331,14 +386,33 @@ def holm(p: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def macro_auroc_of(defined: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
-    """metric(targets, scores): macro AUROC, NaN unless every class in `defined` ((C,) bool, those defined on
-    the whole test set) keeps positives and negatives, so that every used resample averages the same
-    classes (a resample missing a rare class would otherwise average an easier set of classes)."""
-    def metric(y: np.ndarray, s: np.ndarray) -> float:
-        found = roc_auc(y, s)
-        return np.nan if np.isnan(found.per_class[defined]).any() else found.macro
-    return metric
+def _weighted_auroc(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(R,) one class's AUROC on every resample of `w` (R, N): the weighted share of (positive, negative) pairs
+    the scores order right, ties counting one half (roc_auc_score's value, as the Mann-Whitney statistic); NaN
+    in a resample without positives or without negatives."""
+    order = np.argsort(score, kind="stable")
+    ordered = w[:, order]
+    neg = ordered * ~positive[order]
+    pos = ordered - neg
+    starts = np.flatnonzero(np.r_[True, np.diff(score[order]) != 0])  # groups of tied scores
+    if len(starts) < len(score):
+        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)  # (R, groups)
+    # each group's positives above the negatives up to and including it, less half of those tied with it
+    right = np.einsum("rg,rg->r", pos, np.cumsum(neg, axis=1)) - 0.5 * np.einsum("rg,rg->r", pos, neg)
+    pairs = pos.sum(1) * neg.sum(1)
+    return np.divide(right, pairs, out=np.full(len(w), np.nan), where=pairs > 0)
+
+
+def macro_auroc_of(defined: np.ndarray) -> Weighted:
+    """metric(targets, scores): macro AUROC over the classes in `defined` ((C,) bool, those defined on the whole
+    test set), NaN unless every one of them keeps positives and negatives, so that every used resample averages
+    the same classes (a resample missing a rare class would otherwise average an easier set of classes).
+    Weighted: every resample at once; tests/test_metrics.py checks it against roc_auc."""
+    def over(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+        truth = indicator(y, s.shape[1])
+        per_class = [_weighted_auroc(truth[:, k], s[:, k], w) for k in np.flatnonzero(defined)]
+        return np.mean(per_class, axis=0) if per_class else np.full(len(w), np.nan)
+    return Weighted(over)
 
 
 # ------------------------------------------------------------- the evaluation step
@@ -389,8 +463,8 @@ def evaluate(val_logits: np.ndarray, val_targets: np.ndarray, test_logits: np.nd
     temperature = fit_temperature(val_logits, val_targets, multilabel)
     calibrated = probabilities(test_logits / temperature, multilabel)
     intervals = {
-        headline: bootstrap_ci(lambda y, p: headline_score(headline, y, decide(p, multilabel, thresholds), multilabel),
-                               test_targets, probs, groups, resamples, seed),
+        headline: bootstrap_ci(headline_metric(headline, multilabel), test_targets,
+                               decide(probs, multilabel, thresholds), groups, resamples, seed),
         "auroc_macro": bootstrap_ci(macro_auroc_of(~np.isnan(roc_auc(test_targets, probs).per_class)),
                                     test_targets, probs, groups, resamples, seed)}
     return {"test": test, "thresholds": thresholds,

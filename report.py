@@ -25,9 +25,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -36,7 +34,7 @@ import flags
 import predictions
 from checkpoint import prepare_out_dir, read_log, sha256
 from errors import UserError
-from metrics import SeedInterval, decide, headline_score, holm, paired_seed_interval, seed_mean_interval
+from metrics import SeedInterval, decide, headline_metric, holm, paired_seed_interval, seed_mean_interval
 from predictions import Predictions
 
 
@@ -212,11 +210,6 @@ def decisions(cell: Cell, order: list[int] | None = None) -> np.ndarray:
     return np.stack([decide(p, cell.multilabel, cell.thresholds[k]) for p, k in zip(probs, order)], axis=1)
 
 
-def headline(name: str, multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
-    """metric(targets, decisions) of one seed, as results.json records it (metrics.headline_score)."""
-    return partial(headline_score, name, multilabel=multilabel)
-
-
 def cell_interval(cell: Cell, metric: str, resamples: int) -> SeedInterval | None:
     """The cell's mean over seeds and its 95 % interval over test images (or their groups) and seeds
     (metrics.seed_mean_interval): each bootstrap resample draws the images once and scores every seed on them,
@@ -226,7 +219,7 @@ def cell_interval(cell: Cell, metric: str, resamples: int) -> SeedInterval | Non
     if unshared(cell):
         return None
     preds = seed_predictions(cell)
-    return seed_mean_interval(headline(metric, cell.multilabel), preds[0].targets, decisions(cell),
+    return seed_mean_interval(headline_metric(metric, cell.multilabel), preds[0].targets, decisions(cell),
                               shared_groups(preds), n=resamples)
 
 
@@ -322,7 +315,7 @@ def paired_difference(a: Cell, b: Cell, metric: str, resamples: int) -> SeedInte
     order_a = sorted(range(len(a.seeds)), key=a.seeds.__getitem__)
     order_b = sorted(range(len(b.seeds)), key=b.seeds.__getitem__)
     pa, pb = seed_predictions(a), seed_predictions(b)
-    return paired_seed_interval(headline(metric, a.multilabel), pa[0].targets, decisions(a, order_a),
+    return paired_seed_interval(headline_metric(metric, a.multilabel), pa[0].targets, decisions(a, order_a),
                                 decisions(b, order_b), shared_groups(pa + pb), n=resamples)
 
 

@@ -16,7 +16,7 @@ def test_bench_derives_its_ratios_from_its_own_measurements_and_writes_them(tmp_
     result = bench.main(bench.parse_args(
         ["--images", "6", "--loader-passes", "1", "--image-px", "120", "90", "--steps", "1", "--out-dim", "256",
          "--local-crops", "2", "--img-size", "32", "--bs", "4", "--workers", "0", "--device", "cpu",
-         "--out", str(tmp_path)]))
+         "--eval-images", "300", "--out", str(tmp_path)]))
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result, default=str))
     assert result["config"]["img_size"] == 32 and result["device"] == "cpu"
     # the paper's Table 2 claim as one number: CASS's time per image over DINO-CNN's plus DINO-ViT's
@@ -26,6 +26,7 @@ def test_bench_derives_its_ratios_from_its_own_measurements_and_writes_them(tmp_
     assert result["loader_speedup"] == pytest.approx(result["loader_cached_ips"] / result["loader_plain_ips"])
     assert result["achieved_tflops"] == pytest.approx(result["cass_gflop_per_image"] * 1e9 * result["cass_ips"] / 1e12)
     assert result["fraction_of_peak"] == pytest.approx(result["achieved_tflops"] / result["matmul_peak_tflops"])
+    assert result["evaluate_s"] > 0 and result["aug_paper_ms"] > 0 and result["blur_torchvision_over_pillow"] > 0
     jpegs = sorted((tmp_path / "jpegs").rglob("*.jpg"))
     assert len(jpegs) == 6 and {Image.open(p).size for p in jpegs} == {(120, 90)}
 

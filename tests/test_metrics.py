@@ -5,8 +5,8 @@ import pytest
 from scipy.stats import t as student_t
 
 from metrics import (average_precision, bootstrap_ci, bootstrap_values, brier, classification_metrics, ece, evaluate,
-                     fit_temperature, headline_score, holm, macro_auroc_of, paired_seed_interval, probabilities,
-                     roc_auc, SeedInterval, seeds_needed, thresholded_metrics)
+                     fit_temperature, headline_metric, headline_score, holm, macro_auroc_of, paired_seed_interval,
+                     probabilities, resample_indices, roc_auc, SeedInterval, seeds_needed, thresholded_metrics)
 
 
 def test_multiclass_metrics_by_hand():
@@ -231,6 +231,46 @@ def test_seeds_needed_for_a_margin_from_a_measured_spread():
     assert half_width(n) <= 0.05 < half_width(n - 1) and 10 < n < 30
     assert seeds_needed(found, 0.005) is None  # the test images' own luck alone exceeds it
     assert seeds_needed(SeedInterval(0.1, 0.0, 0.2, np.nan, np.nan, 1, (0.1,)), 0.05) is None
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("headline", ["macro_f1", "balanced_accuracy"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_resample_of_a_headline_at_once_equals_scikit_learn_on_that_resample(multilabel, headline, grouped):
+    rng = np.random.default_rng(21)
+    if multilabel:  # label 4 never true, label 3 never predicted
+        y, d = rng.random((300, 5)) < 0.2, rng.random((300, 5)) < 0.25
+        y[:, 4], d[:, 3] = False, False
+    else:  # class 5 never true, class 6 only predicted; class 4 rare enough to leave some resamples
+        y = np.where(rng.random(300) < 0.02, 4, rng.integers(0, 4, 300))
+        d = np.where(rng.random(300) < 0.6, y, rng.integers(0, 7, 300))
+    groups = np.repeat(np.arange(60), 5) if grouped else None
+    metric = headline_metric(headline, multilabel)
+    at_once = bootstrap_values(metric, y, d, groups, n=200, seed=3)
+    one_by_one = [headline_score(headline, y[i], d[i], multilabel) for i in resample_indices(300, groups, 200, 3)]
+    assert np.allclose(at_once, one_by_one, rtol=0, atol=1e-12) and metric(y, d) == headline_score(headline, y, d,
+                                                                                                     multilabel)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_every_resample_of_macro_auroc_at_once_equals_scikit_learn_on_that_resample(multilabel):
+    rng = np.random.default_rng(22)
+    if multilabel:  # rounded scores: many ties
+        y = rng.random((300, 4)) < 0.1
+        scores = np.round(rng.random((300, 4)) + y * 0.3, 1)
+    else:  # class 3 has 3 images: some resamples lose it and are dropped
+        y = rng.integers(0, 3, 300)
+        y[:3] = 3
+        scores = rng.dirichlet(np.ones(4), 300) + np.eye(4)[y] * 0.2
+    defined = ~np.isnan(roc_auc(y, scores).per_class)
+    for groups in (None, np.repeat(np.arange(60), 5)):
+        at_once = bootstrap_values(macro_auroc_of(defined), y, scores, groups, n=200, seed=3)
+        one_by_one = []
+        for i in resample_indices(300, groups, 200, 3):
+            found = roc_auc(y[i], scores[i])
+            one_by_one.append(np.nan if np.isnan(found.per_class[defined]).any() else found.macro)
+        assert np.allclose(at_once, one_by_one, rtol=0, atol=1e-12, equal_nan=True)
+        assert np.isnan(one_by_one).any() != multilabel  # the rare class is lost now and then
 
 
 def test_holm_adjusts_a_family_step_down_and_leaves_unknown_p_out():

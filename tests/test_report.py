@@ -14,7 +14,7 @@ from PIL import Image
 import report
 from sklearn.metrics import f1_score
 
-from metrics import paired_seed_interval, seed_mean_interval
+from metrics import headline_metric, paired_seed_interval, seed_mean_interval
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,
@@ -217,7 +217,7 @@ def test_the_cell_interval_covers_images_and_seeds_and_fills_the_cell(tmp_path):
     interval = report.cell_interval(cell, "macro_f1", resamples=RESAMPLES)
     assert interval.low < interval.estimate < interval.high and interval.seeds == 3
     assert interval.estimate == pytest.approx(np.mean(cell.scores), abs=1e-4)  # the table's mean, on the same images
-    metric = report.headline("macro_f1", False)  # files without a group column: images resampled
+    metric = headline_metric("macro_f1", False)  # files without a group column: images resampled
     in_file_order = report.seed_predictions(cell)[0].targets  # sorted by path
     assert interval == seed_mean_interval(metric, in_file_order, report.decisions(cell), n=RESAMPLES)
     assert interval.se ** 2 > np.var(cell.scores, ddof=1) / 3  # the seeds' spread and the images' luck
@@ -317,7 +317,7 @@ def grouped(tmp_path: Path, name: str, accuracy: float, seed: int, **flags) -> t
 def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
     groups, _ = grouped(tmp_path, "a", 0.7, seed=5)
     [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
-    metric, decided = report.headline("macro_f1", False), report.decisions(cell)
+    metric, decided = headline_metric("macro_f1", False), report.decisions(cell)
     by_group = seed_mean_interval(metric, TARGETS, decided, groups=groups, n=RESAMPLES)
     by_image = seed_mean_interval(metric, TARGETS, decided, n=RESAMPLES)
     assert report.cell_interval(cell, "macro_f1", resamples=RESAMPLES) == by_group
@@ -331,7 +331,7 @@ def test_paired_differences_resample_whole_groups(tmp_path):
     _, strong = grouped(tmp_path, "strong", 0.8, seed=7, bs=32)
     cells = report.collect_cells(report.load_results([tmp_path / "runs"]))
     a, b = sorted(cells, key=lambda key: -np.mean(cells[key].scores))  # A: the row with the higher F1
-    metric, y = report.headline("macro_f1", False), TARGETS
+    metric, y = headline_metric("macro_f1", False), TARGETS
     da, db = report.decisions(cells[a]), report.decisions(cells[b])
     expected = paired_seed_interval(metric, y, da, db, groups=groups, n=RESAMPLES)
     by_image = paired_seed_interval(metric, y, da, db, n=RESAMPLES)
