@@ -106,6 +106,8 @@ def load(path: str | Path, kind: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): a copy or a save that did not finish")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -116,7 +118,12 @@ def load(path: str | Path, kind: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project")
     if obj.get("kind") != kind:
-        raise UserError(f"{path} is a {obj.get('kind')!r} checkpoint, expected a {kind!r} one")
+        instead = {"model": f"a run's state: continue its run with --resume {path.parent}, or fine-tune the "
+                            f"networks beside it ({path.parent / 'cnn.pt'}, {path.parent / 'vit.pt'})",
+                   "resume": f"one network: fine-tune it with finetune.py --ckpt {path}; --resume takes the run "
+                             "folder that holds last.pt"}
+        raise UserError(f"{path} is a {obj.get('kind')!r} checkpoint, expected a {kind!r} one; it holds "
+                        f"{instead[kind]}")
     return obj
 
 

@@ -84,8 +84,12 @@ def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(UserError, match="refusing to unpickle"):
         run(tmp_path / "pickled_model.pt")
     checkpoint.save({"kind": "resume"}, tmp_path / "last.pt")
-    with pytest.raises(UserError, match="expected a 'model' one"):
+    with pytest.raises(UserError, match=f"expected a 'model' one; it holds a run's state: continue its run with "
+                                        f"--resume {tmp_path}, or fine-tune"):
         run(tmp_path / "last.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="empty.pt is empty"):
+        run(tmp_path / "empty.pt")
 
 
 def test_finetune_needs_labels_and_one_source(tmp_path):
