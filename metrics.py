@@ -359,18 +359,20 @@ def paired_seed_interval(metric: Callable[[np.ndarray, np.ndarray], float], targ
     return seed_mean_interval(difference, targets, np.stack([a, b], 2), groups, n, seed, level)
 
 
-def seeds_needed(found: SeedInterval, margin: float, level: float = 0.95, most: int = 100) -> int | None:
+def seeds_needed(found: SeedInterval, margin: float, level: float = 0.95) -> int | None:
     """The fewest seeds whose SeedInterval would reach no further than `margin` from its mean, were the test
-    images' variance and the seeds' spread those `found` measured; None when even `most` seeds would not (the
-    test set's own luck is too large: more test images are needed) or `found` has one seed (no spread known)."""
+    images' variance and the seeds' spread those `found` measured; None when no number would (the test images'
+    luck alone is wider: more test images are needed) or `found` has one seed (no spread known)."""
     if found.seeds < 2:
         return None
     seed_var = float(np.var(found.per_seed, ddof=1))
     image_var = max(found.se ** 2 - seed_var / found.seeds, 0.0)
-    for n in range(2, most + 1):
-        if student_t.ppf(0.5 + level / 2, n - 1) * np.sqrt(image_var + seed_var / n) <= margin:
-            return n
-    return None
+    if student_t.ppf(0.5 + level / 2, np.inf) * np.sqrt(image_var) >= margin:
+        return None
+    n = 2
+    while student_t.ppf(0.5 + level / 2, n - 1) * np.sqrt(image_var + seed_var / n) > margin:
+        n += 1
+    return n
 
 
 def holm(p: list[float]) -> list[float]:
