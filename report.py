@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import figures
 import flags
@@ -258,7 +259,7 @@ def experiment_table(cells: dict[tuple, Cell], headline: str, resamples: int) ->
     names, values = row_columns(rows)
     lines = ["| " + " | ".join([*names, *(f"{f:.0%} labels" for f in fracs)]) + " |",
              "|" + "---|" * (len(names) + len(fracs))]
-    for row, shown in zip(rows, values):
+    for row, shown in tqdm(list(zip(rows, values)), desc="table rows", leave=False):
         scores = [mean_std(c.scores) + interval_text(c, headline, resamples) if (c := cells.get((row, f))) else ""
                   for f in fracs]
         lines.append("| " + " | ".join([*shown, *scores]) + " |")
@@ -327,7 +328,7 @@ def paired_table(cells: dict[tuple, Cell], metric: str, resamples: int) -> list[
     name = row_names(cells)
     rows, found, notes = list(name), [], []
     for frac in sorted({k[1] for k in cells}):
-        for a, b in pairs([r for r in rows if (r, frac) in cells]):
+        for a, b in tqdm(pairs([r for r in rows if (r, frac) in cells]), desc=f"pairs at {frac:.0%}", leave=False):
             ca, cb = cells[(a, frac)], cells[(b, frac)]
             if why := not_comparable(name[a], ca, name[b], cb):
                 notes.append(f"- {frac:.0%} labels, {name[a]} vs {name[b]}: not compared, {why}.")
@@ -403,7 +404,8 @@ def finetune_figures(results: list[dict], out: Path) -> list[str]:
     lines, taken = [], set()
     for data, _, table in tables(results):
         name = row_names(table)  # as in the table, also where only some rows have files
-        for (row, frac), cell in sorted((k, c) for k, c in table.items() if any(c.files)):
+        with_files = sorted((k, c) for k, c in table.items() if any(c.files))
+        for (row, frac), cell in tqdm(with_files, desc="figures", leave=False):
             title, stem = f"{name[row]}, {frac:.0%} labels", figure_stem(cell, taken)
             seeds = [(p.targets, p.probs) for p in seed_predictions(cell)]
             drawn = figures.experiment_figures(seeds, list(cell.classes), cell.multilabel, title, out / stem)
