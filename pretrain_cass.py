@@ -277,6 +277,7 @@ def main(args: argparse.Namespace) -> Path:
     start = rt.resume_at(state, saved, out)
 
     # ---- the epoch loop
+    warned = False
     with rt.stop_cleanly(out):
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same noise and dropout
@@ -301,7 +302,9 @@ def main(args: argparse.Namespace) -> Path:
                 remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                           "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
                           "of it helped on every data set measured, docs/study.md)")
-                print(f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
+                print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
+                      f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
+                warned = True  # the explanation once, then one short line an epoch
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),
                                 out / "last.pt")

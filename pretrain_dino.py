@@ -299,6 +299,7 @@ def main(args: argparse.Namespace) -> Path:
     start = rt.resume_at(state, run.parts(), out)
 
     # ---- the epoch loop
+    warned = False
     with rt.stop_cleanly(out):
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same dropout
@@ -315,7 +316,9 @@ def main(args: argparse.Namespace) -> Path:
                   f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
                   f"{rt.usage_text(stats)}", flush=True)
             if stats["collapse"]:
-                print(f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+                print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
+                      f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+                warned = True  # the explanation once, then one short line an epoch
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint.save(checkpoint.resume_record("dino", epoch + 1, vars(cfg), splits, run.parts()),
                                 out / "last.pt")
