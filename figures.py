@@ -186,8 +186,8 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
 def study_figure(summaries: list[dict], labels: list[str], rows: list[str], arms: list[str], frac: str,
                  path: Path) -> Path:
     """One panel per data set and regime: each pretrained row's (named by `labels`) paired difference in test
-    macro F1 from the no-pretraining row (mean over seeds), one marker per arm, with its 95 % paired bootstrap
-    interval."""
+    macro F1 from the no-pretraining row (mean over seeds), one marker per arm, with its 95 % interval over test
+    images and seeds."""
     sets = list(dict.fromkeys(s["set"] for s in summaries))
     regimes = list(dict.fromkeys(s["regime"] for s in summaries))
     fig, axes = plt.subplots(len(regimes), len(sets), figsize=(3.4 * len(sets), 0.45 * len(rows) * len(regimes) + 1.4),
@@ -207,8 +207,8 @@ def study_figure(summaries: list[dict], labels: list[str], rows: list[str], arms
     axes[0][0].set_yticks(y, labels)  # the panels share both axes
     axes[0][0].invert_yaxis()
     fig.supxlabel("macro F1 difference from no pretraining", fontsize="medium")
-    fig.suptitle(f"Pretraining minus no pretraining at {float(frac):.0%} labels (95 % paired bootstrap intervals)",
-                 fontsize="medium")
+    fig.suptitle(f"Pretraining minus no pretraining at {float(frac):.0%} labels "
+                 "(95 % intervals over test images and seeds)", fontsize="medium")
     fig.tight_layout()
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(arms),
                frameon=False)

@@ -244,9 +244,11 @@ def row_columns(rows: list[tuple]) -> tuple[list[str], list[list[str]]]:
     flags = [dict(row[4]) for row in rows]
     varying = sorted(k for k in set().union(*flags) if len({f.get(k) for f in flags}) > 1)
     names = ["method (backbone)", "protocol", "pretraining run", *(["settings"] if varying else [])]
-    # two sources shown alike (e.g. a run folder pretrained again) are told apart by their hash
-    alike = {row[3].shown for row in rows if len({r[3] for r in rows if r[3].shown == row[3].shown}) > 1}
-    values = [[f"{row[0]} ({row[1]})", row[2], f"{row[3].shown} ({row[3].key[:8]})" if row[3].shown in alike
+    # two sources of one method, backbone and protocol shown alike (e.g. a run folder pretrained again) are told
+    # apart by their hash
+    alike = {row[:4] for row in rows if len({r[3] for r in rows if r[:3] == row[:3] and r[3].shown == row[3].shown})
+             > 1}
+    values = [[f"{row[0]} ({row[1]})", row[2], f"{row[3].shown} ({row[3].key[:8]})" if row[:4] in alike
                else row[3].shown,
                *([", ".join(f"{k}={json.loads(f[k]) if k in f else '-'}" for k in varying)] if varying else [])]
               for row, f in zip(rows, flags)]

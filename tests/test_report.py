@@ -339,3 +339,14 @@ def test_paired_differences_resample_whole_groups(tmp_path):
     assert better.endswith("bs=32") and (diff, low, high) == pytest.approx(
         (expected.estimate, expected.low, expected.high), abs=5e-5) and np.isnan(p)  # one seed: no p
     assert (round(low, 4), round(high, 4)) != (round(by_image.low, 4), round(by_image.high, 4))
+
+
+def test_a_run_folder_pretrained_again_is_two_rows_told_apart_by_their_hash(tmp_path):
+    # the same checkpoint path, two different files (the folder's run removed and pretrained again)
+    for name, digest, scores in (("first", "aaaaaaaa11", [0.8]), ("second", "bbbbbbbb22", [0.6])):
+        folder = write_run(tmp_path / "runs" / "cass" / name, "/data/set", scores)
+        results = json.loads((folder / "results.json").read_text())
+        results["source_id"] = {"path": str(tmp_path / "runs" / "cass" / "cnn.pt"), "sha256": digest}
+        (folder / "results.json").write_text(json.dumps(results))
+    rows = table_rows(make_report(tmp_path, tmp_path / "runs"))
+    assert sorted(row.split(" | ")[2] for row in rows) == ["cass (aaaaaaaa)", "cass (bbbbbbbb)"]
