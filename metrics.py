@@ -26,6 +26,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, softmax
+from scipy.stats import norm
 from scipy.stats import t as student_t
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
                              confusion_matrix, f1_score, multilabel_confusion_matrix, precision_score, recall_score,
@@ -367,7 +368,7 @@ def seeds_needed(found: SeedInterval, margin: float, level: float = 0.95) -> int
         return None
     seed_var = float(np.var(found.per_seed, ddof=1))
     image_var = max(found.se ** 2 - seed_var / found.seeds, 0.0)
-    if student_t.ppf(0.5 + level / 2, np.inf) * np.sqrt(image_var) >= margin:
+    if norm.ppf(0.5 + level / 2) * np.sqrt(image_var) >= margin:  # the limit of many seeds
         return None
     n = 2
     while student_t.ppf(0.5 + level / 2, n - 1) * np.sqrt(image_var + seed_var / n) > margin:
