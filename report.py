@@ -35,7 +35,8 @@ import flags
 import predictions
 from checkpoint import prepare_out_dir, read_log, sha256
 from errors import UserError
-from metrics import SeedInterval, decide, headline_metric, holm, paired_seed_interval, seed_mean_interval
+from intervals import SeedInterval, holm, paired_seed_interval, seed_mean_interval
+from metrics import decide, headline_metric
 from predictions import Predictions
 
 
@@ -213,7 +214,7 @@ def decisions(cell: Cell, order: list[int] | None = None) -> np.ndarray:
 
 def cell_interval(cell: Cell, metric: str, resamples: int) -> SeedInterval | None:
     """The cell's mean over seeds and its 95 % interval over test images (or their groups) and seeds
-    (metrics.seed_mean_interval): each bootstrap resample draws the images once and scores every seed on them,
+    (intervals.seed_mean_interval): each bootstrap resample draws the images once and scores every seed on them,
     and the seeds' spread adds the training run's luck; with one seed, over test images only. Averaging the
     seeds' probabilities first would instead describe an ensemble nobody trained. None unless the seeds share
     test images."""
@@ -314,7 +315,7 @@ def differing(a: tuple, b: tuple) -> str:
 def paired_difference(a: Cell, b: Cell, metric: str, resamples: int) -> SeedInterval:
     """The mean over matched seeds (seed s of a against seed s of b) of test `metric`, a minus b, for comparable
     cells, and its interval over the same resampled test images or groups and over the seeds
-    (metrics.paired_seed_interval): the shared test set's luck cancels, the seeds' spread of differences counts."""
+    (intervals.paired_seed_interval): the shared test set's luck cancels, the seeds' spread of differences counts."""
     order_a = sorted(range(len(a.seeds)), key=a.seeds.__getitem__)
     order_b = sorted(range(len(b.seeds)), key=b.seeds.__getitem__)
     pa, pb = seed_predictions(a), seed_predictions(b)

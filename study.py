@@ -32,7 +32,8 @@ import pretrain_cass
 import pretrain_dino
 import report
 from errors import UserError
-from metrics import SeedInterval, over_seeds, seeds_needed
+from intervals import SeedInterval, seeds_needed
+from metrics import over_seeds
 from study_sets import SIZE, image_set, transfer_weights
 
 ARMS = {"cnn": "test_resnet", "vit": "test_vit"}
@@ -212,7 +213,7 @@ def epochs_text(epochs: list[int]) -> str:
 
 
 def needed(numbers: dict) -> int | None:
-    """metrics.seeds_needed for a half-width of MARGIN, from a pair's recorded interval."""
+    """intervals.seeds_needed for a half-width of MARGIN, from a pair's recorded interval."""
     found = SeedInterval(numbers["diff"], numbers["low"], numbers["high"], numbers["se"], numbers["p"],
                          len(numbers["per_seed"]), tuple(numbers["per_seed"]))
     return seeds_needed(found, MARGIN)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COPYABLE = {"data": {"errors"}, "splits": {"errors", "data"}, "pixels": {"errors"}, "losses": set(), "swa": set(),
-            "dino": set(), "metrics": set()}  # splits.py divides data.py's DataIndex: the two go together
+            "dino": set(), "intervals": set(), "metrics": {"intervals"}}
+# splits.py divides data.py's DataIndex, metrics.py's bootstrap intervals come from intervals.py: each pair goes
+# together
 EXTRAS = {"dicom", "intensity", "fingerprints", "anticollapse", "demo", "linear_probe",
           "onnx", "onnxscript", "onnxruntime"}  # ONNX: optional, absent where CI runs the lowest versions
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from metrics import (average_precision, bootstrap_ci, bootstrap_values, brier, classification_metrics, ece, evaluate,
-                     fit_temperature, headline_metric, headline_score, holm, macro_auroc_of, paired_seed_interval,
-                     probabilities, resample_indices, roc_auc, SeedInterval, seeds_needed, thresholded_metrics)
+from intervals import (SeedInterval, bootstrap_ci, bootstrap_values, holm, paired_seed_interval, resample_indices,
+                       seeds_needed)
+from metrics import (average_precision, brier, classification_metrics, ece, evaluate, fit_temperature,
+                     headline_metric, headline_score, macro_auroc_of, probabilities, roc_auc, thresholded_metrics)
 
 
 def test_multiclass_metrics_by_hand():

@@ -14,7 +14,8 @@ from PIL import Image
 import report
 from sklearn.metrics import f1_score
 
-from metrics import headline_metric, paired_seed_interval, seed_mean_interval
+from intervals import paired_seed_interval, seed_mean_interval
+from metrics import headline_metric
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,
