@@ -346,8 +346,10 @@ def paired_table(cells: dict[tuple, Cell], metric: str, resamples: int) -> list[
     adjusted = iter(holm([d.p for *_, primary, d in found if primary]))
     lines = []
     for frac, a, b, primary, d in found:
-        p = f"{d.p:.3f}" if d.seeds > 1 else "-"
-        holm_p = "exploratory" if not primary else f"{q:.3f}" if not np.isnan(q := next(adjusted)) else "-"
+        p, holm_p = f"{d.p:.3f}" if d.seeds > 1 else "-", "exploratory"
+        if primary:
+            q = next(adjusted)  # NaN for a one-seed pair: no p, left out of the family
+            holm_p = "-" if np.isnan(q) else f"{q:.3f}"
         seeds = ", ".join(f"{v:+.3f}" for v in d.per_seed)
         lines.append(f"| {frac:.0%} | {name[a]} | {name[b]} | {d.estimate:+.4f} | [{d.low:+.4f}, {d.high:+.4f}]"
                      f"{'‡' if d.seeds == 1 else ''} | {p} | {holm_p} | {seeds} | {differing(a, b)} |")
