@@ -7,7 +7,8 @@
    architecture, and CASS time / (DINO-CNN + DINO-ViT time) for the same images
    (the paper's Table 2 claim as one number);
 3. achieved model FLOP/s (torch.utils.flop_counter) over the matmul peak measured here;
-4. on CUDA: peak memory with and without AMP and gradient checkpointing, and the largest batch;
+4. memory with and without AMP and gradient checkpointing, and the largest batch: measured on CUDA, estimated
+   elsewhere (fake tensors, `memory_estimate`), also for GPUs of 12 to 80 GB;
 5. evaluation: seconds of metrics.evaluate (every metric and its 1,000-resample intervals) on one seed of
    --eval-images test images of 8 classes (ISIC-2019's size by default);
 6. with --side-by-side: seconds per epoch of a pretrain_cass.py run alone and of
@@ -26,10 +27,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
@@ -67,11 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure the loader and the augmentations (1.); --no-loader: the steps only, e.g. in a "
                         "run per precision")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, measure peak memory and the largest batch (4.)")
+                   help="peak memory and the largest batch (4.): measured on CUDA, estimated elsewhere")
+    p.add_argument("--dino", action=argparse.BooleanOptionalAction, default=True,
+                   help="time DINO's steps and the CASS / DINO ratio (2.); --no-dino: CASS alone, e.g. compiled "
+                        "(DINO adds four graphs to compile)")
     p.add_argument("--side-by-side", type=flags.non_negative_int, default=0, metavar="IMAGES",
                    help="time pretrain_cass.py alone and two at once on this many generated 64 px images (0: skip)")
     p.add_argument("--eval-images", type=flags.non_negative_int, default=5000,
                    help="test images of the evaluation timing (5.; 0: skip)")
+    p.add_argument("--report-images", type=flags.non_negative_int, default=0,
+                   help="test images of each prediction file of a generated paper-size report.py run (0: skip)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and the generated images")
     return p.parse_args(argv)
 
@@ -149,6 +158,53 @@ def evaluation_speed(images: int, classes: int = 8, resamples: int = 1000) -> di
     start = time.perf_counter()
     evaluate(logits[:500], targets[:500], logits, targets, False, "macro_f1", resamples=resamples)
     return {"evaluate_s": time.perf_counter() - start}
+
+
+def report_speed(images: int, out: Path, classes: int = 8, seeds: int = 5, resamples: int = 1000) -> dict:
+    """Seconds of report.py over a generated paper-size set of runs, written as finetune.py writes them: one data
+    set, CASS, DINO and supervised rows of a CNN and a ViT, label fractions 1, 10 and 100 %, `seeds` seeds each
+    with its labelled files (70 % of the data is train) and a prediction file of `images` test images of
+    `classes` classes (results.json names its source and each file's SHA-256)."""
+    import hashlib  # only this part needs them
+    import itertools
+    import finetune
+    import predictions
+    import report
+    from data import DataIndex
+    from metrics import headline_score, probabilities
+    rng, data, runs = np.random.default_rng(0), "/data/paper-size", out / "report-runs"
+    names = [f"class{k}" for k in range(classes)]
+    targets = rng.integers(0, classes, images)
+    test = DataIndex(Path(data), Path(data), "class folders", [f"{names[t]}/test{i:05d}.png"
+                                                               for i, t in enumerate(targets)], targets, names)
+    train = [f"{names[i % classes]}/train{i:06d}.png" for i in range(images * 7 // 2)]
+    for method, arch, frac in itertools.product(("cass", "dino", "supervised"), ("resnet50", "vit_base_patch16_384"),
+                                                (0.01, 0.1, 1.0)):
+        role = "vit" if arch.startswith("vit") else "cnn"
+        folder = runs / f"{method}-{arch}" / f"finetune-{role}-frac{frac}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt = str(runs / f"{method}-{arch}" / f"{role}.pt")
+        source = {"arch": arch, "pretrained": True} if method == "supervised" else \
+            {"path": ckpt, "sha256": hashlib.sha256(ckpt.encode()).hexdigest()}
+        config = finetune.parse_args([*(["--arch", arch, "--data", data] if method == "supervised" else
+                                        ["--ckpt", ckpt]), "--frac", str(frac), "--seeds", *map(str, range(seeds))])
+        done = []
+        for seed in range(seeds):
+            probs = probabilities(rng.normal(size=(images, classes)) + 2 * np.eye(classes)[targets], False)
+            digest = predictions.write(folder / f"predictions_seed{seed}.csv", test, list(range(images)), probs)
+            labelled = np.random.default_rng([seed, round(100 * frac)]).permutation(train)[:round(frac * len(train))]
+            done.append({"seed": seed, "test": {"macro_f1": headline_score("macro_f1", targets, probs.argmax(1),
+                                                                           False)},
+                         "labelled_files": labelled.tolist(),
+                         "predictions": {"file": f"predictions_seed{seed}.csv", "sha256": digest}})
+        write_json(folder / "results.json", {
+            "method": method, "arch": arch, "role": role, "protocol": "finetune", "frac": frac, "metric": "macro_f1",
+            "classes": names, "multilabel": False, "runs": done, "config": vars(config), "source": config.ckpt or arch,
+            "source_id": source, "resolved": {"img_size": 384, "lr": finetune.LR, "data": data}})
+        write_json(folder / "splits.json", {"data": data})
+    start = time.perf_counter()
+    report.main(report.parse_args([str(runs), "--out", str(out / "report"), "--resamples", str(resamples)]))
+    return {"report_s": time.perf_counter() - start}
 
 
 class Batches:
@@ -233,24 +289,79 @@ def matmul_peak(device, dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def cuda_memory(args, device) -> dict:
-    """Peak GiB for the configured models with/without AMP and gradient checkpointing; the largest batch."""
-    out = {}
+def cuda_memory(args, device, measured: Callable[[dict], None]) -> None:
+    """GiB at batch --bs with and without AMP and gradient checkpointing, and the largest batch with AMP, each
+    passed to `measured` as it is made (a stopped run keeps them). Three figures a setting: `peak_gib_*`, the
+    tensors' peak (torch.cuda.max_memory_allocated); `reserved_gib_*`, the caching allocator's peak, which is
+    what must fit; `used_gib_*`, the whole device in use at the end (mem_get_info), CUDA context and cuDNN
+    workspaces included: a card needs at least that. Nothing else is alive meanwhile."""
     for amp in ("off", "auto"):
         for ckpt in (False, True):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             cass_speed(args, device, rt.amp_dtype(amp, device), grad_ckpt=ckpt)
-            out[f"peak_gib_amp_{amp}_ckpt_{ckpt}"] = torch.cuda.max_memory_allocated() / 2**30
-    fits, bs = args.bs, args.bs
+            free, total = torch.cuda.mem_get_info(device)
+            measured({f"peak_gib_amp_{amp}_ckpt_{ckpt}": torch.cuda.max_memory_allocated() / 2**30,
+                      f"reserved_gib_amp_{amp}_ckpt_{ckpt}": torch.cuda.max_memory_reserved() / 2**30,
+                      f"used_gib_amp_{amp}_ckpt_{ckpt}": (total - free) / 2**30})
+    bs = args.bs
     while bs <= 4096:
         try:
             torch.cuda.empty_cache()
             cass_speed(args, device, rt.amp_dtype("auto", device), bs=bs)
-            fits, bs = bs, bs * 2
         except torch.OutOfMemoryError:
             break
-    out["largest_batch_amp"] = fits
+        measured({"largest_batch_amp": bs})
+        bs *= 2
+
+
+CARDS_GB = (12, 16, 24, 48, 80)
+CONTEXT_GIB = 1.0  # assumed: the CUDA context and cuDNN's workspaces, which no CPU measurement sees
+
+
+def saved_activation_gib(model: nn.Module, bs: int, size: int, dtype: torch.dtype | None) -> float:
+    """GiB that autograd keeps from the forward pass for the backward, autocast's weight copies included, of
+    a batch of `bs` images: counted on fake tensors (torch's FakeTensorMode), so no memory or compute is
+    spent. CPU autocast keeps nearly what CUDA's does; an estimate, not a GPU measurement."""
+    seen, total = set(), [0]
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen and not isinstance(t, nn.Parameter):
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+        return t
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(bs, 3, size, size)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), rt.autocast(torch.device("cpu"), dtype):
+            model(x)
+    return total[0] / 2**30
+
+
+def memory_estimate(args) -> dict:
+    """Estimated GPU memory of a CASS step on the configured models at --img-size, in bf16 and fp32, with and
+    without --grad-ckpt: the training state (weights, gradients, Adam's two moments, the SWA average:
+    measured on the real models) plus both arms' saved activations per image (fake tensors, above), plus
+    CONTEXT_GIB; and the largest batch each card size of CARDS_GB would hold (10 % kept free for the
+    allocator's fragments). Marked `estimated`: not yet measured on a GPU."""
+    cpu, out = torch.device("cpu"), {"estimated": True, "context_gib_assumed": CONTEXT_GIB}
+    for ckpt in (False, True):
+        cfg = pretrain_cass.parse_args(["--data", "-", "--cnn", args.cnn, "--vit", args.vit, "--img-size",
+                                        str(args.img_size), "--no-pretrained"] + (["--grad-ckpt"] if ckpt else []))
+        arms = [pretrain_cass.build_arm(name, arch, None, cfg, cpu) for name, arch in (("cnn", cfg.cnn),
+                                                                                      ("vit", cfg.vit))]
+        params = sum(p.numel() for arm in arms for p in arm.model.parameters())
+        state = params * 4 * (4 + bool(cfg.swa)) / 2**30  # fp32 weights, gradients, two moments, the average
+        out["state_gib"] = state
+        for amp, dtype in (("bf16", torch.bfloat16), ("off", None)):
+            per_image = sum(saved_activation_gib(arm.model, args.bs, args.img_size, dtype) for arm in arms) / args.bs
+            key = f"amp_{amp}_ckpt_{ckpt}"
+            out[f"activation_gib_per_image_{key}"] = per_image
+            out[f"gib_at_bs{args.bs}_{key}"] = CONTEXT_GIB + state + per_image * args.bs
+            for gb in CARDS_GB:
+                usable = 0.9 * gb * 1e9 / 2**30 - CONTEXT_GIB - state
+                out[f"largest_batch_{gb}gb_{key}"] = max(0, int(usable / per_image))
     return out
 
 
@@ -294,18 +405,24 @@ def main(args: argparse.Namespace) -> dict:
         measured(loader_speed(args, make_jpegs(out / "jpegs", args.images, tuple(args.image_px))))
         measured(augment_speed(args))
     cass = cass_speed(args, device, dtype, compiled=args.compile)
-    flops = cass_flops_per_image(cass["arms"], args, device, dtype)
+    flops = cass_flops_per_image(cass.pop("arms"), args, device, dtype)  # the models go: memory is measured alone
     peak = matmul_peak(device, dtype)
     measured({"cass_ips": cass["ips"], "cass_gflop_per_image": flops / 1e9,
               "achieved_tflops": flops * cass["ips"] / 1e12, "matmul_peak_tflops": peak / 1e12,
               "fraction_of_peak": flops * cass["ips"] / peak})
-    dino_cnn, dino_vit = (dino_speed(args, arch, device, dtype, args.compile) for arch in (args.cnn, args.vit))
-    measured({"dino_cnn_ips": dino_cnn, "dino_vit_ips": dino_vit,
-              "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
+    if args.dino:
+        dino_cnn = dino_speed(args, args.cnn, device, dtype, args.compile)
+        measured({"dino_cnn_ips": dino_cnn})
+        dino_vit = dino_speed(args, args.vit, device, dtype, args.compile)
+        measured({"dino_vit_ips": dino_vit, "cass_dino_time_ratio": (1 / cass["ips"]) / (1 / dino_cnn + 1 / dino_vit)})
     if args.eval_images:
         measured(evaluation_speed(args.eval_images))
+    if args.report_images:
+        measured(report_speed(args.report_images, out))
     if args.memory and device.type == "cuda":
-        measured(cuda_memory(args, device))
+        cuda_memory(args, device, measured)
+    elif args.memory:
+        measured(memory_estimate(args))
     if args.side_by_side:
         measured(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
     width = max(len(k) for k in result)

@@ -1,11 +1,11 @@
 """Everything a GPU machine should confirm, in one command that writes one JSON file per part into --out:
 
-1. cuda_tests.json: `pytest -m cuda tests/test_cuda.py`, its summary and each test's outcome;
+1. cuda_tests.json: `pytest -v -m cuda tests/test_cuda.py`, each test's outcome as printed, and their counts;
 2. bench_fp32.json, bench_bf16.json, bench_bf16_compile.json: bench.py at the paper's setting
-   (ResNet-50 + ViT-B/16, 384 px, batch 16) in fp32, bf16 and bf16 + --compile: step images/s, model
-   FLOP/s over the matmul peak measured in the same precision and run, CASS time / (DINO-ResNet-50 +
-   DINO-ViT-B/16 time); the bf16 run also the loader and, on CUDA, peak memory with and without
-   --grad-ckpt and the largest batch;
+   (ResNet-50 + ViT-B/16, 384 px, batch 16) in fp32, bf16 and bf16 + --compile (CASS alone): step
+   images/s, model FLOP/s over the matmul peak measured in the same precision and run, CASS time /
+   (DINO-ResNet-50 + DINO-ViT-B/16 time); the bf16 run also the loader and, on CUDA, the memory (tensors'
+   peak, allocator's peak, whole device) with and without --grad-ckpt and the largest batch;
 3. pretrain_ours.json: two epochs of pretrain_cass.py at the paper's setting on generated 384 px
    images with --workers 14: each epoch's images/s, data-wait share and peak memory;
    pretrain_theirs.json: the same run with the published notebook's data path and precision
@@ -15,8 +15,9 @@
 
 Each part runs in its own process with its own time budget (BUDGETS, 450 s in all: with the images
 generated, the check ends within 8 minutes on one H100/H200 with 16 cores); a part that fails or
-overruns is recorded in its JSON with the end of its output, and the check goes on. summary.json
-lists every part.
+overruns is recorded in its JSON with the end of its output and what it had measured (bench.py writes
+each figure as it is made, the stage scripts log every epoch, pytest prints each outcome), and the check
+goes on. summary.json lists every part.
 
     python device_check.py --out runs/device-check
     python device_check.py --dry-run --out /tmp/dry   # tiny models on the CPU: tests/test_device_check.py
@@ -25,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import flags
@@ -55,30 +57,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_part(name: str, command: list[str], budget: float) -> dict:
-    """Run one part; its record: ok, seconds, budget and, on failure, the end of its output."""
+def run_part(name: str, command: list[str], budget: float) -> tuple[dict, str]:
+    """Run one part, unbuffered; its record (ok, seconds, budget and, on failure, the end of its output) and
+    its whole output, also when stopped at its budget."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=budget)
-        ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=budget,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ok, output = done.returncode == 0, done.stdout + done.stderr
         error = None if ok else f"exit code {done.returncode}"
-    except subprocess.TimeoutExpired as stop:
+    except subprocess.TimeoutExpired as stop:  # the output up to the kill comes with it
         ok, error = False, f"over its budget of {budget:.0f} s"
-        tail = ((stop.stdout or b"") + (stop.stderr or b"")).decode(errors="replace")[-3000:]
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                         for part in (stop.stdout, stop.stderr))
     record = {"part": name, "ok": ok, "seconds": round(time.perf_counter() - start, 1), "budget_s": budget,
               "command": command}
-    return record if ok else {**record, "error": error, "output_tail": tail}
+    return (record if ok else {**record, "error": error, "output_tail": output[-3000:]}), output
 
 
-def junit_summary(path: Path) -> dict:
-    """pytest's JUnit XML as counts and each test's outcome."""
-    suite = ET.parse(path).getroot().find("testsuite")
-    tests = {}
-    for case in suite.iter("testcase"):
-        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
-        tests[f"{case.get('classname')}::{case.get('name')}"] = outcome
-    return {"counts": {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")},
-            "tests": tests}
+OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", re.MULTILINE)
+
+
+def pytest_outcomes(output: str) -> dict:
+    """Each test's outcome from `pytest -v` output, as it was printed (so a run stopped part-way keeps the
+    tests it finished), and their counts."""
+    tests = {test: outcome.lower() for test, outcome in OUTCOME.findall(output)}
+    counts = {kind: sum(o == kind for o in tests.values()) for kind in ("passed", "failed", "error", "skipped")}
+    return {"counts": {"tests": len(tests), **counts}, "tests": tests}
 
 
 def fresh(run: Path) -> Path:
@@ -95,22 +100,24 @@ def main(args: argparse.Namespace) -> dict:
     budget = {name: seconds * args.budget_scale for name, seconds in BUDGETS.items()}
     records = {}
 
-    def part(name: str, command: list[str], read=None) -> dict:
-        record = run_part(name, command, budget[name])
-        if read:  # also after a failure: bench.py writes each measurement as it is made
-            try:
-                record.update(read())
-            except (OSError, ValueError, KeyError) as failed:
-                if record["ok"]:  # ran, but left no readable result
-                    record.update(ok=False, error=f"its result could not be read: {failed}")
+    def part(name: str, command: list[str], read) -> dict:
+        """Runs a part and writes its JSON with what `read(output)` finds, also after a failure or a stop at
+        its budget: bench.py writes each measurement as it is made, the stage scripts log every epoch."""
+        record, output = run_part(name, command, budget[name])
+        try:
+            record.update(read(output))
+        except (OSError, ValueError, KeyError) as failed:
+            if record["ok"]:  # ran, but left no readable result
+                record.update(ok=False, error=f"its result could not be read: {failed}")
         write_json(out / f"{name}.json", record)
         print(f"{name}: {'ok' if record['ok'] else record['error']} ({record['seconds']} s of {budget[name]:.0f})",
               flush=True)
         records[name] = record
         return record
 
-    part("cuda_tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                        f"--junitxml={out / 'cuda_tests.xml'}"], lambda: junit_summary(out / "cuda_tests.xml"))
+    # fine-tuning inside the CUDA tests bootstraps 100 times (their --resamples): the budget is the GPU's
+    part("cuda_tests", [py, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+         pytest_outcomes)
     model = ["--cnn", s["cnn"], "--vit", s["vit"], "--img-size", str(s["img_size"]), "--bs", str(s["bs"])]
     bench = [py, "bench.py", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
              str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
@@ -120,10 +127,10 @@ def main(args: argparse.Namespace) -> dict:
     compiled = [] if args.dry_run else ["--compile"]
     for name, extra in (("bench_fp32", ["--amp", "off", "--no-loader", "--no-memory"]),
                         ("bench_bf16", ["--amp", "bf16"]),
-                        ("bench_bf16_compile", ["--amp", "bf16", *compiled, "--no-loader", "--no-memory"])):
+                        ("bench_bf16_compile", ["--amp", "bf16", *compiled, "--no-loader", "--no-memory", "--no-dino"])):
         folder = out / name
         part(name, bench + extra + ["--out", str(folder)],
-             lambda folder=folder: {"bench": json.loads((folder / "bench.json").read_text())})
+             lambda output, folder=folder: {"bench": json.loads((folder / "bench.json").read_text())})
 
     from demo import make_demo_dataset  # only here: the parts above must not wait for the images
     data = make_demo_dataset(fresh(out / "data"), per_class=s["per_class"], size=max(s["img_size"], 40))
@@ -132,7 +139,7 @@ def main(args: argparse.Namespace) -> dict:
                 "--cache-dir", str(out / "cache")]
     for name, extra in (("pretrain_ours", []), ("pretrain_theirs", ["--cache", "off", "--amp", "off"])):
         run = fresh(out / name)
-        part(name, pretrain + extra + ["--out", str(run)], lambda run=run: {"epochs": read_log(run)})
+        part(name, pretrain + extra + ["--out", str(run)], lambda output, run=run: {"epochs": read_log(run)})
     if records["pretrain_ours"]["ok"] and records["pretrain_theirs"]["ok"]:
         ours, theirs = (records[n]["epochs"][-1]["images_per_s"] for n in ("pretrain_ours", "pretrain_theirs"))
         records["pretrain_theirs"]["ours_over_theirs"] = ours / theirs
@@ -141,7 +148,8 @@ def main(args: argparse.Namespace) -> dict:
     part("finetune", [py, "finetune.py", "--ckpt", str(out / "pretrain_ours" / "vit.pt"), "--epochs", "2",
                       "--bs", str(s["bs"]), "--workers", str(s["workers"]), "--device", s["device"],
                       "--resamples", "100", "--cache-dir", str(out / "cache"), "--out", str(ft)],
-         lambda: {"summary": json.loads((ft / "results.json").read_text())["summary"]})
+         lambda output: {"summary": json.loads((ft / "results.json").read_text())["summary"]}
+         if (ft / "results.json").is_file() else {"epochs": read_log(ft)})
 
     summary = {"dry_run": args.dry_run, "settings": s, "parts": {n: r["ok"] for n, r in records.items()},
                "seconds": round(sum(r["seconds"] for r in records.values()), 1)}

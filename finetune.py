@@ -214,7 +214,7 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, scaler, epoch, step, kept="")
+            skipped = rt.count_skip(skipped, dtype, epoch, step, kept="")
             continue
         skipped = 0
         scaler.scale(loss).backward()

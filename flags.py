@@ -37,6 +37,7 @@ def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[st
 positive_int = _checked(int, lambda v: v >= 1, "at least 1")
 non_negative_int = _checked(int, lambda v: v >= 0, "0 or more")
 positive_float = _checked(float, lambda v: v > 0, "positive")
+non_negative_float = _checked(float, lambda v: v >= 0, "0 or more")
 fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
@@ -108,10 +109,13 @@ def add_pretraining_args(groups: ArgGroups) -> None:
     groups.running.add_argument("--demo", action="store_true", help="generate a small image set and default to "
                                 "tiny models (no data, GPU or internet needed)")
     groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR, wherever it now "
-                                "lies, from its last.pt with its own settings; only --workers, --threads and "
-                                "--device may be given beside it")
-    groups.running.add_argument("--save-every", type=positive_int, default=1,
-                                help="write last.pt every N epochs (and after the last one)")
+                                "lies, from its last.pt with its own settings; only --workers, --threads, "
+                                "--device, --save-minutes and --save-every may be given beside it")
+    groups.running.add_argument("--save-minutes", type=non_negative_float, default=10.0,
+                                help="write last.pt once this many minutes have passed since the last write (0: "
+                                     "after every epoch); always after the last epoch and at Ctrl-C")
+    groups.running.add_argument("--save-every", type=non_negative_int, default=0,
+                                help="also write last.pt every N epochs (0: by time only)")
     groups.ours.add_argument("--knn-every", type=non_negative_int, default=10,
                              help="every N epochs, log the weighted kNN accuracy (k 20) of frozen features on the "
                                   "val split, for labelled single-label data (0: never)")

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -296,7 +297,13 @@ def train_loader(dataset: Dataset, bs: int, *, seed: int, workers: int, rank: in
     sampler = SeededSampler(len(dataset), seed, rank, world)
     drop = (drop_last and len(dataset) >= bs) or (len(sampler) % bs == 1 and len(sampler) > 1)
     return DataLoader(SeededItems(dataset), batch_size=bs, sampler=sampler, num_workers=workers, drop_last=drop,
-                      pin_memory=pin_memory, persistent_workers=workers > 0)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=leave_ctrl_c_to_main)
+
+
+def leave_ctrl_c_to_main(worker: int) -> None:
+    """A loader worker ignores Ctrl-C: the main process finishes the epoch under way and saves it
+    (runtime.Saves), which needs its workers alive."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_loader(dataset: Dataset, bs: int, *, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -185,7 +185,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
         if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, scaler, epoch, step)
+            skipped = rt.count_skip(skipped, dtype, epoch, step)
             continue
         skipped = 0
         scaler.scale(loss).backward()
@@ -239,6 +239,21 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
                 swa_averaged=arm.swa.count if arm.swa else 0, **arch_record(arm.arch)), out / f"{arm.name}.pt")
 
 
+def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: bool) -> bool:
+    """The epoch's line; a suspected collapse explained once, then one short line an epoch. Whether it was."""
+    knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
+    print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
+          f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
+          f"cos {stats['cos']:.3f}{knn}{rt.usage_text(stats)}", flush=True)
+    if stats["collapse"]:
+        remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
+                  "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
+                  "of it helped on every data set measured, docs/study.md)")
+        print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
+              f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
+    return warned or stats["collapse"]
+
+
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
     device = rt.start_distributed(args.device)
@@ -278,36 +293,21 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- the epoch loop
     warned = False
-    with rt.stop_cleanly(out):
+    with rt.Saves(out, cfg, device) as saves:
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same noise and dropout
             stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
             for arm in arms:
                 if arm.swa:
                     arm.swa.update(arm.model, epoch)
-            if not rt.is_main():
-                continue
-            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
-                stats.update({f"knn_{arm.name}": val_knn_accuracy(arm.model, index, parts, cfg.img_size, arm.mean,
-                                                                  arm.std, device, dtype, bs=cfg.bs,
-                                                                  workers=cfg.workers, cache=cache,
-                                                                  intensity=cfg.intensity)
-                              for arm in arms})
-            checkpoint.append_jsonl(out / "log.jsonl", stats)
-            knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
-            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
-                  f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
-                  f"cos {stats['cos']:.3f}{knn}{rt.usage_text(stats)}", flush=True)
-            if stats["collapse"]:
-                remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
-                          "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
-                          "of it helped on every data set measured, docs/study.md)")
-                print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
-                      f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
-                warned = True  # the explanation once, then one short line an epoch
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                checkpoint.save(checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved),
-                                out / "last.pt")
+            if rt.is_main():
+                if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                    stats.update({f"knn_{arm.name}": val_knn_accuracy(
+                        arm.model, index, parts, cfg.img_size, arm.mean, arm.std, device, dtype, bs=cfg.bs,
+                        workers=cfg.workers, cache=cache, intensity=cfg.intensity) for arm in arms})
+                checkpoint.append_jsonl(out / "log.jsonl", stats)
+                warned = report_epoch(stats, epoch, cfg, warned)
+            saves.after_epoch(epoch, lambda: checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved))
 
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"

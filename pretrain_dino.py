@@ -218,7 +218,7 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
         loss, entropy = run.loss_fn(s_out, t_out, epoch)
         run.opt.zero_grad(set_to_none=True)
         if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, run.scaler, epoch, step)
+            skipped = rt.count_skip(skipped, dtype, epoch, step)
             continue
         skipped = 0
         run.loss_fn.update_center(t_out)
@@ -248,6 +248,18 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
             "images_per_s": round(seen / seconds, 2), "teacher_entropy": entropy, "kl": loss - entropy,
             "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim),
             **usage.record(seconds)}
+
+
+def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:
+    """The epoch's line; a suspected collapse explained once, then one short line an epoch. Whether it was."""
+    knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
+    print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
+          f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
+          f"{rt.usage_text(stats)}", flush=True)
+    if stats["collapse"]:
+        print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
+              f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
+    return warned or bool(stats["collapse"])
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -300,28 +312,19 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- the epoch loop
     warned = False
-    with rt.stop_cleanly(out):
+    with rt.Saves(out, cfg, device) as saves:
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same dropout
             stats = train_one_epoch(run, loader, cfg, device, dtype, epoch)  # the teacher's EMA is per step
-            if not rt.is_main():
-                continue
-            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
-                stats["knn_teacher"] = val_knn_accuracy(teacher.backbone, index, parts, cfg.img_size, mean, std,
-                                                        device, dtype, bs=cfg.bs, workers=cfg.workers,
-                                                        cache=knn_cache, intensity=cfg.intensity)
-            checkpoint.append_jsonl(out / "log.jsonl", stats)
-            knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
-            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
-                  f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
-                  f"{rt.usage_text(stats)}", flush=True)
-            if stats["collapse"]:
-                print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
-                      f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
-                warned = True  # the explanation once, then one short line an epoch
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                checkpoint.save(checkpoint.resume_record("dino", epoch + 1, vars(cfg), splits, run.parts()),
-                                out / "last.pt")
+            if rt.is_main():
+                if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                    stats["knn_teacher"] = val_knn_accuracy(teacher.backbone, index, parts, cfg.img_size, mean, std,
+                                                            device, dtype, bs=cfg.bs, workers=cfg.workers,
+                                                            cache=knn_cache, intensity=cfg.intensity)
+                checkpoint.append_jsonl(out / "log.jsonl", stats)
+                warned = report_epoch(stats, epoch, warned)
+            saves.after_epoch(epoch, lambda: checkpoint.resume_record("dino", epoch + 1, vars(cfg), splits,
+                                                                      run.parts()))
 
     role = "vit" if is_transformer(cfg.arch) else "cnn"
     if rt.is_main():

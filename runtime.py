@@ -5,12 +5,14 @@ line). The loops themselves live in the stage scripts."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -27,7 +29,10 @@ from pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
 from splits import make_splits
 
 T = TypeVar("T")
-MAX_NONFINITE = 10  # consecutive skipped fp16 steps before a run is stopped
+# how long a process waits at a collective while rank 0 alone builds the image cache, runs the kNN monitor or
+# saves (NCCL's default, 10 minutes, is short of a cache of tens of thousands of large images)
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+MAX_NONFINITE = 10  # consecutive skipped half-precision steps before a run is stopped
 
 
 # ------------------------------------------------- device, torchrun, precision
@@ -62,7 +67,7 @@ def start_distributed(device_name: str) -> torch.device:
     (NCCL on GPUs, gloo on CPUs). Processes other than rank 0 print nothing."""
     device = pick_device(device_name)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         if not is_main():
             sys.stdout = open(os.devnull, "w")
     return device
@@ -142,7 +147,8 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------- pretraining runs
-RESUME_MAY_CHANGE = ("resume", "workers", "threads", "device")  # where a resumed run executes, not what it computes
+# where and how a resumed run executes and saves, not what it computes
+RESUME_MAY_CHANGE = ("resume", "workers", "threads", "device", "save_every", "save_minutes")
 PATHS = ("data", "out", "cache_dir", "cnn_weights", "vit_weights", "weights")  # recorded absolute, where set
 
 
@@ -168,8 +174,9 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
             same = (absolute(value) if name in PATHS and value is not None else value) == saved.get(name)
             if name not in RESUME_MAY_CHANGE and not same:
                 raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
-                                f"{saved.get(name)}; beside --resume only --workers, --threads and --device "
-                                "may be given")
+                                f"{saved.get(name)}; beside --resume only "
+                                + ", ".join(f"--{n.replace('_', '-')}" for n in RESUME_MAY_CHANGE[1:])
+                                + " may be given")
         print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
         data, old_out = Path(saved["data"]), Path(saved["out"])
         if data.is_relative_to(old_out):
@@ -222,8 +229,12 @@ def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
     read are dropped, the others fingerprinted for the duplicate check (fingerprints.py). With the
     cache on, the verdicts are kept in --cache-dir, so this happens once per state of the data."""
     from fingerprints import fingerprint  # the duplicate check, ours: loaded where --duplicates is handled
-    return index_data(cfg.data, workers=cfg.workers, memo_dir=cfg.cache_dir if cfg.cache == "on" else None,
-                      group_col=cfg.group_col, fingerprint=fingerprint)
+    memo = cfg.cache_dir if cfg.cache == "on" else None
+
+    def index() -> DataIndex:
+        return index_data(cfg.data, workers=cfg.workers, memo_dir=memo, group_col=cfg.group_col,
+                          fingerprint=fingerprint)
+    return main_first(index) if memo else index()  # under torchrun the others then read rank 0's verdicts
 
 
 def new_split(index: DataIndex, cfg: argparse.Namespace) -> dict:
@@ -274,14 +285,15 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
     return all_reduce_sum((~torch.isfinite(loss)).float()).item() == 0
 
 
-RESUMABLE = "; last.pt holds the last complete epoch"
+RESUMABLE = "; last.pt holds the last saved epoch, if any"
 
 
-def count_skip(skipped: int, scaler: torch.amp.GradScaler, epoch: int, step: int, kept: str = RESUMABLE) -> int:
-    """One more step skipped in a row for a non-finite loss. fp16 loss scaling
-    may recover; without scaling, or after MAX_NONFINITE in a row, the run
-    stops (`kept`: what it leaves behind, for the message)."""
-    if not scaler.is_enabled() or skipped + 1 > MAX_NONFINITE:
+def count_skip(skipped: int, dtype: torch.dtype | None, epoch: int, step: int, kept: str = RESUMABLE) -> int:
+    """One more step skipped in a row for a non-finite loss. In half precision (fp16 loss scaling, or bf16's
+    coarse rounding, a step of which turned non-finite now and then in a dry run) the run may recover: it
+    stops after MAX_NONFINITE in a row; in fp32 it stops at once (`kept`: what it leaves behind, for the
+    message)."""
+    if dtype is None or skipped + 1 > MAX_NONFINITE:
         raise UserError(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}{kept} "
                         "(try a lower --lr or --amp off)")
     return skipped + 1
@@ -329,13 +341,52 @@ def usage_text(stats: dict) -> str:
     return f", data wait {stats['data_wait']:.0%}{peak}"
 
 
-@contextlib.contextmanager
-def stop_cleanly(out: Path) -> Iterator[None]:
-    """Ctrl-C ends the run with exit code 130 and last.pt holding the last saved epoch, if any."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        saved = (out / "last.pt").is_file()
-        print(f"\ninterrupted; {out / 'last.pt'} holds the last saved epoch: continue with --resume {out}" if saved
-              else "\ninterrupted before the first save: nothing to resume, start the run again", flush=True)
-        raise SystemExit(130) from None
+class Saves:
+    """When a pretraining run writes last.pt (1.8 GB at the paper's setting, seconds of an epoch that takes
+    2-3 s on a fast GPU), and what Ctrl-C does. last.pt is written after an epoch once --save-minutes have
+    passed since the last write (0: every epoch), after every --save-every-th epoch (0: by time only), after the
+    last epoch, and when Ctrl-C asked the run to stop: the first Ctrl-C lets the epoch under way finish, saves
+    it and ends the run with exit code 130; a second stops at once, last.pt holding the last saved epoch.
+    Used as a context manager around the epoch loop, by every process."""
+
+    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device):
+        self.path, self.device, self.epochs = out / "last.pt", device, cfg.epochs
+        self.every, self.minutes = cfg.save_every, cfg.save_minutes
+        self.stop_asked, self.since = False, time.monotonic()
+
+    def __enter__(self) -> "Saves":
+        self.previous = signal.signal(signal.SIGINT, self._ask) \
+            if threading.current_thread() is threading.main_thread() else None
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        if self.stop_asked:
+            raise KeyboardInterrupt
+        self.stop_asked = True
+        print("\nstopping after this epoch, which will be saved (Ctrl-C again to stop at once)", flush=True)
+
+    def after_epoch(self, epoch: int, record: Callable[[], dict]) -> None:
+        """Rank 0 writes `record()` to last.pt when one is due after 0-based `epoch`, timed; a stop asked of any
+        process ends every one (one all-reduce an epoch)."""
+        stop = all_reduce_sum(torch.tensor(float(self.stop_asked), device=self.device)).item() > 0
+        due = (stop or epoch + 1 == self.epochs or (self.every and (epoch + 1) % self.every == 0)
+               or time.monotonic() - self.since >= 60 * self.minutes)
+        if due and is_main():
+            start = time.perf_counter()
+            checkpoint.save(record(), self.path)
+            print(f"saved {self.path} (epoch {epoch + 1}) in {time.perf_counter() - start:.1f} s", flush=True)
+        if due:
+            self.since = time.monotonic()
+        if stop:
+            print(f"stopped: continue with --resume {self.path.parent}", flush=True)
+            raise SystemExit(130)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if kind is KeyboardInterrupt:
+            saved = self.path.is_file()
+            print(f"\ninterrupted; {self.path} holds the last saved epoch: continue with --resume "
+                  f"{self.path.parent}" if saved else
+                  "\ninterrupted before the first save: nothing to resume, start the run again", flush=True)
+            raise SystemExit(130) from None

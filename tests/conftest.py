@@ -4,6 +4,7 @@ fine-tuned networks, reused by the checkpoint, fine-tuning and tool tests."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_cass  # noqa: E402
+import runtime  # noqa: E402
 
 # log.jsonl fields that measure the machine, not the run: they differ between two runs of the same settings
 TIMING = ("seconds", "images_per_s", "data_wait", "peak_mem_gb")
 TINY = ["--cnn", "test_resnet", "--vit", "test_vit", "--no-pretrained", "--img-size", "32",
-        "--bs", "8", "--workers", "0"]
+        "--bs", "8", "--workers", "0", "--device", "cpu"]
 
 
 def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), value: int | None = None,
@@ -71,6 +73,16 @@ def _work_in_a_temporary_folder(tmp_path_factory):
     os.chdir(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _device_auto_is_the_cpu():
+    """--device auto takes the CPU here, also on a GPU machine: the CPU tests' exact figures and resume
+    checks are the CPU's; tests/test_cuda.py names cuda."""
+    real = runtime.pick_device
+    runtime.pick_device = lambda name: real("cpu" if name == "auto" else name)
+    yield
+    runtime.pick_device = real
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     return demo.make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", per_class=15, size=40)
@@ -96,16 +108,16 @@ def finetuned(cass_run) -> list[Path]:
 
 
 def interrupted_run(script, args, epoch: int) -> None:
-    """Run `script.main(args)`, interrupt it (as Ctrl-C does) as 0-based `epoch`
-    starts, and check it stops cleanly with exit code 130."""
+    """Run `script.main(args)` and press Ctrl-C (a real SIGINT) as 0-based `epoch - 1` starts: that epoch
+    finishes, last.pt holds `epoch` epochs, and the run stops with exit code 130."""
     real = script.train_one_epoch
 
-    def killed(*a, **k):
-        if a[-1] == epoch:
-            raise KeyboardInterrupt
+    def interrupted(*a, **k):
+        if a[-1] == epoch - 1:
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    script.train_one_epoch = killed
+    script.train_one_epoch = interrupted
     try:
         with pytest.raises(SystemExit) as stop:
             script.main(args)

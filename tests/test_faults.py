@@ -1,6 +1,8 @@
 """Runs that survive: a killed process, a NaN, a full disk, a failed save, Ctrl-C."""
 import json
 import math
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +41,7 @@ def test_killed_subprocess_resumes_to_the_weights_and_log_of_an_uninterrupted_ru
     """The one end-to-end resume test of pretrain_cass.py: SIGKILL (no clean-up) once last.pt holds epoch 2,
     after SWA has started averaging, then --resume; a kill between the log line and the save of an epoch
     leaves a log line that the resumed run must drop and write again."""
-    argv = ["--epochs", "4", "--swa-start", "2", "--cache-dir", str(tmp_path / "cache")]
+    argv = ["--epochs", "4", "--swa-start", "2", "--save-minutes", "0", "--cache-dir", str(tmp_path / "cache")]
     pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "full", *argv)))
     proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_cass.py"), *cass_args(demo_data, tmp_path / "run"),
                              *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -77,22 +79,25 @@ def nan_between(first: int, last: int = 10**9):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_cass, "cass_loss", nan_between(6))  # 5 steps per epoch: epoch 2 goes bad
     with pytest.raises(UserError, match="non-finite at epoch 2, step 1"):
-        pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3")))
+        pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3",
+                                                              "--save-minutes", "0")))
     state = checkpoint.load(tmp_path / "r" / "last.pt", kind="resume")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["cnn"]["model"].values() if v.is_floating_point())
 
 
-def test_fp16_skips_non_finite_steps_and_stops_when_an_epoch_makes_no_step(demo_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_half_precision_skips_non_finite_steps_and_stops_when_an_epoch_makes_no_step(demo_data, tmp_path,
+                                                                                     monkeypatch, amp):
     monkeypatch.setattr(pretrain_cass, "cass_loss", nan_between(6, 8))  # 3 bad steps in epoch 2
     out = pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "a", "--epochs", "2",
-                                                                "--amp", "fp16")))
+                                                                "--amp", amp)))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["images"] for r in log] == [40, 16] and math.isfinite(log[1]["loss"])
     monkeypatch.setattr(pretrain_cass, "cass_loss", nan_between(6))
     with pytest.raises(UserError, match="every step of epoch 2 had a non-finite loss"):
         pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "b", "--epochs", "3",
-                                                              "--amp", "fp16")))
+                                                              "--amp", amp, "--save-minutes", "0")))
     state = checkpoint.load(tmp_path / "b" / "last.pt", kind="resume")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["vit"]["model"].values() if v.is_floating_point())
@@ -116,18 +121,59 @@ def test_a_failed_save_keeps_the_previous_checkpoint(demo_data, tmp_path, monkey
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_second_save)
     with pytest.raises(UserError, match="No space left on device.*previous one is intact"):
-        pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3")))
+        pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3",
+                                                              "--save-minutes", "0")))
     assert checkpoint.load(tmp_path / "r" / "last.pt", kind="resume")["epoch"] == 1
     assert [p.name for p in (tmp_path / "r").glob(".*.tmp")] == []
 
 
-def test_save_every_saves_every_nth_epoch_and_always_the_last(demo_data, tmp_path, monkeypatch):
+def test_last_pt_is_written_by_time_by_epoch_count_and_always_after_the_last_epoch(demo_data, tmp_path, monkeypatch,
+                                                                                  capsys):
     real, saved = checkpoint.save, []
     monkeypatch.setattr(checkpoint, "save", lambda record, path: saved.append((path.name, record["epoch"]))
                         or real(record, path))
-    pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "3",
-                                                          "--save-every", "2")))
-    assert [epoch for name, epoch in saved if name == "last.pt"] == [2, 3]
+    for run, extra, epochs in (("time", [], [3]), ("every", ["--save-every", "2"], [2, 3]),
+                               ("each", ["--save-minutes", "0"], [1, 2, 3])):
+        saved.clear()
+        pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / run, "--epochs", "3", *extra)))
+        assert [epoch for name, epoch in saved if name == "last.pt"] == epochs, run
+    assert re.search(r"saved \S+last\.pt \(epoch 3\) in \d+\.\d s", capsys.readouterr().out)  # the save's time
+
+
+def test_ctrl_c_finishes_and_saves_the_epoch_under_way_and_twice_stops_at_once(demo_data, tmp_path, monkeypatch):
+    real, handler = pretrain_cass.train_one_epoch, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c(times: int):
+        def epoch(*a, **k):
+            if a[-1] == 1:  # as the second epoch starts; a second Ctrl-C raises KeyboardInterrupt here
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return real(*a, **k)
+        return epoch
+
+    for times, extra, kept in ((1, [], 2), (2, ["--save-minutes", "0"], 1), (2, [], 0)):
+        monkeypatch.setattr(pretrain_cass, "train_one_epoch", ctrl_c(times))
+        out = tmp_path / f"{times}-{len(extra)}"
+        with pytest.raises(SystemExit) as stop:
+            pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, out, "--epochs", "3", *extra)))
+        assert stop.value.code == 130 and saved_epoch(out / "last.pt") == kept, (times, extra)
+        assert len(read_log(out)) == (2 if times == 1 else 1)  # each finished epoch's line is kept
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
+
+
+def test_ctrl_c_in_a_terminal_with_loader_workers_saves_and_stops_cleanly(demo_data, tmp_path):
+    """A terminal sends SIGINT to the whole process group: the loader workers must not die of it."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_cass.py"),
+                             *cass_args(demo_data, tmp_path / "run", "--epochs", "200", "--knn-every", "0"),
+                             "--workers", "2", "--cache-dir", str(tmp_path / "cache")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "log.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-2000:]
+    assert "stopped: continue with --resume" in output and saved_epoch(tmp_path / "run" / "last.pt") >= 1
 
 
 def test_unwritable_output_folder_is_an_error_before_training(demo_data, tmp_path):
