@@ -203,20 +203,18 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
                     batch_sched: torch.optim.lr_scheduler.LRScheduler | None, epoch: int) -> float:
     """One training pass, stepping `batch_sched` after every batch if given;
     the mean loss over every process's images. A step with a non-finite loss
-    is skipped and counted as in pretraining (rt.count_skip)."""
+    is skipped and counted as in pretraining (rt.NonFinite)."""
     net.train()
     run.train.sampler.set_epoch(epoch)
-    total, seen, skipped = torch.zeros((), device=device), 0, 0
+    total, seen, guard = torch.zeros((), device=device), 0, rt.NonFinite(dtype, epoch, kept="")
     for step, (x, y) in enumerate(tqdm(run.train, leave=False, desc="train", disable=not rt.is_main())):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
             logits = net(run.inputs(x))
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
-        if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, dtype, epoch, step, kept="")
+        if guard.skip(loss, step):  # not finite: no update
             continue
-        skipped = 0
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -224,9 +222,9 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
             batch_sched.step()
         total += loss.detach() * len(x)
         seen += len(x)
-    total, seen = rt.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)])).tolist()
-    rt.require_progress(int(seen), epoch, kept="")
-    return total / seen
+    total = rt.EpochUsage.total({"loss": total, "images": torch.tensor(float(seen), device=device)})
+    guard.require_progress(int(total["images"]))
+    return total["loss"] / total["images"]
 
 
 @dataclass
@@ -340,8 +338,7 @@ def validate(index: DataIndex, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     # ---- settings, device, the network to start from, run folder
-    device = rt.start_distributed(args.device)
-    rt.set_threads(args.threads, args.workers)
+    device = rt.start_process(args)
     source = load_source(args)
     # the data the checkpoint names unless --data; a new split draws from --split-seed
     cfg = argparse.Namespace(**{**vars(args), "data": args.data or source.data, "seed": args.split_seed})
@@ -353,7 +350,7 @@ def main(args: argparse.Namespace) -> dict:
                                       "source": source_identity(args)}, default=str))  # as run.json reads back
     if rt.is_main():
         claim_folder(out, identity)
-    flags.print_args(args)
+    rt.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
     # ---- data: the pretraining run's split when it has one (Sec. 4.1)

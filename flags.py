@@ -5,7 +5,6 @@ ablations, ours, running)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -121,6 +120,17 @@ def add_pretraining_args(groups: ArgGroups) -> None:
                                   "val split, for labelled single-label data (0: never)")
 
 
+def stage_parser(doc: str, *, pretraining: bool = False, **common) -> tuple[argparse.ArgumentParser, ArgGroups]:
+    """A stage script's parser and its four groups, holding the flags every stage shares (add_common_args with
+    `common`) and, for `pretraining`, those of a pretraining run."""
+    p = new_parser(doc)
+    g = arg_groups(p)
+    add_common_args(g, **common)
+    if pretraining:
+        add_pretraining_args(g)
+    return p, g
+
+
 def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
     """The flags of a pretraining script. With --resume, `typed` also holds each flag the user typed
     (dest -> value, also when it equals the default), so that runtime.run_settings can refuse those
@@ -136,6 +146,3 @@ def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_m
         args = argparse.Namespace(**vars(args), typed={k: v for k, v in vars(given).items() if v is not unset})
     return args
 
-
-def print_args(args: argparse.Namespace) -> None:
-    print("config: " + json.dumps(vars(args), default=str, sort_keys=True), flush=True)

@@ -131,6 +131,15 @@ def prepare_for_training(model: nn.Module, arch: str, device: torch.device, grad
         model.set_grad_checkpointing(True)
 
 
+def training_model(arch: str, device: torch.device, *, grad_ckpt: bool, norm: str,
+                   **create) -> tuple[nn.Module, list[float], list[float]]:
+    """A network to pretrain: create_model(arch, **create) on `device`, prepared (prepare_for_training), and
+    the (mean, std) of its inputs (model_norm)."""
+    model = create_model(arch, **create).to(device)
+    prepare_for_training(model, arch, device, grad_ckpt)
+    return model, *model_norm(model, norm)
+
+
 def optimizer_kwargs(device: torch.device) -> dict:
     """Fused single-kernel optimiser steps where CUDA offers them."""
     return {"fused": True} if device.type == "cuda" else {}

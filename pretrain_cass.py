@@ -26,10 +26,8 @@ import runtime as rt
 from data import DataIndex
 from errors import UserError
 from losses import cass_loss
-from models import (arch_record, check_arch, create_model, model_norm, normalise, optimizer_kwargs,
-                    prepare_for_training, val_knn_accuracy)
-from pixels import ImageDataset, train_augment, train_loader
-from splits import select
+from models import arch_record, check_arch, normalise, optimizer_kwargs, training_model, val_knn_accuracy
+from pixels import ImageDataset, train_augment
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -42,10 +40,7 @@ DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = flags.new_parser(__doc__)
-    g = flags.arg_groups(p)
-    flags.add_common_args(g, epochs=100, epochs_source="App. C.5.3")
-    flags.add_pretraining_args(g)
+    p, g = flags.stage_parser(__doc__, pretraining=True, epochs=100, epochs_source="App. C.5.3")
     g.paper.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
     g.paper.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
     g.paper.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -78,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return flags.parse_pretraining(p, argv, DEMO_MODELS)
 
 
-def validate(cfg: argparse.Namespace) -> None:
-    """Every flag error a user can make, before any data is read or model built."""
+def validate(cfg: argparse.Namespace) -> argparse.Namespace:
+    """Every flag error a user can make, before any data is read or model built; the settings."""
     check_arch(cfg.cnn)
     check_arch(cfg.vit)
     if cfg.swa_start is not None and not 1 <= cfg.swa_start <= cfg.epochs:
@@ -88,7 +83,7 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UserError(f"--eta-min must be 0 or more, got {cfg.eta_min}")
     if cfg.t_max < 1:
         raise UserError(f"--t-max must be at least 1, got {cfg.t_max}")
-    rt.check_run(cfg)
+    return cfg
 
 
 @dataclass
@@ -106,6 +101,11 @@ class Arm:
     predictor: nn.Module | None = None  # --anti-collapse predictor: trained, never saved with the network
     pred_net: nn.Module | None = None  # what the step calls (DDP-wrapped)
 
+    def train(self) -> None:
+        self.model.train()
+        if self.predictor:
+            self.predictor.train()
+
     def parts(self) -> dict:
         """What last.pt keeps of this arm."""
         return {"model": self.model, "opt": self.opt, "sched": self.sched, "swa": self.swa,
@@ -113,9 +113,8 @@ class Arm:
 
 
 def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace, device: torch.device) -> Arm:
-    model = create_model(arch, img_size=cfg.img_size, pretrained=cfg.pretrained, weights=weights,
-                         weights_flag=f"--{name}-weights").to(device)
-    prepare_for_training(model, arch, device, cfg.grad_ckpt)
+    model, mean, std = training_model(arch, device, grad_ckpt=cfg.grad_ckpt, norm=cfg.norm, img_size=cfg.img_size,
+                                      pretrained=cfg.pretrained, weights=weights, weights_flag=f"--{name}-weights")
     net = rt.ddp(model, device)
     net = torch.compile(net) if cfg.compile else net
     predictor = None
@@ -131,7 +130,7 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.eta_min)
     start = cfg.swa_start - 1 if cfg.swa_start else default_start(cfg.epochs)
     swa = SWA(model, start) if cfg.swa else None
-    return Arm(name, arch, model, net, opt, sched, swa, *model_norm(model, cfg.norm), predictor,
+    return Arm(name, arch, model, net, opt, sched, swa, mean, std, predictor,
                rt.ddp(predictor, device) if predictor else None)
 
 
@@ -159,23 +158,60 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
     return ours(r, t, cfg.anti_collapse, cfg.variance_weight, [arm.pred_net for arm in arms])
 
 
+class EpochWatch:
+    """The monitoring beside the CASS step: the progress bar and the loader's waits (rt.EpochUsage), and the
+    epoch's sums (loss, images, Eq. 1, the collapse signals), kept on the device so that no step waits for them."""
+
+    def __init__(self, loader: DataLoader, cfg: argparse.Namespace, device: torch.device, epoch: int):
+        loader.sampler.set_epoch(epoch)
+        self.usage, self.cfg, self.epoch = rt.EpochUsage(loader, device), cfg, epoch
+        self.bar = tqdm(self.usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos",
+                                                                 "spread", "eq1")}
+        self.start, self.steps = time.perf_counter(), 0
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def add(self, loss: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> None:
+        """One step taken: its loss and the batch's outputs (B, D) of each arm."""
+        n, sums = len(r), self.sums
+        sums["loss"] += loss.detach() * n
+        sums["images"] += n
+        # the paper's loss, also when the objective adds to it
+        sums["eq1"] += (loss if self.cfg.anti_collapse == "none" else cass_loss(r.detach(), t.detach())).detach() * n
+        if n > 1:  # a batch of one has no spread
+            with torch.no_grad():
+                for key, value in collapse_signals(r, t).items():
+                    sums[key] += value * n
+            sums["spread"] += n
+        if self.steps % 10 == 0:
+            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.steps += 1
+
+    def record(self, guard: rt.NonFinite, lr: float, out_dim: int) -> dict:
+        """The epoch's log record, its sums added over every process (the epoch's one wait for the device)."""
+        total, seconds = self.usage.total(self.sums), time.perf_counter() - self.start
+        seen, spread = int(total["images"]), max(total["spread"], 1)
+        guard.require_progress(seen)
+        std_r, std_t, cos = total["cnn_std"] / spread, total["vit_std"] / spread, total["cos"] / spread
+        healthy = 1 / math.sqrt(out_dim)
+        return {"epoch": self.epoch + 1, "loss": total["loss"] / seen, "lr": lr, "seconds": round(seconds, 3),
+                "images": seen, "images_per_s": round(seen / seconds, 2), "eq1_loss": total["eq1"] / seen,
+                "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
+                "collapse": is_collapsed(std_r, std_t, cos, healthy), **self.usage.record(seconds)}
+
+
 def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
                     device: torch.device, dtype: torch.dtype | None, epoch: int) -> dict:
-    """One pass over the train split (Alg. 1); the epoch's log record. Sums stay
-    on the device until the end of the epoch, so the loop never waits for them."""
+    """One pass over the train split (Alg. 1); the epoch's log record."""
     cnn, vit = arms
     act = HEAD_ACTS[cfg.head_act]
-    loader.sampler.set_epoch(epoch)
     for arm in arms:
-        arm.model.train()
-        if arm.predictor:
-            arm.predictor.train()
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos", "spread",
-                                                         "eq1")}
-    skipped, start = 0, time.perf_counter()
-    usage = rt.EpochUsage(loader, device)
-    bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
-    for step, (x, _) in enumerate(bar):
+        arm.train()
+    watch, guard = EpochWatch(loader, cfg, device, epoch), rt.NonFinite(dtype, epoch)
+    for step, (x, _) in enumerate(watch):
+        # ---- the CASS step: one view through both arms, Eq. 1 between their logits, both arms step
         x = x.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
             r = cnn.net(normalise(x, cnn.mean, cnn.std))
@@ -184,10 +220,8 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         loss = objective(r, t, arms, cfg)
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
-        if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, dtype, epoch, step)
+        if guard.skip(loss, step):  # not finite: no update
             continue
-        skipped = 0
         scaler.scale(loss).backward()
         for arm in arms:
             scaler.step(arm.opt)
@@ -195,31 +229,11 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         if cfg.sched_step == "batch":
             for arm in arms:
                 arm.sched.step()
-        n = len(x)
-        sums["loss"] += loss.detach() * n
-        sums["images"] += n
-        # the paper's loss, also when the objective adds to it
-        sums["eq1"] += (loss if cfg.anti_collapse == "none" else cass_loss(r.detach(), t.detach())).detach() * n
-        if n > 1:  # a batch of one has no spread
-            with torch.no_grad():
-                for key, value in collapse_signals(r, t).items():
-                    sums[key] += value * n
-            sums["spread"] += n
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        watch.add(loss, r, t)
     if cfg.sched_step == "epoch":
         for arm in arms:
             arm.sched.step()
-    total = dict(zip(sums, rt.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # waits for the device
-    seconds = time.perf_counter() - start
-    seen, spread = int(total["images"]), max(total["spread"], 1)
-    rt.require_progress(seen, epoch)
-    std_r, std_t, cos = total["cnn_std"] / spread, total["vit_std"] / spread, total["cos"] / spread
-    healthy = 1 / math.sqrt(cnn.model.num_classes)
-    return {"epoch": epoch + 1, "loss": total["loss"] / seen, "lr": cnn.opt.param_groups[0]["lr"],
-            "seconds": round(seconds, 3), "images": seen, "images_per_s": round(seen / seconds, 2),
-            "eq1_loss": total["eq1"] / seen, "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
-            "collapse": is_collapsed(std_r, std_t, cos, healthy), **usage.record(seconds)}
+    return watch.record(guard, cnn.opt.param_groups[0]["lr"], cnn.model.num_classes)
 
 
 def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, index: DataIndex, splits: dict,
@@ -244,7 +258,7 @@ def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: bool)
     knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
     print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
           f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
-          f"cos {stats['cos']:.3f}{knn}{rt.usage_text(stats)}", flush=True)
+          f"cos {stats['cos']:.3f}{knn}{rt.EpochUsage.text(stats)}", flush=True)
     if stats["collapse"]:
         remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                   "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
@@ -256,14 +270,7 @@ def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: bool)
 
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
-    device = rt.start_distributed(args.device)
-    rt.set_threads(args.threads, args.workers)
-    cfg, state = rt.run_settings(args, "cass")
-    if cfg.demo:
-        rt.write_demo_data(cfg)
-    validate(cfg)
-    flags.print_args(cfg)
-    out = rt.make_run_folder(cfg)
+    cfg, state, device, out = rt.start_run(args, "cass", validate)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     rt.seed_everything(cfg.seed)
@@ -273,27 +280,18 @@ def main(args: argparse.Namespace) -> Path:
         rt.check_disk(out, [arm.model for arm in arms], copies=4)
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
-    index = rt.index_and_fingerprint(cfg)
-    splits = state["splits"] if state else rt.new_split(index, cfg)
-    parts = select(index, splits)
-    cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
-        if cfg.cache == "on" else None
-    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
-                                       train_augment(cfg.aug), cache, cfg.intensity),
-                          cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
-                          drop_last=True, pin_memory=device.type == "cuda")
-    if rt.is_main():
-        rt.write_splits(out, index, splits, seed=cfg.seed)
+    index, splits, parts, cache = rt.pretraining_data(cfg, state, out, "square", cfg.img_size)
+    loader = rt.train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
+                                          train_augment(cfg.aug), cache, cfg.intensity), cfg, device)
 
     # ---- precision, resume
-    dtype = rt.amp_dtype(cfg.amp, device)
-    scaler = rt.grad_scaler(device, dtype)
-    saved = {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}
-    start = rt.resume_at(state, saved, out)
+    dtype, scaler = rt.precision(cfg.amp, device)
+    saves = rt.Saves(out, cfg, device, "cass", {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}, splits)
+    start = saves.restore(state)
 
     # ---- the epoch loop
     warned = False
-    with rt.Saves(out, cfg, device) as saves:
+    with saves:
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same noise and dropout
             stats = train_one_epoch(arms, loader, scaler, cfg, device, dtype, epoch)
@@ -307,7 +305,7 @@ def main(args: argparse.Namespace) -> Path:
                         workers=cfg.workers, cache=cache, intensity=cfg.intensity) for arm in arms})
                 checkpoint.append_jsonl(out / "log.jsonl", stats)
                 warned = report_epoch(stats, epoch, cfg, warned)
-            saves.after_epoch(epoch, lambda: checkpoint.resume_record("cass", epoch + 1, vars(cfg), splits, saved))
+            saves.after_epoch(epoch)
 
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"

@@ -27,10 +27,9 @@ import runtime as rt
 from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
-from models import (arch_record, check_arch, create_model, is_transformer, model_norm, normalise,
-                    optimizer_kwargs, prepare_for_training, val_knn_accuracy)
-from pixels import ImageDataset, train_loader
-from splits import select
+from models import (arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model,
+                    val_knn_accuracy)
+from pixels import ImageDataset
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {
@@ -47,11 +46,9 @@ DEMO_MODELS = dict(arch="test_resnet", out_dim=4096)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = flags.new_parser(__doc__)
-    g = flags.arg_groups(p)
-    flags.add_common_args(g, epochs=100, epochs_source="the CASS paper's DINO runs, Sec. 4.2",
-                          img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
-    flags.add_pretraining_args(g)
+    p, g = flags.stage_parser(__doc__, pretraining=True, epochs=100,
+                              epochs_source="the CASS paper's DINO runs, Sec. 4.2",
+                              img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
     # The CASS paper runs DINO with its official recipe (Caron et al. 2021, and the repository's README)
     recipe = g.paper
     recipe.add_argument("--arch", default="resnet50",
@@ -97,7 +94,9 @@ def with_recipe(cfg: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(cfg), **filled, "local_size": local_size})
 
 
-def validate(cfg: argparse.Namespace) -> None:
+def validate(cfg: argparse.Namespace) -> argparse.Namespace:
+    """The recipe's settings filled in (with_recipe) and checked, before any data is read or model built."""
+    cfg = with_recipe(cfg)
     for name in ("global_scale", "local_scale"):
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
@@ -106,7 +105,9 @@ def validate(cfg: argparse.Namespace) -> None:
         raise UserError("--clip-grad and --min-lr must be 0 or more, --drop-path in [0, 1)")
     if not 0 <= cfg.momentum_teacher <= 1:
         raise UserError(f"--momentum-teacher must be in [0, 1], got {cfg.momentum_teacher}")
-    rt.check_run(cfg)
+    if warning := warmup_warning(cfg):
+        print(warning, flush=True)
+    return cfg
 
 
 def warmup_warning(cfg: argparse.Namespace) -> str | None:
@@ -129,15 +130,16 @@ def build(cfg: argparse.Namespace, device: torch.device) -> tuple[MultiCropNet, 
     extra = {"dynamic_img_size": True} if is_transformer(cfg.arch) else {}  # local crops are smaller
     nets = []
     for drop_path in (cfg.drop_path, 0.0):
-        backbone = create_model(cfg.arch, img_size=cfg.img_size, num_classes=0, pretrained=cfg.pretrained,
-                                weights=cfg.weights, **extra, **({"drop_path_rate": drop_path} if drop_path else {}))
-        prepare_for_training(backbone, cfg.arch, device, cfg.grad_ckpt)
+        backbone, mean, std = training_model(cfg.arch, device, grad_ckpt=cfg.grad_ckpt, norm=cfg.norm,
+                                             img_size=cfg.img_size, num_classes=0, pretrained=cfg.pretrained,
+                                             weights=cfg.weights, **extra,
+                                             **({"drop_path_rate": drop_path} if drop_path else {}))
         nets.append(MultiCropNet(backbone, DINOHead(backbone.num_features, cfg.out_dim)).to(device))
     student, teacher = nets
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    return student, teacher, *model_norm(student.backbone, cfg.norm)
+    return student, teacher, mean, std
 
 
 def optimizer_and_loss(cfg: argparse.Namespace, student: MultiCropNet,
@@ -201,7 +203,7 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
     run.teacher.train()
     loader.sampler.set_epoch(epoch)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "images")}
-    skipped, start = 0, time.perf_counter()
+    guard, start = rt.NonFinite(dtype, epoch), time.perf_counter()
     usage = rt.EpochUsage(loader, device)
     bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (views, _) in enumerate(bar):
@@ -217,10 +219,8 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
             s_out = run.student_step(views)
         loss, entropy = run.loss_fn(s_out, t_out, epoch)
         run.opt.zero_grad(set_to_none=True)
-        if not rt.finite_everywhere(loss):
-            skipped = rt.count_skip(skipped, dtype, epoch, step)
+        if guard.skip(loss, step):  # not finite: no update, the center and the teacher stay
             continue
-        skipped = 0
         run.loss_fn.update_center(t_out)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.opt)
@@ -236,10 +236,9 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
         sums["images"] += n
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    total = dict(zip(sums, rt.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))  # waits for the device
-    seconds = time.perf_counter() - start
+    total, seconds = usage.total(sums), time.perf_counter() - start
     seen = int(total["images"])
-    rt.require_progress(seen, epoch)
+    guard.require_progress(seen)
     loss, entropy = total["loss"] / seen, total["entropy"] / seen
     last = epoch * len(loader) + len(loader) - 1
     return {"epoch": epoch + 1, "loss": loss, "lr": float(run.schedules["lr"][last]),
@@ -255,7 +254,7 @@ def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:
     knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
     print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
           f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
-          f"{rt.usage_text(stats)}", flush=True)
+          f"{rt.EpochUsage.text(stats)}", flush=True)
     if stats["collapse"]:
         print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
               f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
@@ -264,17 +263,7 @@ def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:
 
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
-    device = rt.start_distributed(args.device)
-    rt.set_threads(args.threads, args.workers)
-    cfg, state = rt.run_settings(args, "dino")
-    if cfg.demo:
-        rt.write_demo_data(cfg)
-    cfg = with_recipe(cfg)
-    validate(cfg)
-    flags.print_args(cfg)
-    if warning := warmup_warning(cfg):
-        print(warning, flush=True)
-    out = rt.make_run_folder(cfg)
+    cfg, state, device, out = rt.start_run(args, "dino", validate)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     student, teacher, mean, std = build(cfg, device)
@@ -283,36 +272,29 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- data: the train split only; crops come from the original image, or from a
     # cached copy whose longer side is 2 x img-size
-    index = rt.index_and_fingerprint(cfg)
-    splits = state["splits"] if state else rt.new_split(index, cfg)
-    parts = select(index, splits)
-    cache = rt.image_cache(index, "fit", 2 * cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
-        if cfg.cache == "on" else None
+    index, splits, parts, cache = rt.pretraining_data(cfg, state, out, "fit", 2 * cfg.img_size)
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
     # the kNN monitor reads square images at img-size: a cache of its own
     knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" and cfg.knn_every and index.labelled and not index.multilabel else None
-    loader = train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
-                                       cfg.intensity), cfg.bs,
-                          seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
-                          drop_last=True, pin_memory=device.type == "cuda")
-    if rt.is_main():
-        rt.write_splits(out, index, splits, seed=cfg.seed)
+    loader = rt.train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
+                                          cfg.intensity), cfg, device)
 
     # ---- optimiser, loss, schedules, precision, resume
     opt, loss_fn = optimizer_and_loss(cfg, student, device)
-    dtype = rt.amp_dtype(cfg.amp, device)
+    dtype, scaler = rt.precision(cfg.amp, device)
     student_step, teacher_step = rt.ddp(student, device), rt.sync_batchnorm(teacher, device)
     if cfg.compile:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
-    run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, rt.grad_scaler(device, dtype),
+    run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, scaler,
                    schedules(cfg, len(loader), rt.world_size()), mean, std)
-    start = rt.resume_at(state, run.parts(), out)
+    saves = rt.Saves(out, cfg, device, "dino", run.parts(), splits)
+    start = saves.restore(state)
 
     # ---- the epoch loop
     warned = False
-    with rt.Saves(out, cfg, device) as saves:
+    with saves:
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same dropout
             stats = train_one_epoch(run, loader, cfg, device, dtype, epoch)  # the teacher's EMA is per step
@@ -323,8 +305,7 @@ def main(args: argparse.Namespace) -> Path:
                                                             cache=knn_cache, intensity=cfg.intensity)
                 checkpoint.append_jsonl(out / "log.jsonl", stats)
                 warned = report_epoch(stats, epoch, warned)
-            saves.after_epoch(epoch, lambda: checkpoint.resume_record("dino", epoch + 1, vars(cfg), splits,
-                                                                      run.parts()))
+            saves.after_epoch(epoch)
 
     role = "vit" if is_transformer(cfg.arch) else "cnn"
     if rt.is_main():

@@ -5,6 +5,7 @@ line). The loops themselves live in the stage scripts."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import checkpoint
 from data import DataIndex, drop_stale, index_data, keyed_path
 from errors import UserError
 from pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
-from splits import make_splits
+from pixels import train_loader as seeded_loader
+from splits import make_splits, select
 
 T = TypeVar("T")
 # how long a process waits at a collective while rank 0 alone builds the image cache, runs the kNN monitor or
@@ -140,6 +142,12 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """--amp's autocast dtype (amp_dtype) and the GradScaler that goes with it."""
+    dtype = amp_dtype(amp, device)
+    return dtype, grad_scaler(device, dtype)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -208,6 +216,32 @@ def make_run_folder(cfg: argparse.Namespace) -> Path:
     return out
 
 
+def start_process(args: argparse.Namespace) -> torch.device:
+    """Every stage script's first step: torchrun's process group and the device, and the CPU threads."""
+    device = start_distributed(args.device)
+    set_threads(args.threads, args.workers)
+    return device
+
+
+def print_args(cfg: argparse.Namespace) -> None:
+    print("config: " + json.dumps(vars(cfg), default=str, sort_keys=True), flush=True)
+
+
+def start_run(args: argparse.Namespace, method: str,
+              settle: Callable[[argparse.Namespace], argparse.Namespace]) -> tuple:
+    """A pretraining run's start: the process (start_process), the run's settings (fresh, demo or resumed:
+    run_settings), the demo's images, `settle(cfg)` (the script's own checks, and settings it completes),
+    the settings printed, and the run folder. (cfg, saved state or None, device, run folder)."""
+    device = start_process(args)
+    cfg, state = run_settings(args, method)
+    if cfg.demo:
+        write_demo_data(cfg)
+    cfg = settle(cfg)
+    check_run(cfg)
+    print_args(cfg)
+    return cfg, state, device, make_run_folder(cfg)
+
+
 def check_run(cfg: argparse.Namespace) -> None:
     if cfg.bs < 2:
         raise UserError("--bs must be at least 2: BatchNorm and the batch statistics need two images per batch")
@@ -255,6 +289,26 @@ def write_splits(out: Path, index: DataIndex, splits: dict[str, list[str]], **ex
     checkpoint.write_json(out / "splits.json", record)
 
 
+def pretraining_data(cfg: argparse.Namespace, state: dict | None, out: Path, mode: str,
+                     size: int) -> tuple[DataIndex, dict, dict[str, list[int]], ImageCache | None]:
+    """A pretraining run's data: every image indexed and fingerprinted, the run's split (a resumed run's own,
+    else a new seeded one, Sec. 4.1) written to splits.json, each split's image ids, and with --cache on the
+    decode-once cache of `mode` images at `size` (image_cache)."""
+    index = index_and_fingerprint(cfg)
+    splits = state["splits"] if state else new_split(index, cfg)
+    cache = image_cache(index, mode, size, cfg.cache_dir, cfg.workers, cfg.intensity) if cfg.cache == "on" else None
+    if is_main():
+        write_splits(out, index, splits, seed=cfg.seed)
+    return index, splits, select(index, splits), cache
+
+
+def train_loader(dataset: Dataset, cfg: argparse.Namespace, device: torch.device) -> DataLoader:
+    """A pretraining run's loader (pixels.train_loader): this process's share of the seeded batches, full
+    batches only, pinned memory on CUDA."""
+    return seeded_loader(dataset, cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rank(), world=world_size(),
+                         drop_last=True, pin_memory=device.type == "cuda")
+
+
 def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int,
                 intensity: Intensity = AUTO) -> ImageCache:
     """The decode-once cache of every image of `index` (pixels.open_cache),
@@ -264,18 +318,6 @@ def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers:
     if is_main():
         drop_stale(folder)
     return cache
-
-
-def resume_at(state: dict | None, parts: dict, out: Path) -> int:
-    """The first epoch to train: 0 for a fresh run; for a resumed one, after its
-    saved state is loaded into `parts` (checkpoint.restore) and the log lines of
-    later epochs are dropped (rank 0)."""
-    if state:
-        checkpoint.restore(parts, state)
-    start = state["epoch"] if state else 0
-    if is_main():
-        checkpoint.keep_log_until(out / "log.jsonl", start)
-    return start
 
 
 def finite_everywhere(loss: torch.Tensor) -> bool:
@@ -305,6 +347,24 @@ def require_progress(images: int, epoch: int, kept: str = RESUMABLE) -> None:
         raise UserError(f"every step of epoch {epoch + 1} had a non-finite loss{kept} (try a lower --lr or --amp off)")
 
 
+class NonFinite:
+    """An epoch's guard after each forward pass: a step whose loss is not finite in every process is skipped
+    by all alike (count_skip says how many in a row may be); an epoch without a step stops the run."""
+
+    def __init__(self, dtype: torch.dtype | None, epoch: int, kept: str = RESUMABLE):
+        self.dtype, self.epoch, self.kept, self.skipped = dtype, epoch, kept, 0
+
+    def skip(self, loss: torch.Tensor, step: int) -> bool:
+        if finite_everywhere(loss):
+            self.skipped = 0
+            return False
+        self.skipped = count_skip(self.skipped, self.dtype, self.epoch, step, self.kept)
+        return True
+
+    def require_progress(self, images: int) -> None:
+        require_progress(images, self.epoch, self.kept)
+
+
 class EpochUsage:
     """Wraps an epoch's loader: adds up the host seconds each `next()` waits for a
     batch (time.perf_counter, so no step waits on the device for it) and, on
@@ -328,31 +388,50 @@ class EpochUsage:
                 return
             yield batch
 
+    @staticmethod
+    def total(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """An epoch's sums, kept on the device, added over every process: the epoch's one wait for the device."""
+        return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
+
     def record(self, seconds: float) -> dict:
         """`data_wait`: share of the epoch's `seconds` spent waiting; `peak_mem_gb` on CUDA."""
         cuda = {"peak_mem_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3)} \
             if self.device.type == "cuda" else {}
         return {"data_wait": round(self.waited / seconds, 4), **cuda}
 
+    @staticmethod
+    def text(stats: dict) -> str:
+        """The log line's tail for record's fields."""
+        peak = f", peak {stats['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in stats else ""
+        return f", data wait {stats['data_wait']:.0%}{peak}"
 
-def usage_text(stats: dict) -> str:
-    """The log line's tail for EpochUsage.record's fields."""
-    peak = f", peak {stats['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in stats else ""
-    return f", data wait {stats['data_wait']:.0%}{peak}"
+
 
 
 class Saves:
-    """When a pretraining run writes last.pt (1.8 GB at the paper's setting, seconds of an epoch that takes
-    2-3 s on a fast GPU), and what Ctrl-C does. last.pt is written after an epoch once --save-minutes have
-    passed since the last write (0: every epoch), after every --save-every-th epoch (0: by time only), after the
-    last epoch, and when Ctrl-C asked the run to stop: the first Ctrl-C lets the epoch under way finish, saves
-    it and ends the run with exit code 130; a second stops at once, last.pt holding the last saved epoch.
-    Used as a context manager around the epoch loop, by every process."""
+    """A pretraining run's last.pt: what it restores, when it is written, and what Ctrl-C does. last.pt (1.8 GB
+    at the paper's setting, seconds of an epoch that takes 2-3 s on a fast GPU) is written after an epoch once
+    --save-minutes have passed since the last write (0: every epoch), after every --save-every-th epoch (0: by
+    time only), after the last epoch, and when Ctrl-C asked the run to stop: the first Ctrl-C lets the epoch
+    under way finish, saves it and ends the run with exit code 130; a second stops at once, last.pt holding the
+    last saved epoch. `parts` are what it keeps (checkpoint.resume_record). Used as a context manager around
+    the epoch loop, by every process."""
 
-    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device):
-        self.path, self.device, self.epochs = out / "last.pt", device, cfg.epochs
-        self.every, self.minutes = cfg.save_every, cfg.save_minutes
+    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device, method: str, parts: dict,
+                 splits: dict):
+        self.path, self.cfg, self.device, self.method, self.parts, self.splits = \
+            out / "last.pt", cfg, device, method, parts, splits
         self.stop_asked, self.since = False, time.monotonic()
+
+    def restore(self, state: dict | None) -> int:
+        """The first epoch to train: 0 for a fresh run; for a resumed one, after its saved state is loaded into
+        the parts (checkpoint.restore) and the log lines of later epochs are dropped (rank 0)."""
+        if state:
+            checkpoint.restore(self.parts, state)
+        start = state["epoch"] if state else 0
+        if is_main():
+            checkpoint.keep_log_until(self.path.parent / "log.jsonl", start)
+        return start
 
     def __enter__(self) -> "Saves":
         self.previous = signal.signal(signal.SIGINT, self._ask) \
@@ -365,15 +444,16 @@ class Saves:
         self.stop_asked = True
         print("\nstopping after this epoch, which will be saved (Ctrl-C again to stop at once)", flush=True)
 
-    def after_epoch(self, epoch: int, record: Callable[[], dict]) -> None:
-        """Rank 0 writes `record()` to last.pt when one is due after 0-based `epoch`, timed; a stop asked of any
-        process ends every one (one all-reduce an epoch)."""
+    def after_epoch(self, epoch: int) -> None:
+        """Rank 0 writes last.pt when one is due after 0-based `epoch`, timed; a stop asked of any process ends
+        every one (one all-reduce an epoch)."""
         stop = all_reduce_sum(torch.tensor(float(self.stop_asked), device=self.device)).item() > 0
-        due = (stop or epoch + 1 == self.epochs or (self.every and (epoch + 1) % self.every == 0)
-               or time.monotonic() - self.since >= 60 * self.minutes)
+        due = (stop or epoch + 1 == self.cfg.epochs or (self.cfg.save_every and (epoch + 1) % self.cfg.save_every == 0)
+               or time.monotonic() - self.since >= 60 * self.cfg.save_minutes)
         if due and is_main():
             start = time.perf_counter()
-            checkpoint.save(record(), self.path)
+            checkpoint.save(checkpoint.resume_record(self.method, epoch + 1, vars(self.cfg), self.splits, self.parts),
+                            self.path)
             print(f"saved {self.path} (epoch {epoch + 1}) in {time.perf_counter() - start:.1f} s", flush=True)
         if due:
             self.since = time.monotonic()

@@ -46,8 +46,8 @@ def test_epoch_log_gives_the_share_of_the_epoch_spent_waiting_for_batches():
 
 
 def test_usage_text_shows_peak_memory_only_where_measured():
-    assert rt.usage_text({"data_wait": 0.125}) == ", data wait 12%"
-    assert rt.usage_text({"data_wait": 0.5, "peak_mem_gb": 12.34}) == ", data wait 50%, peak 12.3 GB"
+    assert rt.EpochUsage.text({"data_wait": 0.125}) == ", data wait 12%"
+    assert rt.EpochUsage.text({"data_wait": 0.5, "peak_mem_gb": 12.34}) == ", data wait 50%, peak 12.3 GB"
 
 
 def test_dry_run_writes_every_part_as_json(tmp_path):
