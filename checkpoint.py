@@ -79,6 +79,15 @@ def default_out(prefix: str) -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_writable(out: Path) -> Path:
+    """The nearest folder that exists on the way to `out`, once it is shown writable: a run checks this at start
+    and makes its folder (prepare_out_dir) only once it really starts, so a failed start leaves nothing."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write to output folder {out}: {existing} is not a writable folder")
+    return existing
+
+
 def prepare_out_dir(out: Path) -> Path:
     """Create the run folder and prove it is writable before any model is built."""
     try:

@@ -337,7 +337,7 @@ def validate(index: DataIndex, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    # ---- settings, device, the network to start from, run folder
+    # ---- settings, device, the network to start from, where the run goes
     device = rt.start_process(args)
     source = load_source(args)
     # the data the checkpoint names unless --data; a new split draws from --split-seed
@@ -348,8 +348,6 @@ def main(args: argparse.Namespace) -> dict:
                                   f"-frac{args.frac:g}"))
     identity = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in RUNNING},
                                       "source": source_identity(args)}, default=str))  # as run.json reads back
-    if rt.is_main():
-        claim_folder(out, identity)
     rt.print_args(args)
     dtype = rt.amp_dtype(args.amp, device)
 
@@ -361,7 +359,8 @@ def main(args: argparse.Namespace) -> dict:
     for name in ("train", "val", "test"):
         if not parts[name]:
             raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
-    if rt.is_main():
+    if rt.is_main():  # the run really starts: its folder appears, or is refused
+        claim_folder(out, identity)
         rt.write_splits(out, index, splits)
     cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
         if args.cache == "on" else None

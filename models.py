@@ -5,6 +5,8 @@ and running one over a loader (evaluation, prediction, features, kNN)."""
 from __future__ import annotations
 
 import functools
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +89,19 @@ def is_transformer(arch: str) -> bool:
     return bool(pretrained is not None and pretrained.fixed_input_size)
 
 
+def hub_answers(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub, where timm keeps ImageNet weights, can be reached: offline, timm's download
+    retries for about a minute before it fails. Not asked with HF_HUB_OFFLINE set (cached weights load without
+    it) or behind a proxy (a direct connection proves nothing there)."""
+    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pretrained: bool = False,
                  weights: str | None = None, weights_flag: str = "--weights", **extra) -> nn.Module:
     """A timm model. Fixed-input-size models (ViT, DeiT, Swin, also a DINOv2 at
@@ -108,6 +123,10 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
         if not Path(weights).is_file():
             raise UserError(f"{weights_flag} {weights} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(weights), custom_load=False)
+    elif pretrained and source is None and not hub_answers():
+        raise UserError(f"no connection to the Hugging Face Hub for {arch}'s ImageNet weights: pass {weights_flag} "
+                        "FILE (a local weights file), set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face "
+                        "cache, or --no-pretrained for random initialisation")
     try:
         return timm.create_model(arch, pretrained=bool(pretrained or weights), **kwargs)
     except Exception as err:  # hub and file errors come in many types

@@ -199,7 +199,9 @@ class EpochWatch:
         return {"epoch": self.epoch + 1, "loss": total["loss"] / seen, "lr": lr, "seconds": round(seconds, 3),
                 "images": seen, "images_per_s": round(seen / seconds, 2), "eq1_loss": total["eq1"] / seen,
                 "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
-                "collapse": is_collapsed(std_r, std_t, cos, healthy), **self.usage.record(seconds)}
+                "collapse": is_collapsed(std_r, std_t, cos, healthy),
+                "collapsed_arms": [name for name, std in (("cnn", std_r), ("vit", std_t))
+                                   if std < COLLAPSE_RATIO * healthy], **self.usage.record(seconds)}
 
 
 def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
@@ -253,8 +255,10 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
                 swa_averaged=arm.swa.count if arm.swa else 0, **arch_record(arm.arch)), out / f"{arm.name}.pt")
 
 
-def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: bool) -> bool:
-    """The epoch's line; a suspected collapse explained once, then one short line an epoch. Whether it was."""
+def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: set[str]) -> set[str]:
+    """The epoch's line; a suspected collapse of both arms together, or of one arm alone (its outputs nearly
+    the same for every image while the loss may look healthy), explained once, then one short line an epoch.
+    The warnings given so far."""
     knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
     print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
           f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
@@ -263,9 +267,16 @@ def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: bool)
         remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                   "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
                   "of it helped on every data set measured, docs/study.md)")
-        print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
+        print(f"warning: collapse still suspected (epoch {epoch + 1})" if "both" in warned else
               f"warning: collapse suspected: {COLLAPSE_HINT}{remedy}", flush=True)
-    return warned or stats["collapse"]
+        return warned | {"both"}
+    for arm in stats["collapsed_arms"]:
+        print(f"warning: the {arm} arm still collapses (epoch {epoch + 1})" if arm in warned else
+              f"warning: the {arm} arm's outputs are nearly the same for every image (batch std "
+              f"{stats[f'{arm}_std']:.4f}, below a quarter of the healthy ~{stats['healthy_std']:.4f}) while the other "
+              f"arm's are not: its features may be losing what tells images apart even if the loss looks fine "
+              f"(watch knn_{arm}; docs/collapse-study.md)", flush=True)
+    return warned | set(stats["collapsed_arms"])
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -290,7 +301,7 @@ def main(args: argparse.Namespace) -> Path:
     start = saves.restore(state)
 
     # ---- the epoch loop
-    warned = False
+    warned = set()
     with saves:
         for epoch in range(start, cfg.epochs):
             rt.seed_everything(cfg.seed * 100_003 + epoch)  # a resumed run draws the same noise and dropout

@@ -208,7 +208,7 @@ def write_demo_data(cfg: argparse.Namespace) -> None:
 
 
 def make_run_folder(cfg: argparse.Namespace) -> Path:
-    """cfg.out, made by rank 0 and proven writable before any model is built, holding args.json (the settings)."""
+    """cfg.out, made by rank 0 and proven writable, holding args.json (the settings)."""
     out = Path(cfg.out)
     if is_main():
         checkpoint.prepare_out_dir(out)
@@ -217,7 +217,10 @@ def make_run_folder(cfg: argparse.Namespace) -> Path:
 
 
 def start_process(args: argparse.Namespace) -> torch.device:
-    """Every stage script's first step: torchrun's process group and the device, and the CPU threads."""
+    """Every stage script's first step: --data shown to exist, torchrun's process group and the device, and the
+    CPU threads."""
+    if getattr(args, "data", None) and not Path(args.data).exists():  # before any download or model
+        raise UserError(f"--data {args.data} does not exist")
     device = start_distributed(args.device)
     set_threads(args.threads, args.workers)
     return device
@@ -231,7 +234,8 @@ def start_run(args: argparse.Namespace, method: str,
               settle: Callable[[argparse.Namespace], argparse.Namespace]) -> tuple:
     """A pretraining run's start: the process (start_process), the run's settings (fresh, demo or resumed:
     run_settings), the demo's images, `settle(cfg)` (the script's own checks, and settings it completes),
-    the settings printed, and the run folder. (cfg, saved state or None, device, run folder)."""
+    the settings printed, and where the run folder will be (made once the run really starts, by
+    pretraining_data; shown writable now). (cfg, saved state or None, device, run folder)."""
     device = start_process(args)
     cfg, state = run_settings(args, method)
     if cfg.demo:
@@ -239,7 +243,8 @@ def start_run(args: argparse.Namespace, method: str,
     cfg = settle(cfg)
     check_run(cfg)
     print_args(cfg)
-    return cfg, state, device, make_run_folder(cfg)
+    checkpoint.check_writable(Path(cfg.out))
+    return cfg, state, device, Path(cfg.out)
 
 
 def check_run(cfg: argparse.Namespace) -> None:
@@ -253,7 +258,7 @@ def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
     """Stop before training, not at the first save, when the disk cannot hold
     `copies` of the models' weights twice over (last.pt and its temporary file)."""
     need = 2 * copies * sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(checkpoint.check_writable(out)).free  # the folder itself may not exist yet
     if free < need:
         raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
 
@@ -292,12 +297,13 @@ def write_splits(out: Path, index: DataIndex, splits: dict[str, list[str]], **ex
 def pretraining_data(cfg: argparse.Namespace, state: dict | None, out: Path, mode: str,
                      size: int) -> tuple[DataIndex, dict, dict[str, list[int]], ImageCache | None]:
     """A pretraining run's data: every image indexed and fingerprinted, the run's split (a resumed run's own,
-    else a new seeded one, Sec. 4.1) written to splits.json, each split's image ids, and with --cache on the
-    decode-once cache of `mode` images at `size` (image_cache)."""
+    else a new seeded one, Sec. 4.1), with --cache on the decode-once cache of `mode` images at `size`
+    (image_cache); then the run folder with args.json and splits.json; each split's image ids."""
     index = index_and_fingerprint(cfg)
     splits = state["splits"] if state else new_split(index, cfg)
     cache = image_cache(index, mode, size, cfg.cache_dir, cfg.workers, cfg.intensity) if cfg.cache == "on" else None
-    if is_main():
+    if is_main():  # the run really starts: its folder appears
+        make_run_folder(cfg)
         write_splits(out, index, splits, seed=cfg.seed)
     return index, splits, select(index, splits), cache
 

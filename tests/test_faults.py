@@ -16,7 +16,7 @@ import checkpoint
 import losses
 import pretrain_cass
 import runtime
-from conftest import TIMING, TINY, same_weights
+from conftest import TIMING, TINY, same_weights, write_image
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +180,43 @@ def test_unwritable_output_folder_is_an_error_before_training(demo_data, tmp_pat
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(UserError, match="cannot write to output folder"):
         pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "file" / "run", "--epochs", "1")))
+
+
+def test_a_failed_start_fails_fast_and_leaves_no_folder(demo_data, tmp_path, monkeypatch):
+    """A mistyped --data is named before any model or download; offline, the default ImageNet start stops in one
+    line naming the ways round it, not after a minute of Hub retries; and no mistake leaves a run folder."""
+    import finetune
+    import models
+
+    for script, argv in ((pretrain_cass, ["--data", str(tmp_path / "typo"), "--out", str(tmp_path / "a")]),
+                         (finetune, ["--arch", "resnet50", "--data", str(tmp_path / "typo"),
+                                     "--out", str(tmp_path / "b")])):
+        with pytest.raises(UserError, match="typo does not exist"):
+            script.main(script.parse_args(argv))
+    monkeypatch.setattr(models, "hub_answers", lambda: False)
+    with pytest.raises(UserError, match="--cnn-weights FILE.*HF_HUB_OFFLINE=1.*--no-pretrained"):
+        pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(tmp_path / "c")]))
+    (tmp_path / "empty").mkdir()  # no images: found once the data is read, after the models
+    with pytest.raises(UserError):
+        pretrain_cass.main(pretrain_cass.parse_args(cass_args(tmp_path / "empty", tmp_path / "d", "--epochs", "1")))
+    unlabelled = tmp_path / "unlabelled"
+    for i in range(20):
+        write_image(unlabelled / f"{i}.png", seed=i)
+    with pytest.raises(UserError, match="has no labels"):
+        finetune.main(finetune.parse_args(["--arch", "test_resnet", "--no-pretrained", "--data", str(unlabelled),
+                                           "--img-size", "32", "--workers", "0", "--out", str(tmp_path / "e")]))
+    assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_the_hub_is_not_asked_offline_or_behind_a_proxy(monkeypatch):
+    import models
+
+    def refused(*a, **k):
+        raise OSError("no route")
+
+    monkeypatch.setattr(models.socket, "create_connection", refused)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert models.hub_answers() is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.hub_answers() is True

@@ -50,6 +50,21 @@ def test_log_has_one_line_per_epoch_whose_numbers_agree_with_each_other(cass_run
         assert 0 <= r["loss"] <= 4 and r["eq1_loss"] == pytest.approx(r["loss"])  # nothing added to Eq. 1
         assert r["healthy_std"] == pytest.approx(1000 ** -0.5)
         assert r["collapse"] is pretrain_cass.is_collapsed(r["cnn_std"], r["vit_std"], r["cos"], r["healthy_std"])
+        assert r["collapsed_arms"] == [arm for arm in ("cnn", "vit") if r[f"{arm}_std"] < r["healthy_std"] / 4]
+
+
+def test_one_arm_collapsing_alone_is_flagged_once_in_full_then_in_one_line(capsys):
+    """A ViT at a fifth of the healthy spread while the CNN is healthy: the arms disagree (cos low), so the
+    two-arm flag stays off, and the lone arm is named."""
+    cfg = pretrain_cass.parse_args(["--data", "-"])
+    stats = {"loss": 0.5, "images_per_s": 10.0, "cnn_std": 0.03, "vit_std": 0.0063, "healthy_std": 0.0316,
+             "cos": 0.4, "data_wait": 0.0, "collapse": False, "collapsed_arms": ["vit"]}
+    warned = set()
+    for epoch in range(3):
+        warned = pretrain_cass.report_epoch({**stats, "epoch": epoch + 1}, epoch, cfg, warned)
+    printed = capsys.readouterr().out
+    assert printed.count("warning: the vit arm's outputs are nearly the same for every image") == 1
+    assert printed.count("warning: the vit arm still collapses") == 2 and "cnn arm" not in printed
 
 
 def test_a_folder_that_holds_a_run_is_refused_before_anything_is_written(cass_run, demo_data):
