@@ -6,6 +6,7 @@ Three layouts are read (see README, "Data layouts"):
   2. DIR/{train,val,test}/<class>/... the curator's split is kept
   3. labels.csv (or DIR/labels.csv)   a path column + `label`, or one 0/1 column per class
 Groups: a CSV's `group_col`, or groups.csv (columns path, group) in a folder.
+The tools' --images (index_images) also take image files one by one.
 """
 from __future__ import annotations
 
@@ -212,6 +213,31 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True, me
         _report_ignored(path)
         index = _index_split_folders(path) if (path / "train").is_dir() else _index_folder(path)
         index.groups = _groups_csv(path / "groups.csv", index.paths) if (path / "groups.csv").is_file() else None
+    return _readable(index, workers, check_images, memo_dir, fingerprint)
+
+
+def index_images(given: list[str | Path], workers: int = 2) -> DataIndex:
+    """What a tool's --images names: one folder or labels CSV (index_data), or image files one by one (e.g.
+    predict.py --images a.jpg b.dcm), unlabelled, relative to the deepest folder holding them all, the
+    unreadable ones skipped with their reason as index_data skips them."""
+    first = Path(given[0]).expanduser()
+    if len(given) == 1 and (first.is_dir() or first.is_file() and first.suffix.lower() == ".csv"):
+        return index_data(first, workers=workers)
+    paths = [Path(f).expanduser().resolve() for f in given]
+    for name, path in zip(given, paths):
+        if not path.exists():
+            raise UserError(f"{name} does not exist")
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTS:
+            raise UserError(f"{name} is not an image file ({', '.join(sorted(IMAGE_EXTS))}); give one folder or "
+                            "labels CSV, or image files")
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    index = DataIndex(root, root, "image files", [p.relative_to(root).as_posix() for p in paths], None, [])
+    return _readable(index, workers, True, None, None)
+
+
+def _readable(index: DataIndex, workers: int, check_images: bool, memo_dir: str | Path | None,
+              fingerprint: Fingerprint | None) -> DataIndex:
+    """`index` without the images that cannot be decoded (see index_data), described in a line."""
     if any(p.lower().endswith(".dcm") for p in index.paths):
         from dicom import without_pydicom  # only DICOM files need it
         index = _drop_unreadable(index, without_pydicom(index.paths))
@@ -232,16 +258,18 @@ def _groups_csv(path: Path, paths: list[str]) -> list[str] | None:
         if not {"path", "group"} <= set(rows.fieldnames or ()):
             raise UserError(f"{path} needs the columns path and group (it has {', '.join(rows.fieldnames or ())})")
         given = {Path(r["path"].strip()).as_posix(): (r["group"] or "").strip() for r in rows}
+    named = [given[p] for p in paths if given.get(p)]
+    print(f"{path.name}: {len(set(named))} groups applied to {len(named)} images")
     if alone := sum(p not in given for p in paths):
         print(f"note: {alone} images are not in {path.name}; each is its own group")
     return [given.get(p) or p for p in paths]
 
 
 def _report_ignored(root: Path) -> None:
-    """Print how many files under `root` (dot-files aside) a folder layout passes over, by extension:
-    a wrong extension (DICOMs without .dcm, say) never leaves a folder silently empty."""
+    """Print how many files under `root` (dot-files and the groups.csv _groups_csv reads aside) a folder layout
+    passes over, by extension: a wrong extension (DICOMs without .dcm, say) never leaves a folder silently empty."""
     counts = Counter(p.suffix.lower() or "(no extension)" for p in sorted(root.rglob("*"))
-                     if p.suffix.lower() not in IMAGE_EXTS and p.is_file()
+                     if p.suffix.lower() not in IMAGE_EXTS and p.is_file() and p != root / "groups.csv"
                      and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if counts:  # most common first; ties in path order, so the line is the same on every machine
         print(f"ignored {counts.total()} files: " + ", ".join(f"{ext} {n}" for ext, n in counts.most_common()))

@@ -1,14 +1,15 @@
-"""Embeddings of a folder of images (or a labels CSV) from any model checkpoint
-of this project, for retrieval, clustering, UMAP or a classifier of your own.
+"""Embeddings of a folder of images (or a labels CSV, or image files) from any model
+checkpoint of this project, for retrieval, clustering, UMAP or a classifier of your own.
 
     python embed.py --ckpt runs/<run>/vit.pt --images ./cases --out embeddings/vit
 
 writes embeddings.npy, (N, D) float32 pre-logit features (what the head sees,
 not L2-normalised unless --normalize), and embeddings.csv, row i describing
-row i of the array: its path (relative to the folder, or to the CSV's folder)
-and, for labelled data, its label (class name; ';'-joined names for
-multi-label data). Images are read as in training (data.index_data): files that
-cannot be decoded are skipped, counted, and have no row.
+row i of the array: its path (relative to the folder, to the CSV's folder, or
+to the deepest folder holding the image files) and, for labelled data, its
+label (class name; ';'-joined names for multi-label data). Images are read as
+in training (data.index_images): files that cannot be decoded are skipped,
+counted, and have no row.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ import torch.nn.functional as F
 import checkpoint
 import flags
 import runtime as rt
-from data import DataIndex, index_data
+from data import DataIndex, index_images
 from models import checkpoint_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", required=True, help="a model checkpoint of this project (pretrained or fine-tuned)")
-    p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="a folder of images (sub-folders are searched), a labels CSV, or image files")
     p.add_argument("--out", required=True, help="folder to write embeddings.npy and embeddings.csv to")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (unit norm: cosine = dot)")
     p.add_argument("--bs", type=flags.positive_int, default=64, help="batch size")
@@ -54,7 +56,7 @@ def main(args: argparse.Namespace) -> Path:
     ckpt = checkpoint.load(args.ckpt, kind="model")
     device = rt.pick_device(args.device)
     out = checkpoint.prepare_out_dir(Path(args.out))
-    index = index_data(args.images, workers=args.workers)
+    index = index_images(args.images, args.workers)
     feats, _ = checkpoint_features(ckpt, index, list(range(len(index.paths))), device, args.bs, args.workers)
     if args.normalize:
         feats = F.normalize(feats, dim=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def export(ckpt: dict, out: Path) -> Path:
                     safe_serialization=True)
     except OSError as err:
         raise UserError(f"could not write {out} ({err.strerror or err})") from None
+    # safetensors writes through a temporary file of mode 0600: the weights would be the one file of a folder
+    # made to share that others cannot read
+    shutil.copymode(out / "config.json", out / "model.safetensors")
     return out
 
 

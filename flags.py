@@ -40,9 +40,15 @@ non_negative_float = _checked(float, lambda v: v >= 0, "0 or more")
 fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each flag's default, but not "None": a flag without one says in its help what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def new_parser(doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
 @dataclass
@@ -59,11 +65,12 @@ def arg_groups(p: argparse.ArgumentParser) -> ArgGroups:
                      p.add_argument_group("ours, beyond the paper"), p.add_argument_group("running"))
 
 
-def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, img_size: int | None = 384,
+def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, out_default: str, img_size: int | None = 384,
                     img_size_help: str = "square input size (App. C.5.2)", aug: bool = True, seed: bool = True) -> None:
-    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something)."""
+    """Flags with the same meaning in pretraining and fine-tuning (`aug`, `seed`: where they mean something;
+    `out_default`: where the run goes without --out)."""
     g.running.add_argument("--data", help="class folders, train/val/test folders, or a labels CSV (docs/data.md)")
-    g.running.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    g.running.add_argument("--out", help=f"run folder (default: {out_default})")
     g.paper.add_argument("--epochs", type=positive_int, default=epochs, help=f"epochs ({epochs_source})")
     g.paper.add_argument("--bs", type=positive_int, default=16, help="batch size (App. C.5.3: 16)")
     g.paper.add_argument("--img-size", type=positive_int, default=img_size, help=img_size_help)

@@ -135,10 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path,
+def map_checkpoint(ckpt: dict, name: str, title: str, index, ids: list[int], args, out: Path,
                    device) -> tuple[str, np.ndarray] | None:
-    """Write one checkpoint's per-image overlays and averaged heat map; return
-    (what the map shows, the (h, w) average), None for a CNN without a head."""
+    """Write one checkpoint's per-image overlays and averaged heat map, files named by `name`, titles by `title`;
+    return (what the map shows, the (h, w) average), None for a CNN without a head."""
     model = from_checkpoint(ckpt).to(device).eval()
     dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"], intensity=ckpt.get("intensity", AUTO))
     raw = torch.stack([dataset[i][0] for i in range(len(ids))]).to(device)
@@ -149,19 +149,19 @@ def map_checkpoint(ckpt: dict, name: str, index, ids: list[int], args, out: Path
         maps = vit_attention(model, x, args.rollout)
     else:
         channels = first_conv_maps(model, x[:1])[0].cpu().numpy()
-        figures.channel_figure(images[0], channels[:16], f"{name}: {dataset.paths[0]}\nafter the first convolution, "
+        figures.channel_figure(images[0], channels[:16], f"{title}: {dataset.paths[0]}\nafter the first convolution, "
                                f"the first {min(16, len(channels))} of {len(channels)} channels",
                                out / f"{name}_first_conv.png")
         if ckpt["num_classes"] == 0:
-            print(f"{name}: no classifier head (a DINO backbone), so no Grad-CAM; first-conv maps only")
+            print(f"{title}: no classifier head (a DINO backbone), so no Grad-CAM; first-conv maps only")
             return None
         kind, maps = "Grad-CAM of the predicted class", grad_cam(model, x)
     for path, image, m in zip(dataset.paths, images, maps.cpu().numpy()):
         # the image's own relative path: files of one name in two folders, or a.jpg beside a.png, stay apart
         overlay = path if path.lower().endswith(".png") else path + ".png"
-        figures.overlay_figure(image, m, kind, f"{name}: {path}", out / name / overlay)
+        figures.overlay_figure(image, m, kind, f"{title}: {path}", out / name / overlay)
     average = unit_range(maps.mean(0, keepdim=True))[0].cpu().numpy()
-    figures.heatmap_figure({name: (kind, average)}, f"mean over the {len(ids)} images of images.txt",
+    figures.heatmap_figure({title: (kind, average)}, f"mean over the {len(ids)} images of images.txt",
                            out / f"{name}_mean.png")
     return kind, average
 
@@ -182,10 +182,14 @@ def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "images.txt").write_text("".join(index.paths[i] + "\n" for i in ids))  # what the averages are of
     names = [f"{i}_{Path(p).parent.name}_{Path(p).stem}" for i, p in enumerate(args.ckpt)]
+    # titles name the run folder too: a fine-tuned checkpoint's own folder (finetune-vit-frac1) is alike in every run
+    titles = dict(zip(names, (f"{i}: {Path(*Path(p).resolve().parts[-3:]).as_posix()}"
+                              for i, p in enumerate(args.ckpt))))
     drawn = {name: found for name, c in zip(names, ckpts)
-             if (found := map_checkpoint(c, name, index, ids, args, out, device))}
+             if (found := map_checkpoint(c, name, titles[name], index, ids, args, out, device))}
     if len(drawn) == 2:
-        figures.heatmap_figure(drawn, f"mean over the same {len(ids)} images (images.txt)", out / "compare.png")
+        figures.heatmap_figure({titles[name]: found for name, found in drawn.items()},
+                               f"mean over the same {len(ids)} images (images.txt)", out / "compare.png")
     print(f"maps of {len(ids)} images written to {out}")
     return {name: average for name, (_, average) in drawn.items()}
 

@@ -4,6 +4,7 @@ by averaging their probabilities: one answer to the paper's open question of
 which arm to trust at inference (App. D.2).
 
     python predict.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases --out predictions.csv
+    python predict.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images case1.jpg case2.dcm
 
 A --ckpt may also be an ONNX file of a fine-tuned model written by `export.py --onnx`,
 run with onnxruntime (on the CPU) and decided as its checkpoint would be.
@@ -22,7 +23,7 @@ import checkpoint
 import flags
 import predictions
 import runtime as rt
-from data import index_data
+from data import index_images
 from errors import UserError
 from metrics import decide, indicator, probabilities
 from models import collect, from_checkpoint, normalise
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = flags.new_parser(__doc__)
     p.add_argument("--ckpt", nargs="+", required=True,
                    help="fine-tuned checkpoint(s) (model_seed<N>.pt), or their `export.py --onnx` files (.onnx)")
-    p.add_argument("--images", required=True, help="a folder of images (sub-folders are searched), or a labels CSV")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="a folder of images (sub-folders are searched), a labels CSV, or image files")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--bs", type=flags.positive_int, default=32, help="batch size")
     p.add_argument("--workers", type=flags.non_negative_int, default=2, help="data-loading workers")
@@ -98,7 +100,7 @@ def member(logits: np.ndarray, ckpt: dict, calibrated: bool) -> tuple[np.ndarray
 def main(args: argparse.Namespace) -> Path:
     ckpts = load_models(args.ckpt)
     device = rt.pick_device(args.device)
-    index = index_data(args.images, workers=args.workers)
+    index = index_images(args.images, args.workers)
     logits = [logits_of(c, lambda size, intensity: ImageDataset(index.root, index.paths, index.targets, size,
                                                                 intensity=intensity), device, args.bs, args.workers)
               for c in ckpts]

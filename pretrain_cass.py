@@ -40,7 +40,8 @@ DEMO_MODELS = dict(cnn="test_resnet", vit="test_vit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p, g = flags.stage_parser(__doc__, pretraining=True, epochs=100, epochs_source="App. C.5.3")
+    p, g = flags.stage_parser(__doc__, pretraining=True, epochs=100, epochs_source="App. C.5.3",
+                              out_default="runs/cass-<timestamp>; with --demo runs/demo-cass")
     g.paper.add_argument("--cnn", default="resnet50", help="timm name of the CNN arm R (Sec. 3.1)")
     g.paper.add_argument("--vit", default="vit_base_patch16_384", help="timm name of the Transformer arm T (Sec. 3.1)")
     g.paper.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -320,7 +321,7 @@ def main(args: argparse.Namespace) -> Path:
 
     save_models(arms, loader, cfg, index, splits, out, device)
     print(f"saved {out / 'cnn.pt'} and {out / 'vit.pt'}\nnext: python finetune.py --ckpt {out / 'cnn.pt'}"
-          + (" --epochs 10" if cfg.demo else ""))
+          + (" --epochs 3" if cfg.demo else ""))
     return out
 
 

@@ -48,6 +48,7 @@ DEMO_MODELS = dict(arch="test_resnet", out_dim=4096)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p, g = flags.stage_parser(__doc__, pretraining=True, epochs=100,
                               epochs_source="the CASS paper's DINO runs, Sec. 4.2",
+                              out_default="runs/dino-<timestamp>; with --demo runs/demo-dino",
                               img_size_help="global crop size; the fine-tuning input size (App. C.5.2)", aug=False)
     # The CASS paper runs DINO with its official recipe (Caron et al. 2021, and the repository's README)
     recipe = g.paper
@@ -314,7 +315,7 @@ def main(args: argparse.Namespace) -> Path:
             data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel,
             args=vars(cfg), epoch=cfg.epochs, intensity=cfg.intensity, **arch_record(cfg.arch)), out / f"{role}.pt")
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
-          f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 10" if cfg.demo else ""))
+          f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 3" if cfg.demo else ""))
     return out
 
 

@@ -13,7 +13,8 @@ between the rows over matched seeds, resampled alike, with p-values (Holm-
 adjusted for the pretrained-against-baseline pairs), naming the settings a
 pair's rows differ in; pretraining time per run (Table 2); and PNG figures
 (figures.py): ROC curves, reliability diagrams and confusion matrices per
-experiment, loss, kNN accuracy and collapse signals per pretraining epoch.
+experiment (drawn by one process per CPU core while the tables are computed),
+loss, kNN accuracy and collapse signals per pretraining epoch.
 
     python report.py runs/ --out runs/report
 """
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import re
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -404,18 +406,33 @@ def figure_stem(cell: Cell, taken: set[str]) -> str:
     return unique
 
 
-def finetune_figures(results: list[dict], out: Path) -> list[str]:
-    """ROC curves, reliability diagram and (multi-class) confusion matrix of each cell with prediction files."""
-    lines, taken = [], set()
+def figure_cells(results: list[dict]) -> list[tuple[str, str, Cell]]:
+    """(data set, title, cell) of each cell with prediction files, in report order."""
+    found = []
     for data, _, table in tables(results):
         name = row_names(table)  # as in the table, also where only some rows have files
-        with_files = sorted((k, c) for k, c in table.items() if any(c.files))
-        for (row, frac), cell in tqdm(with_files, desc="figures", leave=False):
-            title, stem = f"{name[row]}, {frac:.0%} labels", figure_stem(cell, taken)
-            seeds = [(p.targets, p.probs) for p in seed_predictions(cell)]
-            drawn = figures.experiment_figures(seeds, list(cell.classes), cell.multilabel, title, out / stem)
-            lines += [f"**{data}: {title}** ({len(seeds)} seed(s) with prediction files)", "",
-                      " ".join(f"![{p.stem}]({p.name})" for p in drawn), ""]
+        found += [(data, f"{name[row]}, {frac:.0%} labels", cell)
+                  for (row, frac), cell in sorted((k, c) for k, c in table.items() if any(c.files))]
+    return found
+
+
+def start_figures(cells: list[tuple[str, str, Cell]], out: Path, pool: Executor) -> list[tuple[str, Future]]:
+    """Hand each of `figure_cells` to `pool` to draw its ROC curves, reliability diagram and (multi-class)
+    confusion matrix as soon as its files are read; (its caption, the future of its figures' paths) in order."""
+    started, taken = [], set()
+    for data, title, cell in tqdm(cells, desc="prediction files", leave=False):
+        seeds = [(p.targets, p.probs) for p in seed_predictions(cell)]
+        started.append((f"**{data}: {title}** ({len(seeds)} seed(s) with prediction files)",
+                        pool.submit(figures.experiment_figures, seeds, list(cell.classes), cell.multilabel, title,
+                                    out / figure_stem(cell, taken))))
+    return started
+
+
+def figure_lines(started: list[tuple[str, Future]]) -> list[str]:
+    """The report's lines of the figures `start_figures` started, once drawn."""
+    lines = []
+    for caption, drawn in tqdm(started, desc="figures", leave=False):
+        lines += [caption, "", " ".join(f"![{p.stem}]({p.name})" for p in drawn.result()), ""]
     return lines[:-1]
 
 
@@ -462,11 +479,16 @@ def main(args: argparse.Namespace) -> Path:
     out = prepare_out_dir(Path(args.out))
     predictions.read.cache_clear()  # files may have changed since an earlier call in this process
     results, runs = load_results(folders), pretraining_runs(folders)
-    lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
-    lines += finetune_table(results, args.resamples) if results else ["No results.json found."]
-    lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else ["No pretraining runs found."])
-    shown = finetune_figures(results, out)
-    lines += ["", "## Fine-tuning figures", ""] + (shown or ["No prediction files found."])
+    cells = figure_cells(results)
+    # other processes (one per core, at most one per cell) draw the figures while this one computes the intervals:
+    # matplotlib took two thirds of a paper-size report's time in one process (docs/speed.md)
+    with ProcessPoolExecutor(max(1, min(len(cells), os.cpu_count() or 1))) as pool:
+        started = start_figures(cells, out, pool)
+        lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
+        lines += finetune_table(results, args.resamples) if results else ["No results.json found."]
+        lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else
+                                                             ["No pretraining runs found."])
+        lines += ["", "## Fine-tuning figures", ""] + (figure_lines(started) or ["No prediction files found."])
     drawn = [p for r in runs if (p := figures.pretraining_figure(r["log"], r["method"], r["name"],
                                                                  out / f"{file_name(r['name'])}_epochs.png"))]
     lines += ["", "## Per-epoch plots", ""] + [f"![{p.stem}]({p.name})" for p in drawn]

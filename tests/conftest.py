@@ -60,10 +60,6 @@ def class_folders(root: Path, counts: dict[str, int], ext: str = "png") -> Path:
     return root
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tests/test_cuda.py)")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _work_in_a_temporary_folder(tmp_path_factory):
     """Default output and cache folders (runs/...) land in a temporary folder, not the checkout."""

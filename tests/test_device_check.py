@@ -5,6 +5,7 @@ import json
 import sys
 import time
 
+import pytest
 import torch
 
 import bench
@@ -50,6 +51,7 @@ def test_usage_text_shows_peak_memory_only_where_measured():
     assert rt.EpochUsage.text({"data_wait": 0.5, "peak_mem_gb": 12.34}) == ", data wait 50%, peak 12.3 GB"
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_part_as_json(tmp_path):
     """The GPU command of docs/speed.md with tiny models on the CPU: every part runs and is read back."""
     summary = device_check.main(device_check.parse_args(["--dry-run", "--out", str(tmp_path)]))

@@ -11,6 +11,7 @@ import torch
 import pretrain_dino
 
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 # test_convnext has LayerNorm, not BatchNorm: PyTorch's SyncBatchNorm runs on GPUs only
 PAIR = ["--cnn", "test_convnext", "--vit", "test_vit", "--img-size", "32", "--no-pretrained", "--workers", "0",

@@ -37,6 +37,7 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_subprocess_resumes_to_the_weights_and_log_of_an_uninterrupted_run(demo_data, tmp_path):
     """The one end-to-end resume test of pretrain_cass.py: SIGKILL (no clean-up) once last.pt holds epoch 2,
     after SWA has started averaging, then --resume; a kill between the log line and the save of an epoch

@@ -5,6 +5,7 @@ The smallest run the claim allows (batch 2, one step each, --workers 0) still co
 CPU cores, most of it ViT-B/16's forward and backward at 384 px (docs/speed.md)."""
 import json
 
+import pytest
 import torch
 
 import finetune
@@ -12,6 +13,7 @@ import pretrain_cass
 from conftest import write_image
 from models import from_checkpoint
 
+pytestmark = pytest.mark.slow
 PAPER = ["--cnn", "resnet50", "--vit", "vit_base_patch16_384", "--img-size", "384"]
 
 

@@ -83,7 +83,7 @@ def test_settings_parse_round_trip_through_json_pickle_and_checkpoints_and_name_
 
 def test_intensity_flag_parses_negative_bounds_and_rejects_bad_ones_with_a_usage_error(capsys):
     p = flags.new_parser("x")
-    flags.add_common_args(flags.arg_groups(p), epochs=1, epochs_source="test")
+    flags.add_common_args(flags.arg_groups(p), epochs=1, epochs_source="test", out_default="x")
     assert p.parse_args([]).intensity == AUTO
     assert p.parse_args(["--intensity", "window", "-1000", "400"]).intensity == ("window", -1000.0, 400.0)
     assert p.parse_args(["--intensity", "percentile", "--bs", "4"]).intensity == ("percentile",)

@@ -63,6 +63,7 @@ def test_transfer_weights_are_trained_on_photos_and_load_into_each_arm(tmp_path)
         assert study_sets.transfer_weights(arch, photos, tmp_path / "transfer", epochs=1) == path  # once
 
 
+@pytest.mark.slow
 def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tmp_path):
     settings = ["--out", str(tmp_path), "--sets", "digits", "--rows", "cass", "variance", "dino", "--epochs", "1",
                 "--ft-epochs", "1", "--source-epochs", "1", "--resamples", "50"]
