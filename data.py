@@ -239,7 +239,7 @@ def _readable(index: DataIndex, workers: int, check_images: bool, memo_dir: str 
               fingerprint: Fingerprint | None) -> DataIndex:
     """`index` without the images that cannot be decoded (see index_data), described in a line."""
     if any(p.lower().endswith(".dcm") for p in index.paths):
-        from dicom import without_pydicom  # only DICOM files need it
+        from plumbing.dicom import without_pydicom  # only DICOM files need it
         index = _drop_unreadable(index, without_pydicom(index.paths))
     if check_images or fingerprint:
         verdicts = _check(index, workers, memo_dir, fingerprint)
@@ -289,7 +289,7 @@ def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
     8-bit export of a 16-bit scan) still show one picture."""
     try:
         if path.suffix.lower() == ".dcm":
-            from dicom import stored_values  # only DICOM files need it
+            from plumbing.dicom import stored_values  # only DICOM files need it
             stored_values(path)  # every frame: training reads the first, but a broken later one is a broken file
         else:
             with Image.open(path) as img:
@@ -299,7 +299,7 @@ def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
                     img.draft("RGB", (64, 64))
                     img.load()
         if fingerprint:
-            from pixels import load_image  # only the duplicate check needs the decoding training uses
+            from plumbing.pixels import load_image  # only the duplicate check needs the decoding training uses
             pixels = np.asarray(load_image(path))
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"

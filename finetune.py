@@ -23,19 +23,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-import backbone
-import checkpoint
-import flags
-import predictions
-import runtime as rt
-from backbone import Source
+from plumbing import backbone
+from plumbing import checkpoint
+from plumbing import flags
+from evaluation import predictions
+from plumbing import runtime as rt
+from plumbing.backbone import Source
 from data import DataIndex
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
-from metrics import HEADLINES, evaluate, over_seeds, probabilities
-from models import check_arch, collect, create_model, normalise, optimizer_kwargs, prepare_for_training
-from pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
-from splits import count, label_fraction, select
+from evaluation.metrics import HEADLINES, evaluate, over_seeds, probabilities
+from plumbing.models import check_arch, collect, create_model, normalise, optimizer_kwargs, prepare_for_training
+from plumbing.pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
+from plumbing.splits import count, label_fraction, select
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
@@ -148,7 +148,7 @@ def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> 
     """The pretraining run's split when it had one for labelled data, so
     pretraining never saw the test images; otherwise a new seeded split
     (rt.new_split); duplicate images listed either way."""
-    from fingerprints import list_duplicates  # the duplicate check, ours
+    from plumbing.fingerprints import list_duplicates  # the duplicate check, ours
     splits = source.splits
     if splits and splits.get("val") and splits.get("test"):
         if cfg.duplicates == "together":
@@ -186,7 +186,7 @@ def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], 
     rank, world, bs = rt.rank(), rt.world_size(), args.bs
     # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
     if features:
-        import linear_probe  # ours: loaded where --linear is handled
+        from evaluation import linear_probe  # ours: loaded where --linear is handled
         train, val, test = linear_probe.loaders(features, parts["train"], labelled, bs, seed, rank, world)
         return Seed(model, model.get_classifier(), train, val, test, inputs=lambda x: x)
     prepare_for_training(model, source.timm_arch, device, args.grad_ckpt)
@@ -368,7 +368,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.cache == "on" else None
     features, lr = None, args.lr or LR
     if args.linear:
-        import linear_probe  # ours: loaded where --linear is handled
+        from evaluation import linear_probe  # ours: loaded where --linear is handled
         features = linear_probe.frozen_features(source.model, index, parts, source.img_size, source.mean,
                                                 source.std, source.intensity, cache, args.bs, args.workers,
                                                 device, dtype)

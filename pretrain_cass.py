@@ -20,14 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checkpoint
-import flags
-import runtime as rt
+from plumbing import checkpoint
+from plumbing import flags
+from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
 from losses import cass_loss
-from models import arch_record, check_arch, normalise, optimizer_kwargs, training_model, val_knn_accuracy
-from pixels import ImageDataset, train_augment
+from plumbing.models import arch_record, check_arch, normalise, optimizer_kwargs, training_model, val_knn_accuracy
+from plumbing.pixels import ImageDataset, train_augment
 from swa import SWA, default_start
 
 HEAD_ACTS = {"none": lambda x: x, "softmax": lambda x: x.softmax(dim=1), "sigmoid": torch.sigmoid}
@@ -120,7 +120,7 @@ def build_arm(name: str, arch: str, weights: str | None, cfg: argparse.Namespace
     net = torch.compile(net) if cfg.compile else net
     predictor = None
     if cfg.anti_collapse.startswith("predictor"):
-        from anticollapse import predictor  # ours, beyond the paper: only the option needs it
+        from method.anticollapse import predictor  # ours, beyond the paper: only the option needs it
         predictor = predictor(model.num_classes, cfg.predictor_dim).to(device)
     params = [*model.parameters(), *(predictor.parameters() if predictor else [])]
     lr = cfg.vit_lr if name == "vit" and cfg.vit_lr else cfg.lr
@@ -155,7 +155,7 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
     """The loss the step minimises: Eq. 1, the paper's (--anti-collapse none), or one of ours."""
     if cfg.anti_collapse == "none":
         return cass_loss(r, t)
-    from anticollapse import objective as ours  # only the option needs it
+    from method.anticollapse import objective as ours  # only the option needs it
     return ours(r, t, cfg.anti_collapse, cfg.variance_weight, [arm.pred_net for arm in arms])
 
 

@@ -21,15 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checkpoint
-import flags
-import runtime as rt
-from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
+from plumbing import checkpoint
+from plumbing import flags
+from plumbing import runtime as rt
+from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
-from models import (arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model,
+from plumbing.models import (arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model,
                     val_knn_accuracy)
-from pixels import ImageDataset
+from plumbing.pixels import ImageDataset
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
 RECIPES = {

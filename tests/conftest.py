@@ -20,10 +20,10 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import demo  # noqa: E402
+from plumbing import demo  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_cass  # noqa: E402
-import runtime  # noqa: E402
+from plumbing import runtime  # noqa: E402
 
 # log.jsonl fields that measure the machine, not the run: they differ between two runs of the same settings
 TIMING = ("seconds", "images_per_s", "data_wait", "peak_mem_gb")

@@ -4,7 +4,8 @@
 
 For each stage script: its lines, the lines of its longest function (and of
 fine-tuning's per-seed run), the
-project modules a run of it loads at start-up and their lines (itself
+names it uses from the rest of the project (from-imported names plus attributes of imported project
+modules), the project modules a run of it loads at start-up and their lines (itself
 included; `python -X importtime SCRIPT --help` lists the same modules), the
 depth of its import graph; then the longest file and the README's length."""
 import ast
@@ -12,7 +13,8 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+MODULES = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in ROOT.rglob("*.py")
+           if p.parts[len(ROOT.parts)] not in ("tests", ".git") and p.name != "__init__.py"}  # by dotted name
 STAGES = ("pretrain_cass", "pretrain_dino", "finetune")
 
 
@@ -22,7 +24,7 @@ def imported(nodes) -> frozenset[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     return frozenset(found & set(MODULES))
 
 
@@ -51,6 +53,24 @@ def lines(modules: set[str]) -> int:
     return sum(len(MODULES[m].read_text().splitlines()) for m in modules)
 
 
+def used_names(module: str) -> set[str]:
+    """What a module uses of the rest of the project: names it imports from project modules, and the attributes
+    it reads of the project modules it imports."""
+    tree, names, aliases = ast.parse(MODULES[module].read_text()), set(), {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in MODULES:
+                    aliases[a.asname or a.name] = full
+                elif node.module in MODULES:
+                    names.add(full)
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name in MODULES})
+    return names | {f"{aliases[n.value.id]}.{n.attr}" for n in ast.walk(tree)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
+
+
 def function_lines(module: str) -> dict[str, int]:
     """Lines of each function of `module`, decorators and docstring included."""
     return {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(MODULES[module].read_text()))
@@ -62,7 +82,7 @@ if __name__ == "__main__":
         sizes = function_lines(stage)
         name = max(sizes, key=sizes.get)
         seed = f", run_seed {sizes['run_seed']}" if "run_seed" in sizes else ""
-        print(f"{stage}.py: {lines({stage})} lines, longest function {name} ({sizes[name]} lines{seed}); loads "
+        print(f"{stage}.py: {lines({stage})} lines, {len(used_names(stage))} names used from the project, longest function {name} ({sizes[name]} lines{seed}); loads "
               f"{len(closure(stage))} project modules, {lines(closure(stage) | {stage})} lines with itself "
               f"({', '.join(sorted(closure(stage)))}); import depth {depth(stage)}")
     print(f"longest file: {max(MODULES, key=lambda m: lines({m}))} ({max(lines({m}) for m in MODULES)} lines); "

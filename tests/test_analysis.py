@@ -9,17 +9,17 @@ import timm
 import torch
 from PIL import Image
 
-import checkpoint
-import knn
-from models import checkpoint_features, extract_features, knn_accuracy
-import maps
-import predict
+from plumbing import checkpoint
+from evaluation import knn
+from plumbing.models import checkpoint_features, extract_features, knn_accuracy
+from tools import maps
+from tools import predict
 import pretrain_cass
-import report
+from evaluation import report
 from conftest import TINY
 from data import DataIndex, index_data
 from errors import UserError
-from splits import select
+from plumbing.splits import select
 
 
 def test_knn_votes_by_hand():

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from plumbing import checkpoint
 import data
 import finetune
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
 from data import index_data
-from pixels import load_image
+from plumbing.pixels import load_image
 from errors import UserError
-from splits import label_fraction, make_splits, select
+from plumbing.splits import label_fraction, make_splits, select
 
 
 def messy_dataset(root):

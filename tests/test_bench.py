@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-from models import normalise
+from tools import bench
+from plumbing.models import normalise
 
 CPU = torch.device("cpu")
 

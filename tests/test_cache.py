@@ -5,10 +5,10 @@ import numpy as np
 import torch
 
 import data
-import runtime
+from plumbing import runtime
 from conftest import class_folders, write_image
 from data import index_data, keyed_path
-from pixels import ImageCache, ImageDataset, load_image, open_cache, train_augment, train_loader
+from plumbing.pixels import ImageCache, ImageDataset, load_image, open_cache, train_augment, train_loader
 
 
 def cache_of(index, mode, size, folder):

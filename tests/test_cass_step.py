@@ -12,15 +12,15 @@ from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN
 from torchvision.transforms import v2
 
-import checkpoint
+from plumbing import checkpoint
 import pretrain_cass
-import runtime
-from bench import Batches
+from plumbing import runtime
+from tools.bench import Batches
 from conftest import TINY
-from anticollapse import variance_hinge
+from method.anticollapse import variance_hinge
 from losses import cass_loss
-from models import normalise
-from pixels import gaussian_blur, train_augment
+from plumbing.models import normalise
+from plumbing.pixels import gaussian_blur, train_augment
 
 CPU = torch.device("cpu")
 

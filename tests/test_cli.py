@@ -12,15 +12,15 @@ import pytest
 import timm
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 import finetune
-import flags
+from plumbing import flags
 import pretrain_cass
 import pretrain_dino
-import runtime
+from plumbing import runtime
 from conftest import TINY, class_folders, write_image
 from data import DataIndex
-from models import create_model
+from plumbing.models import create_model
 from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,17 +14,17 @@ import torch
 # deterministic cuBLAS needs this before its first call (the resume test)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import embed  # noqa: E402
+from tools import embed  # noqa: E402
 import finetune  # noqa: E402
-import knn  # noqa: E402
-import maps  # noqa: E402
-import predict  # noqa: E402
+from evaluation import knn  # noqa: E402
+from tools import maps  # noqa: E402
+from tools import predict  # noqa: E402
 import pretrain_cass  # noqa: E402
 import pretrain_dino  # noqa: E402
-import runtime as rt  # noqa: E402
-from bench import Batches, images  # noqa: E402
+from plumbing import runtime as rt  # noqa: E402
+from tools.bench import Batches, images  # noqa: E402
 from conftest import TINY, interrupted_run, same_weights  # noqa: E402
-from models import from_checkpoint  # noqa: E402
+from plumbing.models import from_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from conftest import class_folders, write_image
 from data import index_data
 from errors import UserError
-from pixels import ImageDataset, SeededSampler, load_resized, train_augment, train_loader
-from splits import label_fraction, make_splits, select
+from plumbing.pixels import ImageDataset, SeededSampler, load_resized, train_augment, train_loader
+from plumbing.splits import label_fraction, make_splits, select
 
 
 def test_class_folder_layout(tmp_path):

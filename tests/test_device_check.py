@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-import bench
-import device_check
+from tools import bench
+from tools import device_check
 import pretrain_cass
-import runtime as rt
+from plumbing import runtime as rt
 
 CPU = torch.device("cpu")
 

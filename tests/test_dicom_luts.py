@@ -15,7 +15,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence
 
 from data import unreadable_reason
-from pixels import load_image
+from plumbing.pixels import load_image
 from test_pixels_formats import write_dicom
 
 VALUES = np.arange(0, 201).reshape(1, -1)  # every stored value 0..200 once

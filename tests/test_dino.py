@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import checkpoint
+from plumbing import checkpoint
 import data
 import finetune
 import pretrain_cass
 import pretrain_dino
 from conftest import TIMING, interrupted_run, same_weights
-from dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
+from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                   cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
 

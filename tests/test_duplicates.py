@@ -14,8 +14,8 @@ import data
 import finetune
 from conftest import TINY, class_folders
 from data import DataIndex, index_data
-from fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
-from splits import make_splits, select
+from plumbing.fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
+from plumbing.splits import make_splits, select
 
 
 @pytest.fixture(scope="module")

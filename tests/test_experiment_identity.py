@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import finetune
-import predictions
+from evaluation import predictions
 import pretrain_cass
-import report
+from evaluation import report
 from conftest import TINY
 from data import index_data
 from errors import UserError
-from metrics import decide, headline_score
+from evaluation.metrics import decide, headline_score
 
 
 def ft(*argv: str) -> dict:

@@ -10,14 +10,14 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
-import checkpoint
-import embed
-import export
+from plumbing import checkpoint
+from tools import embed
+from tools import export
 from conftest import write_image
 from data import index_data
 from errors import UserError
-from models import from_checkpoint, normalise
-from pixels import load_image, load_resized, to_chw
+from plumbing.models import from_checkpoint, normalise
+from plumbing.pixels import load_image, load_resized, to_chw
 
 
 @pytest.fixture

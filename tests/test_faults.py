@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 import losses
 import pretrain_cass
-import runtime
+from plumbing import runtime
 from conftest import TIMING, TINY, same_weights, write_image
 from errors import UserError
 
@@ -187,7 +187,7 @@ def test_a_failed_start_fails_fast_and_leaves_no_folder(demo_data, tmp_path, mon
     """A mistyped --data is named before any model or download; offline, the default ImageNet start stops in one
     line naming the ways round it, not after a minute of Hub retries; and no mistake leaves a run folder."""
     import finetune
-    import models
+    from plumbing import models
 
     for script, argv in ((pretrain_cass, ["--data", str(tmp_path / "typo"), "--out", str(tmp_path / "a")]),
                          (finetune, ["--arch", "resnet50", "--data", str(tmp_path / "typo"),
@@ -210,7 +210,7 @@ def test_a_failed_start_fails_fast_and_leaves_no_folder(demo_data, tmp_path, mon
 
 
 def test_the_hub_is_not_asked_offline_or_behind_a_proxy(monkeypatch):
-    import models
+    from plumbing import models
 
     def refused(*a, **k):
         raise OSError("no route")

@@ -12,8 +12,8 @@ import pretrain_cass
 from conftest import TINY, class_folders, write_image
 from errors import UserError
 from losses import focal_loss
-from models import from_checkpoint, normalise
-from pixels import load_resized, to_chw
+from plumbing.models import from_checkpoint, normalise
+from plumbing.pixels import load_resized, to_chw
 
 
 def ft(*argv):

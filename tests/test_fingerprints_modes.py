@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 
 from data import index_data
-from fingerprints import duplicate_sets, fingerprint, list_duplicates
-from pixels import load_image
+from plumbing.fingerprints import duplicate_sets, fingerprint, list_duplicates
+from plumbing.pixels import load_image
 
 
 def picture(seed: int) -> np.ndarray:

@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-import checkpoint
-import embed
-import export
-import figures
-import maps
-import predict
+from plumbing import checkpoint
+from tools import embed
+from tools import export
+from evaluation import figures
+from tools import maps
+from tools import predict
 from conftest import class_folders
 from data import index_data
 from errors import UserError

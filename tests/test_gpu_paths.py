@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pretrain_cass
-import runtime
+from plumbing import runtime
 from conftest import TINY
 
 # operators that hand a device value to the host: on CUDA each one waits for every kernel queued before it

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import finetune
-import runtime
+from plumbing import runtime
 from conftest import class_folders, write_image
 from data import DataIndex, index_data
 from errors import UserError
-from splits import label_fraction, make_splits, select
+from plumbing.splits import label_fraction, make_splits, select
 
 
 def split_of_group(index: DataIndex, splits: dict) -> dict[str, set[str]]:

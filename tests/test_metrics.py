@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from intervals import (SeedInterval, bootstrap_ci, bootstrap_values, holm, paired_seed_interval, resample_indices,
+from evaluation.intervals import (SeedInterval, bootstrap_ci, bootstrap_values, holm, paired_seed_interval, resample_indices,
                        seeds_needed)
-from metrics import (average_precision, brier, classification_metrics, ece, evaluate, fit_temperature,
+from evaluation.metrics import (average_precision, brier, classification_metrics, ece, evaluate, fit_temperature,
                      headline_metric, headline_score, macro_auroc_of, probabilities, roc_auc, thresholded_metrics)
 
 

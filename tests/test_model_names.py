@@ -11,14 +11,14 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-import backbone
-import checkpoint
-import export
+from plumbing import backbone
+from plumbing import checkpoint
+from tools import export
 import finetune
 import pretrain_cass
 from errors import UserError
-from models import arch_record, check_arch, create_model, from_checkpoint, is_transformer
-from pixels import AUTO
+from plumbing.models import arch_record, check_arch, create_model, from_checkpoint, is_transformer
+from plumbing.pixels import AUTO
 
 SIZE = 48  # not the folder's 32 px: the position embeddings must be resampled to it
 

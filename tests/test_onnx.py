@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import export
-import predict
+from plumbing import checkpoint
+from tools import export
+from tools import predict
 from data import index_data
 from errors import UserError
-from models import from_checkpoint, normalise, pre_logits
-from pixels import ImageDataset, load_resized, to_chw
+from plumbing.models import from_checkpoint, normalise, pre_logits
+from plumbing.pixels import ImageDataset, load_resized, to_chw
 
 
 

@@ -11,7 +11,7 @@ import torch
 import finetune
 import pretrain_cass
 from conftest import write_image
-from models import from_checkpoint
+from plumbing.models import from_checkpoint
 
 pytestmark = pytest.mark.slow
 PAPER = ["--cnn", "resnet50", "--vit", "vit_base_patch16_384", "--img-size", "384"]

@@ -12,14 +12,14 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-import dicom
-import flags
-import runtime
+from plumbing import dicom
+from plumbing import flags
+from plumbing import runtime
 from conftest import class_folders
 from data import index_data, keyed_path, unreadable_reason
 from errors import UserError
-from intensity import to_uint8
-from pixels import AUTO, ImageDataset, intensity_tag, load_image, load_resized, open_cache, parse_intensity
+from plumbing.intensity import to_uint8
+from plumbing.pixels import AUTO, ImageDataset, intensity_tag, load_image, load_resized, open_cache, parse_intensity
 
 WINDOW = ("window", 0.0, 510.0)  # 255 / 510: every even value maps to a whole number
 

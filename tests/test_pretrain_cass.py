@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 import pretrain_cass
 from conftest import TINY, class_folders, write_image
 from data import index_data
 from errors import UserError
-from splits import make_splits
+from plumbing.splits import make_splits
 
 
 def read_log(run):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import report
+from evaluation import report
 from sklearn.metrics import f1_score
 
-from intervals import paired_seed_interval, seed_mean_interval
-from metrics import headline_metric
+from evaluation.intervals import paired_seed_interval, seed_mean_interval
+from evaluation.metrics import headline_metric
 
 # vars(args) of finetune.py with its defaults, as results.json stores them
 CONFIG = {"data": None, "out": None, "epochs": 50, "bs": 16, "img_size": None, "aug": "paper", "seed": 0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-import report
+from evaluation import report
 
 TARGETS = np.random.default_rng(1).integers(0, 2, 120)
 

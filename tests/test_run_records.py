@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 
-import checkpoint
-import maps
+from plumbing import checkpoint
+from tools import maps
 import pretrain_cass
 import pretrain_dino
 from conftest import TINY, interrupted_run, write_image
 from data import index_data
 from errors import UserError
-from splits import label_fraction
+from plumbing.splits import label_fraction
 
 
 def test_a_moved_demo_run_resumes_in_its_new_folder_from_another_working_folder(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import runtime
+from plumbing import runtime
 from data import DataIndex
-from splits import label_fraction, make_splits, select
+from plumbing.splits import label_fraction, make_splits, select
 
 
 def grouped(classes: list[int], groups: list[str | None]) -> DataIndex:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import study
-import study_sets
+from study import run as study
+from study import sets as study_sets
 from errors import UserError
-from models import create_model
+from plumbing.models import create_model
 
 
 def digest(folder):

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import finetune
-import predict
+from tools import predict
 from conftest import write_image
 from errors import UserError
 from sklearn.metrics import f1_score
 
-from metrics import best_thresholds, decide, probabilities
-from models import from_checkpoint, normalise
-from pixels import load_resized, to_chw
+from evaluation.metrics import best_thresholds, decide, probabilities
+from plumbing.models import from_checkpoint, normalise
+from plumbing.pixels import load_resized, to_chw
 
 CLASSES = ["even", "third", "rare"]
 

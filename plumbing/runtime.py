@@ -23,12 +23,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import checkpoint
+from plumbing import checkpoint
 from data import DataIndex, drop_stale, index_data, keyed_path
 from errors import UserError
-from pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
-from pixels import train_loader as seeded_loader
-from splits import make_splits, select
+from plumbing.pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
+from plumbing.pixels import train_loader as seeded_loader
+from plumbing.splits import make_splits, select
 
 T = TypeVar("T")
 # how long a process waits at a collective while rank 0 alone builds the image cache, runs the kNN monitor or
@@ -203,7 +203,7 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
 def write_demo_data(cfg: argparse.Namespace) -> None:
     """--demo: the generated image set at cfg.data (rank 0 writes it, the others wait; a complete
     earlier copy is kept)."""
-    from demo import make_demo_dataset  # only --demo needs it
+    from plumbing.demo import make_demo_dataset  # only --demo needs it
     main_first(lambda: make_demo_dataset(Path(cfg.data), seed=cfg.seed))
 
 
@@ -267,7 +267,7 @@ def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
     """The images of cfg.data, each decoded in full once (no reduced-scale JPEG): files that cannot be
     read are dropped, the others fingerprinted for the duplicate check (fingerprints.py). With the
     cache on, the verdicts are kept in --cache-dir, so this happens once per state of the data."""
-    from fingerprints import fingerprint  # the duplicate check, ours: loaded where --duplicates is handled
+    from plumbing.fingerprints import fingerprint  # the duplicate check, ours: loaded where --duplicates is handled
     memo = cfg.cache_dir if cfg.cache == "on" else None
 
     def index() -> DataIndex:
@@ -279,7 +279,7 @@ def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
 def new_split(index: DataIndex, cfg: argparse.Namespace) -> dict:
     """A new seeded split (splits.make_splits, Sec. 4.1) with its duplicate sets listed; with
     --duplicates together each set is kept in one split."""
-    from fingerprints import duplicate_sets, list_duplicates
+    from plumbing.fingerprints import duplicate_sets, list_duplicates
     join = duplicate_sets(index) if cfg.duplicates == "together" else ()
     return list_duplicates(index, make_splits(index, cfg.seed, join=join))
 

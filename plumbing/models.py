@@ -19,7 +19,7 @@ from torch import nn
 
 from data import DataIndex
 from errors import UserError
-from pixels import AUTO, ImageCache, ImageDataset, Intensity, eval_loader
+from plumbing.pixels import AUTO, ImageCache, ImageDataset, Intensity, eval_loader
 
 
 def timm_source(name: str) -> tuple[str, dict] | None:

@@ -16,7 +16,7 @@ pair's rows differ in; pretraining time per run (Table 2); and PNG figures
 experiment (drawn by one process per CPU core while the tables are computed),
 loss, kNN accuracy and collapse signals per pretraining epoch.
 
-    python report.py runs/ --out runs/report
+    python -m evaluation.report runs/ --out runs/report
 """
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import figures
-import flags
-import predictions
-from checkpoint import prepare_out_dir, read_log, sha256
+from evaluation import figures
+from plumbing import flags
+from evaluation import predictions
+from plumbing.checkpoint import prepare_out_dir, read_log, sha256
 from errors import UserError
-from intervals import SeedInterval, holm, paired_seed_interval, seed_mean_interval
-from metrics import decide, headline_metric
-from predictions import Predictions
+from evaluation.intervals import SeedInterval, holm, paired_seed_interval, seed_mean_interval
+from evaluation.metrics import decide, headline_metric
+from evaluation.predictions import Predictions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,20 +5,20 @@ label-efficient signal that shows whether pretraining helps long before any
 fine-tuning. The pretraining scripts log it every --knn-every epochs
 (models.val_knn_accuracy); this script computes it for a saved checkpoint:
 
-    python knn.py --ckpt runs/<run>/cnn.pt          # data and split come from the checkpoint
+    python -m evaluation.knn --ckpt runs/<run>/cnn.pt          # data and split come from the checkpoint
 """
 from __future__ import annotations
 
 import argparse
 
-import checkpoint
-import flags
-import runtime as rt
+from plumbing import checkpoint
+from plumbing import flags
+from plumbing import runtime as rt
 from data import index_data
 from errors import UserError
-from models import from_checkpoint, val_knn_accuracy
-from pixels import AUTO
-from splits import select
+from plumbing.models import from_checkpoint, val_knn_accuracy
+from plumbing.pixels import AUTO
+from plumbing.splits import select
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

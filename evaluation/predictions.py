@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write
+from plumbing.checkpoint import atomic_write
 from data import DataIndex
 from errors import UserError
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from data import SPLIT_RATIOS, DataIndex
 from errors import UserError
-from splits import connect
+from plumbing.splits import connect
 
 # Perceptual hashes at most this many of their 64 bits apart mark near duplicates. Measured on 21
 # real pictures of scikit-image's data module (docs/data.md): copies resized, recompressed,

@@ -15,8 +15,8 @@
    each of two runs side by side on the CPU, with the default threads and with
    PyTorch's own (--threads 0).
 
-    python bench.py                       # tiny models, a few minutes on 2 CPU cores
-    python bench.py --cnn resnet50 --vit vit_base_patch16_384 --img-size 384 --bs 16   # the paper's setting
+    python -m tools.bench                       # tiny models, a few minutes on 2 CPU cores
+    python -m tools.bench --cnn resnet50 --vit vit_base_patch16_384 --img-size 384 --bs 16   # the paper's setting
 """
 from __future__ import annotations
 
@@ -37,17 +37,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-import flags
+from plumbing import flags
 import pretrain_cass
 import pretrain_dino
-import runtime as rt
-from checkpoint import prepare_out_dir, write_json
+from plumbing import runtime as rt
+from plumbing.checkpoint import prepare_out_dir, write_json
 from data import index_data, keyed_path
 from losses import cass_loss
-from metrics import evaluate
-from models import normalise
-from dino import MultiCropAugment
-from pixels import ImageDataset, gaussian_blur, open_cache, train_augment, train_loader
+from evaluation.metrics import evaluate
+from plumbing.models import normalise
+from method.dino import MultiCropAugment
+from plumbing.pixels import ImageDataset, gaussian_blur, open_cache, train_augment, train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,10 +168,10 @@ def report_speed(images: int, out: Path, classes: int = 8, seeds: int = 5, resam
     import hashlib  # only this part needs them
     import itertools
     import finetune
-    import predictions
-    import report
+    from evaluation import predictions
+    from evaluation import report
     from data import DataIndex
-    from metrics import headline_score, probabilities
+    from evaluation.metrics import headline_score, probabilities
     rng, data, runs = np.random.default_rng(0), "/data/paper-size", out / "report-runs"
     names = [f"class{k}" for k in range(classes)]
     targets = rng.integers(0, classes, images)
@@ -375,7 +375,7 @@ def side_by_side(args, folder: Path) -> dict:
         for n in (1, 2):
             outs = [Path(args.out) / "side-by-side" / f"threads-{threads}-{n}-{i}" for i in range(n)]
             procs = [subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("pretrain_cass.py")), "--data", str(folder),
+                [sys.executable, str(Path(__file__).resolve().parents[1] / "pretrain_cass.py"), "--data", str(folder),
                  "--cnn", args.cnn, "--vit", args.vit, "--no-pretrained", "--img-size", "48", "--bs", str(args.bs),
                  "--epochs", "2", "--knn-every", "0", "--device", "cpu", "--workers", str(args.workers),
                  "--cache-dir", str(Path(args.out) / "cache"), "--out", str(out)]

@@ -11,8 +11,8 @@ images listed in images.txt; <name>_first_conv.png (CNNs); compare.png, both
 averages on one scale, when both checkpoints have one (a headless CNN has no
 Grad-CAM).
 
-    python maps.py --ckpt runs/<run>/finetune-vit-frac1/model_seed0.pt --n 30 --out runs/maps
-    python maps.py --ckpt supervised/model_seed0.pt cass/model_seed0.pt --n 30 --out runs/maps
+    python -m tools.maps --ckpt runs/<run>/finetune-vit-frac1/model_seed0.pt --n 30 --out runs/maps
+    python -m tools.maps --ckpt supervised/model_seed0.pt cass/model_seed0.pt --n 30 --out runs/maps
 """
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoint
-import figures
-import flags
-import runtime as rt
+from plumbing import checkpoint
+from evaluation import figures
+from plumbing import flags
+from plumbing import runtime as rt
 from data import DataIndex, index_data
 from errors import UserError
-from models import from_checkpoint, is_transformer, normalise, rebuild_arch
-from pixels import AUTO, ImageDataset
-from splits import select
+from plumbing.models import from_checkpoint, is_transformer, normalise, rebuild_arch
+from plumbing.pixels import AUTO, ImageDataset
+from plumbing.splits import select
 
 
 def unit_range(maps: torch.Tensor) -> torch.Tensor:

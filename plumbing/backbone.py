@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import checkpoint
+from plumbing import checkpoint
 from errors import UserError
-from models import arch_record, create_model, from_checkpoint, model_norm
-from pixels import AUTO, Intensity, parse_intensity
+from plumbing.models import arch_record, create_model, from_checkpoint, model_norm
+from plumbing.pixels import AUTO, Intensity, parse_intensity
 
 
 @dataclass

@@ -3,8 +3,8 @@ Several --ckpt (e.g. the fine-tuned CNN and ViT of one CASS run) are ensembled
 by averaging their probabilities: one answer to the paper's open question of
 which arm to trust at inference (App. D.2).
 
-    python predict.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases --out predictions.csv
-    python predict.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images case1.jpg case2.dcm
+    python -m tools.predict --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases --out predictions.csv
+    python -m tools.predict --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images case1.jpg case2.dcm
 
 A --ckpt may also be an ONNX file of a fine-tuned model written by `export.py --onnx`,
 run with onnxruntime (on the CPU) and decided as its checkpoint would be.
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit, logit
 
-import checkpoint
-import flags
-import predictions
-import runtime as rt
+from plumbing import checkpoint
+from plumbing import flags
+from evaluation import predictions
+from plumbing import runtime as rt
 from data import index_images
 from errors import UserError
-from metrics import decide, indicator, probabilities
-from models import collect, from_checkpoint, normalise
-from pixels import AUTO, ImageDataset, eval_loader
+from evaluation.metrics import decide, indicator, probabilities
+from plumbing.models import collect, from_checkpoint, normalise
+from plumbing.pixels import AUTO, ImageDataset, eval_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from errors import UserError
-from pixels import AUGMENTATIONS, AUTO, IntensityFlag
+from plumbing.pixels import AUGMENTATIONS, AUTO, IntensityFlag
 
 
 def run_cli(main: Callable[[argparse.Namespace], object],
@@ -144,7 +144,7 @@ def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_m
     that would change the resumed run."""
     args = p.parse_args(argv)
     if args.demo:  # the demo's settings become defaults, so explicit flags still win
-        from demo import DEMO_SETTINGS  # only --demo needs it
+        from plumbing.demo import DEMO_SETTINGS  # only --demo needs it
         p.set_defaults(**DEMO_SETTINGS, **demo_models)
         args = p.parse_args(argv)
     if args.resume:  # parsed again over a namespace that has every flag already: argparse adds no default

@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from metrics import ECE_BINS, ece, indicator, reliability, roc_auc  # noqa: E402
+from evaluation.metrics import ECE_BINS, ece, indicator, reliability, roc_auc  # noqa: E402
 
 DPI = 150
 # one (targets, probabilities) pair per seed: (N,) class ids or (N, C) 0/1, and (N, C)

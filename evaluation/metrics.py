@@ -29,7 +29,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              confusion_matrix, f1_score, multilabel_confusion_matrix, precision_score, recall_score,
                              roc_auc_score)
 
-from intervals import Weighted, bootstrap_ci
+from evaluation.intervals import Weighted, bootstrap_ci
 
 # --metric -> headline key. ISIC-2019's "balanced multi-class accuracy" is the mean recall over the classes
 # in the targets (balanced_accuracy_score); recall_score(average="macro") differs once a class is predicted

@@ -1,7 +1,7 @@
 """Embeddings of a folder of images (or a labels CSV, or image files) from any model
 checkpoint of this project, for retrieval, clustering, UMAP or a classifier of your own.
 
-    python embed.py --ckpt runs/<run>/vit.pt --images ./cases --out embeddings/vit
+    python -m tools.embed --ckpt runs/<run>/vit.pt --images ./cases --out embeddings/vit
 
 writes embeddings.npy, (N, D) float32 pre-logit features (what the head sees,
 not L2-normalised unless --normalize), and embeddings.csv, row i describing
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-import checkpoint
-import flags
-import runtime as rt
+from plumbing import checkpoint
+from plumbing import flags
+from plumbing import runtime as rt
 from data import DataIndex, index_images
-from models import checkpoint_features
+from plumbing.models import checkpoint_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -84,7 +84,7 @@ def to_rgb(img: Image.Image, intensity: Intensity = AUTO) -> Image.Image:
     """Any PIL mode to RGB. 16-bit and float grayscale reach 0..255 by
     `intensity` (a plain convert would clip them); palette/alpha go through RGBA."""
     if img.mode in HIGH_BIT_MODES:
-        from intensity import to_uint8  # only 16-bit and float images need it
+        from plumbing.intensity import to_uint8  # only 16-bit and float images need it
         img = Image.fromarray(to_uint8(np.asarray(img), intensity))
     elif img.mode == "P" or img.mode == "LA":
         img = img.convert("RGBA")
@@ -94,7 +94,7 @@ def to_rgb(img: Image.Image, intensity: Intensity = AUTO) -> Image.Image:
 def load_image(path: Path, intensity: Intensity = AUTO) -> Image.Image:
     """Any image file, DICOM (.dcm) included, as RGB; `intensity`: see the settings above."""
     if Path(path).suffix.lower() == ".dcm":
-        from dicom import read_dicom  # only DICOM files need it (and pydicom)
+        from plumbing.dicom import read_dicom  # only DICOM files need it (and pydicom)
         return read_dicom(path, intensity)
     with Image.open(path) as img:
         return to_rgb(ImageOps.exif_transpose(img), intensity)

@@ -19,8 +19,8 @@ overruns is recorded in its JSON with the end of its output and what it had meas
 each figure as it is made, the stage scripts log every epoch, pytest prints each outcome), and the check
 goes on. summary.json lists every part.
 
-    python device_check.py --out runs/device-check
-    python device_check.py --dry-run --out /tmp/dry   # tiny models on the CPU: tests/test_device_check.py
+    python -m tools.device_check --out runs/device-check
+    python -m tools.device_check --dry-run --out /tmp/dry   # tiny models on the CPU: tests/test_device_check.py
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-import flags
-from checkpoint import prepare_out_dir, read_log, write_json
+from plumbing import flags
+from plumbing.checkpoint import prepare_out_dir, read_log, write_json
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the parts run from the repository root
 BUDGETS = {"cuda_tests": 100, "bench_fp32": 35, "bench_bf16": 95, "bench_bf16_compile": 110, "pretrain_ours": 40,
            "pretrain_theirs": 40, "finetune": 30}  # seconds, 450 in all: 30 s left for the images and start-up
 PAPER = {"cnn": "resnet50", "vit": "vit_base_patch16_384", "img_size": 384, "bs": 16, "workers": 14,
@@ -62,7 +62,7 @@ def run_part(name: str, command: list[str], budget: float) -> tuple[dict, str]:
     its whole output, also when stopped at its budget."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=budget,
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ok, output = done.returncode == 0, done.stdout + done.stderr
         error = None if ok else f"exit code {done.returncode}"
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> dict:
     part("cuda_tests", [py, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"],
          pytest_outcomes)
     model = ["--cnn", s["cnn"], "--vit", s["vit"], "--img-size", str(s["img_size"]), "--bs", str(s["bs"])]
-    bench = [py, "bench.py", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
+    bench = [py, "-m", "tools.bench", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
              str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
     if args.dry_run:
         bench += ["--images", "4", "--image-px", "64", "48", "--loader-passes", "1", "--eval-images", "500"]
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> dict:
         part(name, bench + extra + ["--out", str(folder)],
              lambda output, folder=folder: {"bench": json.loads((folder / "bench.json").read_text())})
 
-    from demo import make_demo_dataset  # only here: the parts above must not wait for the images
+    from plumbing.demo import make_demo_dataset  # only here: the parts above must not wait for the images
     data = make_demo_dataset(fresh(out / "data"), per_class=s["per_class"], size=max(s["img_size"], 40))
     pretrain = [py, "pretrain_cass.py", "--data", str(data), *model, "--no-pretrained", "--epochs", "2",
                 "--knn-every", "0", "--workers", str(s["workers"]), "--device", s["device"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from intensity import to_uint8
+from plumbing.intensity import to_uint8
 
 try:  # 3.0 or later: it decodes one frame alone and turns YBR colour into RGB
     import pydicom

@@ -3,7 +3,7 @@ as timm's Hugging Face folder, config.json + model.safetensors, so that timm
 alone loads it, with its architecture, head, image size, normalisation and
 class names, no code of this project and no unpickling.
 
-    python export.py --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --out exported/cnn
+    python -m tools.export --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --out exported/cnn
     python -c "import timm; m = timm.create_model('local-dir:exported/cnn', pretrained=True)"
 
 The folder is written by timm's own save_for_hf, so it is also what
@@ -15,7 +15,7 @@ and giving logits (a fine-tuned model) or pre-logit features (a backbone), with
 what predict.py needs in its metadata. Needs onnx and onnxscript (torch's
 exporter); predict.py runs the file with onnxruntime.
 
-    python export.py --onnx --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --out exported/cnn.onnx
+    python -m tools.export --onnx --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --out exported/cnn.onnx
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-import checkpoint
-import flags
+from plumbing import checkpoint
+from plumbing import flags
 from errors import UserError
-from models import from_checkpoint, pre_logits
+from plumbing.models import from_checkpoint, pre_logits
 
 # checkpoint fields an ONNX file carries in its metadata (those the checkpoint has), each as JSON:
 # what a caller needs to feed it (img_size, intensity), read its outputs (classes, multilabel) and

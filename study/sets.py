@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import checkpoint
+from plumbing import checkpoint
 from errors import UserError
-from models import create_model, model_norm, normalise
+from plumbing.models import create_model, model_norm, normalise
 
 SIZE = 32  # image and tile size
 PER_SET = 600  # images per set

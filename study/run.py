@@ -13,7 +13,7 @@ the mean over matched seeds, its interval over test images and seeds. The CASS s
 with the best worst case on the tuning sets is chosen; at 100 % labels, no
 pretraining, CASS as published, the chosen setting and DINO are run. Every run keeps its folder, so a stopped study resumes.
 
-    python study.py --out runs/study    # about 1.5 hours on 2 CPU cores
+    python -m study.run --out runs/study    # about 1.5 hours on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoint
-import figures
+from plumbing import checkpoint
+from evaluation import figures
 import finetune
-import flags
+from plumbing import flags
 import pretrain_cass
 import pretrain_dino
-import report
+from evaluation import report
 from errors import UserError
-from intervals import SeedInterval, seeds_needed
-from metrics import over_seeds
-from study_sets import SIZE, image_set, transfer_weights
+from evaluation.intervals import SeedInterval, seeds_needed
+from evaluation.metrics import over_seeds
+from study.sets import SIZE, image_set, transfer_weights
 
 ARMS = {"cnn": "test_resnet", "vit": "test_vit"}
 TUNING, KEPT_BACK = ("digits", "textures"), "tissue"
@@ -180,7 +180,7 @@ def run_block(name: str, regime: str, root: Path, plan: dict[str, list[str]], ar
 
 def command(args: argparse.Namespace) -> str:
     """The exact command that reproduces the report."""
-    return (f"python study.py --out {args.out} --sets {' '.join(args.sets)} --regimes {' '.join(args.regimes)} "
+    return (f"python -m study.run --out {args.out} --sets {' '.join(args.sets)} --regimes {' '.join(args.regimes)} "
             f"--rows {' '.join(args.rows)} --seeds {' '.join(map(str, args.seeds))} "
             f"--fracs {' '.join(f'{f:g}' for f in args.fracs)} --epochs {args.epochs} --ft-epochs {args.ft_epochs} "
             f"--source-epochs {args.source_epochs} --resamples {args.resamples}")
