@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = flags.arg_groups(p)
     flags.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
                           out_default="with --ckpt, finetune-<cnn|vit>-frac<f> (linear-... with --linear) beside "
-                                      "the checkpoint; with --arch, runs/<method>-<arch>-<protocol>-frac<f>-<timestamp>",
+                                      "the checkpoint; with --arch, "
+                                      "runs/<method>-<arch>-<protocol>-frac<f>-<timestamp>",
                           img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
                           seed=False)  # --seeds and --split-seed
     g.paper.add_argument("--frac", type=flags.fraction, default=1.0,

@@ -26,7 +26,8 @@ from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
 from losses import cass_loss
-from plumbing.models import arch_record, check_arch, normalise, optimizer_kwargs, training_model, val_knn_accuracy
+from evaluation.features import val_knn_accuracy
+from plumbing.models import arch_record, check_arch, normalise, optimizer_kwargs, training_model
 from plumbing.pixels import ImageDataset, train_augment
 from swa import SWA, default_start
 

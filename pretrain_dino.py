@@ -25,10 +25,10 @@ from plumbing import checkpoint
 from plumbing import flags
 from plumbing import runtime as rt
 from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
-                  cosine_schedule, ema_update, local_size_for, param_groups)
+                         cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
-from plumbing.models import (arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model,
-                    val_knn_accuracy)
+from evaluation.features import val_knn_accuracy
+from plumbing.models import arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model
 from plumbing.pixels import ImageDataset
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).

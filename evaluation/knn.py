@@ -3,7 +3,7 @@ eval_knn (k 20, cosine similarity, temperature 0.07): train-split features
 vote for each validation image's class with weight exp(sim / T). The
 label-efficient signal that shows whether pretraining helps long before any
 fine-tuning. The pretraining scripts log it every --knn-every epochs
-(models.val_knn_accuracy); this script computes it for a saved checkpoint:
+(evaluation/features.py: val_knn_accuracy); this script computes it for a saved checkpoint:
 
     python -m evaluation.knn --ckpt runs/<run>/cnn.pt          # data and split come from the checkpoint
 """
@@ -16,7 +16,8 @@ from plumbing import flags
 from plumbing import runtime as rt
 from data import index_data
 from errors import UserError
-from plumbing.models import from_checkpoint, val_knn_accuracy
+from evaluation.features import val_knn_accuracy
+from plumbing.models import from_checkpoint
 from plumbing.pixels import AUTO
 from plumbing.splits import select
 

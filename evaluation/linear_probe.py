@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from data import DataIndex
-from plumbing.models import extract_features
+from evaluation.features import extract_features
 from plumbing.pixels import ImageCache, ImageDataset, Intensity, eval_loader, train_loader
 
 LR = 1e-3  # a lone linear head on few labels needs larger steps than fine-tuning's 3e-4 to converge in --epochs

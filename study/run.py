@@ -11,7 +11,8 @@ on 10 % of the labels over --seeds, and every pretrained row is compared with th
 no-pretraining row on the same test images and seeds: report.py's paired difference of
 the mean over matched seeds, its interval over test images and seeds. The CASS setting
 with the best worst case on the tuning sets is chosen; at 100 % labels, no
-pretraining, CASS as published, the chosen setting and DINO are run. Every run keeps its folder, so a stopped study resumes.
+pretraining, CASS as published, the chosen setting and DINO are run. Every run keeps its folder, so a stopped
+study resumes.
 
     python -m study.run --out runs/study    # about 1.5 hours on 2 CPU cores
 """

@@ -82,7 +82,8 @@ if __name__ == "__main__":
         sizes = function_lines(stage)
         name = max(sizes, key=sizes.get)
         seed = f", run_seed {sizes['run_seed']}" if "run_seed" in sizes else ""
-        print(f"{stage}.py: {lines({stage})} lines, {len(used_names(stage))} names used from the project, longest function {name} ({sizes[name]} lines{seed}); loads "
+        print(f"{stage}.py: {lines({stage})} lines, {len(used_names(stage))} names used from the project, "
+              f"longest function {name} ({sizes[name]} lines{seed}); loads "
               f"{len(closure(stage))} project modules, {lines(closure(stage) | {stage})} lines with itself "
               f"({', '.join(sorted(closure(stage)))}); import depth {depth(stage)}")
     print(f"longest file: {max(MODULES, key=lambda m: lines({m}))} ({max(lines({m}) for m in MODULES)} lines); "

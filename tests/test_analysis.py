@@ -11,7 +11,7 @@ from PIL import Image
 
 from plumbing import checkpoint
 from evaluation import knn
-from plumbing.models import checkpoint_features, extract_features, knn_accuracy
+from evaluation.features import checkpoint_features, extract_features, knn_accuracy
 from tools import maps
 from tools import predict
 import pretrain_cass

@@ -15,7 +15,7 @@ import pretrain_cass
 import pretrain_dino
 from conftest import TIMING, interrupted_run, same_weights
 from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
-                  cosine_schedule, ema_update, local_size_for, param_groups)
+                         cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
 
 TINY_DINO = ["--no-pretrained", "--img-size", "32", "--bs", "8", "--workers", "0", "--out-dim", "64",

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from evaluation.intervals import (SeedInterval, bootstrap_ci, bootstrap_values, holm, paired_seed_interval, resample_indices,
-                       seeds_needed)
+from evaluation.intervals import (SeedInterval, bootstrap_ci, bootstrap_values, holm, paired_seed_interval,
+                                  resample_indices, seeds_needed)
 from evaluation.metrics import (average_precision, brier, classification_metrics, ece, evaluate, fit_temperature,
-                     headline_metric, headline_score, macro_auroc_of, probabilities, roc_auc, thresholded_metrics)
+                                headline_metric, headline_score, macro_auroc_of, probabilities, roc_auc,
+                                thresholded_metrics)
 
 
 def test_multiclass_metrics_by_hand():

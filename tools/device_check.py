@@ -119,15 +119,16 @@ def main(args: argparse.Namespace) -> dict:
     part("cuda_tests", [py, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"],
          pytest_outcomes)
     model = ["--cnn", s["cnn"], "--vit", s["vit"], "--img-size", str(s["img_size"]), "--bs", str(s["bs"])]
-    bench = [py, "-m", "tools.bench", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]), "--local-crops",
-             str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
+    bench = [py, "-m", "tools.bench", *model, "--steps", str(s["steps"]), "--out-dim", str(s["out_dim"]),
+             "--local-crops", str(s["local_crops"]), "--workers", str(s["workers"]), "--device", s["device"]]
     if args.dry_run:
         bench += ["--images", "4", "--image-px", "64", "48", "--loader-passes", "1", "--eval-images", "500"]
     # the dry run leaves out --compile: on the CPU, inductor spends minutes compiling C++ for tiny models
     compiled = [] if args.dry_run else ["--compile"]
     for name, extra in (("bench_fp32", ["--amp", "off", "--no-loader", "--no-memory"]),
                         ("bench_bf16", ["--amp", "bf16"]),
-                        ("bench_bf16_compile", ["--amp", "bf16", *compiled, "--no-loader", "--no-memory", "--no-dino"])):
+                        ("bench_bf16_compile",
+                         ["--amp", "bf16", *compiled, "--no-loader", "--no-memory", "--no-dino"])):
         folder = out / name
         part(name, bench + extra + ["--out", str(folder)],
              lambda output, folder=folder: {"bench": json.loads((folder / "bench.json").read_text())})

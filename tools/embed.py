@@ -25,7 +25,7 @@ from plumbing import checkpoint
 from plumbing import flags
 from plumbing import runtime as rt
 from data import DataIndex, index_images
-from plumbing.models import checkpoint_features
+from evaluation.features import checkpoint_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,8 @@ Several --ckpt (e.g. the fine-tuned CNN and ViT of one CASS run) are ensembled
 by averaging their probabilities: one answer to the paper's open question of
 which arm to trust at inference (App. D.2).
 
-    python -m tools.predict --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases --out predictions.csv
+    python -m tools.predict --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images ./new_cases \
+        --out predictions.csv
     python -m tools.predict --ckpt runs/<run>/finetune-cnn-frac1/model_seed0.pt --images case1.jpg case2.dcm
 
 A --ckpt may also be an ONNX file of a fine-tuned model written by `export.py --onnx`,
