@@ -108,7 +108,7 @@ class Arm:
         if self.predictor:
             self.predictor.train()
 
-    def parts(self) -> dict:
+    def resumable(self) -> dict:
         """What last.pt keeps of this arm."""
         return {"model": self.model, "opt": self.opt, "sched": self.sched, "swa": self.swa,
                 "predictor": self.predictor}
@@ -299,7 +299,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- precision, resume
     dtype, scaler = rt.precision(cfg.amp, device)
-    saves = rt.Saves(out, cfg, device, "cass", {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}, splits)
+    resumable = {**{arm.name: arm.resumable() for arm in arms}, "scaler": scaler}
+    saves = rt.Saves(out, cfg, device, "cass", resumable, splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

@@ -191,7 +191,7 @@ class Training:
     mean: list[float]
     std: list[float]
 
-    def parts(self) -> dict:
+    def resumable(self) -> dict:
         """What last.pt keeps."""
         return {"student": self.student, "teacher": self.teacher, "opt": self.opt, "loss": self.loss_fn,
                 "scaler": self.scaler}
@@ -290,7 +290,7 @@ def main(args: argparse.Namespace) -> Path:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
     run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, scaler,
                    schedules(cfg, len(loader), rt.world_size()), mean, std)
-    saves = rt.Saves(out, cfg, device, "dino", run.parts(), splits)
+    saves = rt.Saves(out, cfg, device, "dino", run.resumable(), splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

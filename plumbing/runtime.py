@@ -420,20 +420,20 @@ class Saves:
     --save-minutes have passed since the last write (0: every epoch), after every --save-every-th epoch (0: by
     time only), after the last epoch, and when Ctrl-C asked the run to stop: the first Ctrl-C lets the epoch
     under way finish, saves it and ends the run with exit code 130; a second stops at once, last.pt holding the
-    last saved epoch. `parts` are what it keeps (checkpoint.resume_record). Used as a context manager around
+    last saved epoch. `resumable` is what it keeps (checkpoint.resume_record). Used as a context manager around
     the epoch loop, by every process."""
 
-    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device, method: str, parts: dict,
+    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device, method: str, resumable: dict,
                  splits: dict):
-        self.path, self.cfg, self.device, self.method, self.parts, self.splits = \
-            out / "last.pt", cfg, device, method, parts, splits
+        self.path, self.cfg, self.device, self.method, self.resumable, self.splits = \
+            out / "last.pt", cfg, device, method, resumable, splits
         self.stop_asked, self.since = False, time.monotonic()
 
     def restore(self, state: dict | None) -> int:
         """The first epoch to train: 0 for a fresh run; for a resumed one, after its saved state is loaded into
-        the parts (checkpoint.restore) and the log lines of later epochs are dropped (rank 0)."""
+        `resumable` (checkpoint.restore) and the log lines of later epochs are dropped (rank 0)."""
         if state:
-            checkpoint.restore(self.parts, state)
+            checkpoint.restore(self.resumable, state)
         start = state["epoch"] if state else 0
         if is_main():
             checkpoint.keep_log_until(self.path.parent / "log.jsonl", start)
@@ -458,7 +458,8 @@ class Saves:
                or time.monotonic() - self.since >= 60 * self.cfg.save_minutes)
         if due and is_main():
             start = time.perf_counter()
-            checkpoint.save(checkpoint.resume_record(self.method, epoch + 1, vars(self.cfg), self.splits, self.parts),
+            checkpoint.save(checkpoint.resume_record(self.method, epoch + 1, vars(self.cfg), self.splits,
+                                                     self.resumable),
                             self.path)
             print(f"saved {self.path} (epoch {epoch + 1}) in {time.perf_counter() - start:.1f} s", flush=True)
         if due:

@@ -109,7 +109,7 @@ def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_p
             arm.swa.update(arm.model, e)
 
     epoch(arms, 0)
-    parts = {**{arm.name: arm.parts() for arm in arms}, "scaler": scaler}
+    parts = {**{arm.name: arm.resumable() for arm in arms}, "scaler": scaler}
     checkpoint.save(checkpoint.resume_record("cass", 1, vars(cfg), {"train": []}, parts), tmp_path / "last.pt")
     state = checkpoint.load(tmp_path / "last.pt", kind="resume")
     assert set(state) == {"format", "kind", "method", "epoch", "args", "splits", "cnn", "vit", "scaler"}
@@ -117,7 +117,7 @@ def test_resume_record_restores_every_part_and_the_next_epoch_is_identical(tmp_p
     assert (state["cnn"]["predictor"] is None) == (not flags)
 
     _, fresh, _, _ = setup("--swa-start", "1", *flags, steps=2, seed=123)  # other initial weights
-    checkpoint.restore({**{arm.name: arm.parts() for arm in fresh}, "scaler": scaler}, state)
+    checkpoint.restore({**{arm.name: arm.resumable() for arm in fresh}, "scaler": scaler}, state)
     epoch(arms, 1)
     epoch(fresh, 1)
     for a, b in zip(arms, fresh):
@@ -245,7 +245,7 @@ def test_predictor_is_trained_and_kept_in_last_pt_but_not_in_the_backbone(tmp_pa
     before = copy.deepcopy(arms[0].predictor.state_dict())
     pretrain_cass.train_one_epoch(arms, loader, runtime.grad_scaler(CPU, None), cfg, CPU, None, 0)
     assert not torch.equal(before["0.weight"], arms[0].predictor.state_dict()["0.weight"])
-    parts = {**{arm.name: arm.parts() for arm in arms}, "scaler": runtime.grad_scaler(CPU, None)}
+    parts = {**{arm.name: arm.resumable() for arm in arms}, "scaler": runtime.grad_scaler(CPU, None)}
     record = checkpoint.resume_record("cass", 1, vars(cfg), {}, parts)
     assert set(record["cnn"]["predictor"]) == set(arms[0].predictor.state_dict())
     assert not any(k.startswith("predictor") for k in checkpoint.plain_state_dict(arms[0].model))
