@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from errors import UserError
@@ -47,8 +48,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def program() -> str:
+    """How --help names the running script: a stage script by its file name, a module of a folder as it is run
+    (`python -m tools.predict`)."""
+    path, root = Path(sys.argv[0]).resolve(), Path(__file__).resolve().parents[1]
+    if path.suffix == ".py" and path.is_relative_to(root) and path.parent != root:
+        return "python -m " + ".".join(path.relative_to(root).with_suffix("").parts)
+    return path.name
+
+
 def new_parser(doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    return argparse.ArgumentParser(prog=program(), description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
 
 @dataclass

@@ -195,3 +195,11 @@ def test_write_splits_records_the_data_the_split_and_each_images_group(tmp_path)
     assert written["groups"] == {"a.png": "p1", "b.png": "p1"} and written["seed"] == 3
     runtime.write_splits(tmp_path, index, {"train": [], "groups": {"a.png": "old"}})
     assert json.loads((tmp_path / "splits.json").read_text())["groups"] == {"a.png": "old"}  # a saved split's own
+
+
+def test_help_names_each_script_as_it_is_run(monkeypatch):
+    """A module of a folder runs as `python -m folder.name` (from the repository root); --help says so."""
+    for path, name in (("tools/predict.py", "python -m tools.predict"), ("evaluation/report.py",
+                       "python -m evaluation.report"), ("pretrain_cass.py", "pretrain_cass.py")):
+        monkeypatch.setattr(sys, "argv", [str(ROOT / path)])
+        assert flags.program() == name
