@@ -27,6 +27,7 @@ from plumbing import backbone
 from plumbing import checkpoint
 from plumbing import flags
 from evaluation import predictions
+from plumbing import loop
 from plumbing import runtime as rt
 from plumbing.backbone import Source
 from data import DataIndex
@@ -206,10 +207,10 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
                     batch_sched: torch.optim.lr_scheduler.LRScheduler | None, epoch: int) -> float:
     """One training pass, stepping `batch_sched` after every batch if given;
     the mean loss over every process's images. A step with a non-finite loss
-    is skipped and counted as in pretraining (rt.NonFinite)."""
+    is skipped and counted as in pretraining (loop.NonFinite)."""
     net.train()
     run.train.sampler.set_epoch(epoch)
-    total, seen, guard = torch.zeros((), device=device), 0, rt.NonFinite(dtype, epoch, kept="")
+    total, seen, guard = torch.zeros((), device=device), 0, loop.NonFinite(dtype, epoch, kept="")
     for step, (x, y) in enumerate(tqdm(run.train, leave=False, desc="train", disable=not rt.is_main())):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with rt.autocast(device, dtype):
@@ -225,7 +226,7 @@ def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.
             batch_sched.step()
         total += loss.detach() * len(x)
         seen += len(x)
-    total = rt.EpochUsage.total({"loss": total, "images": torch.tensor(float(seen), device=device)})
+    total = loop.EpochUsage.total({"loss": total, "images": torch.tensor(float(seen), device=device)})
     guard.require_progress(int(total["images"]))
     return total["loss"] / total["images"]
 

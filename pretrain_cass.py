@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from plumbing import checkpoint
 from plumbing import flags
+from plumbing import loop
 from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
@@ -161,12 +162,12 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
 
 
 class EpochWatch:
-    """The monitoring beside the CASS step: the progress bar and the loader's waits (rt.EpochUsage), and the
+    """The monitoring beside the CASS step: the progress bar and the loader's waits (loop.EpochUsage), and the
     epoch's sums (loss, images, Eq. 1, the collapse signals), kept on the device so that no step waits for them."""
 
     def __init__(self, loader: DataLoader, cfg: argparse.Namespace, device: torch.device, epoch: int):
         loader.sampler.set_epoch(epoch)
-        self.usage, self.cfg, self.epoch = rt.EpochUsage(loader, device), cfg, epoch
+        self.usage, self.cfg, self.epoch = loop.EpochUsage(loader, device), cfg, epoch
         self.bar = tqdm(self.usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
         self.sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos",
                                                                  "spread", "eq1")}
@@ -191,7 +192,7 @@ class EpochWatch:
             self.bar.set_postfix(loss=f"{loss.item():.4f}")
         self.steps += 1
 
-    def record(self, guard: rt.NonFinite, lr: float, out_dim: int) -> dict:
+    def record(self, guard: loop.NonFinite, lr: float, out_dim: int) -> dict:
         """The epoch's log record, its sums added over every process (the epoch's one wait for the device)."""
         total, seconds = self.usage.total(self.sums), time.perf_counter() - self.start
         seen, spread = int(total["images"]), max(total["spread"], 1)
@@ -213,7 +214,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     act = HEAD_ACTS[cfg.head_act]
     for arm in arms:
         arm.train()
-    watch, guard = EpochWatch(loader, cfg, device, epoch), rt.NonFinite(dtype, epoch)
+    watch, guard = EpochWatch(loader, cfg, device, epoch), loop.NonFinite(dtype, epoch)
     for step, (x, _) in enumerate(watch):
         # ---- the CASS step: one view through both arms, Eq. 1 between their logits, both arms step
         x = x.to(device, non_blocking=True)
@@ -264,7 +265,7 @@ def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: set[s
     knn = "".join(f", {k} {v:.3f}" for k, v in stats.items() if k.startswith("knn_") and v is not None)
     print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']} img/s, batch std cnn "
           f"{stats['cnn_std']:.4f} vit {stats['vit_std']:.4f} (healthy ~{stats['healthy_std']:.4f}), "
-          f"cos {stats['cos']:.3f}{knn}{rt.EpochUsage.text(stats)}", flush=True)
+          f"cos {stats['cos']:.3f}{knn}{loop.EpochUsage.text(stats)}", flush=True)
     if stats["collapse"]:
         remedy = (f"; even with --anti-collapse {cfg.anti_collapse}" if cfg.anti_collapse != "none" else
                   "; from random initialisation see --anti-collapse (ours, beyond the paper; no option "
@@ -300,7 +301,7 @@ def main(args: argparse.Namespace) -> Path:
     # ---- precision, resume
     dtype, scaler = rt.precision(cfg.amp, device)
     resumable = {**{arm.name: arm.resumable() for arm in arms}, "scaler": scaler}
-    saves = rt.Saves(out, cfg, device, "cass", resumable, splits)
+    saves = loop.Saves(out, cfg, device, "cass", resumable, splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from plumbing import checkpoint
 from plumbing import flags
+from plumbing import loop
 from plumbing import runtime as rt
 from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                          cosine_schedule, ema_update, local_size_for, param_groups)
@@ -204,8 +205,8 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
     run.teacher.train()
     loader.sampler.set_epoch(epoch)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "images")}
-    guard, start = rt.NonFinite(dtype, epoch), time.perf_counter()
-    usage = rt.EpochUsage(loader, device)
+    guard, start = loop.NonFinite(dtype, epoch), time.perf_counter()
+    usage = loop.EpochUsage(loader, device)
     bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (views, _) in enumerate(bar):
         it = epoch * len(loader) + step
@@ -255,7 +256,7 @@ def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:
     knn = f", knn_teacher {stats['knn_teacher']:.3f}" if stats.get("knn_teacher") is not None else ""
     print(f"epoch {epoch + 1}: loss {stats['loss']:.4f} (ln K {stats['ln_k']:.2f}), teacher entropy "
           f"{stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, {stats['images_per_s']} img/s{knn}"
-          f"{rt.EpochUsage.text(stats)}", flush=True)
+          f"{loop.EpochUsage.text(stats)}", flush=True)
     if stats["collapse"]:
         print(f"warning: collapse still suspected (epoch {epoch + 1})" if warned else
               f"warning: collapse suspected: {COLLAPSE_HINT}", flush=True)
@@ -290,7 +291,7 @@ def main(args: argparse.Namespace) -> Path:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
     run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, scaler,
                    schedules(cfg, len(loader), rt.world_size()), mean, std)
-    saves = rt.Saves(out, cfg, device, "dino", run.resumable(), splits)
+    saves = loop.Saves(out, cfg, device, "dino", run.resumable(), splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

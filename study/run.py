@@ -31,7 +31,7 @@ import finetune
 from plumbing import flags
 import pretrain_cass
 import pretrain_dino
-from evaluation import report
+from evaluation import records, report
 from errors import UserError
 from evaluation.intervals import SeedInterval, seeds_needed
 from evaluation.metrics import over_seeds
@@ -115,7 +115,7 @@ def fine_tune(source: list[str], frac: float, folder: Path, args: argparse.Names
                                            "--epochs", str(args.ft_epochs), "--workers", str(args.workers),
                                            "--resamples", "100", "--out", str(folder),
                                            "--cache-dir", str(folder.parent / "cache")]))
-    return report.load_results([folder])[0]
+    return records.load_results([folder])[0]
 
 
 def compare(result: dict, baseline: dict, resamples: int) -> dict:
@@ -123,7 +123,7 @@ def compare(result: dict, baseline: dict, resamples: int) -> dict:
     (the no-pretraining row, same arm and label fraction) report.py's paired difference over matched seeds with
     its interval over test images and seeds, p-value and standard error, each seed's difference, and the number
     of seeds that scored higher than the baseline's same seed."""
-    cell, base = (next(iter(report.collect_cells([r]).values())) for r in (result, baseline))
+    cell, base = (next(iter(records.collect_cells([r]).values())) for r in (result, baseline))
     numbers = {"scores": cell.scores, **over_seeds(result["runs"])[result["metric"]],
                "seconds": sum(run["seconds"] for run in result["runs"])}
     if result is baseline:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from tools import bench
+from tools import bench, memory
 from plumbing.models import normalise
 
 CPU = torch.device("cpu")
@@ -50,18 +50,17 @@ def test_flops_are_per_image_and_count_the_backward_pass():
 def test_memory_estimate_counts_saved_activations_on_fake_tensors():
     """Per image, bf16 keeps less than fp32 and gradient checkpointing far less; a batch of 8 keeps twice what
     a batch of 4 does (nearly); a larger card holds a larger batch; the state is 5 fp32 copies of the weights."""
-    args = argparse.Namespace(cnn="test_resnet", vit="test_vit", img_size=64, bs=4)
-    est = bench.memory_estimate(args)
+    est = memory.memory_estimate("test_resnet", "test_vit", 64, 4)
     assert est["estimated"] is True
     for amp in ("bf16", "off"):
         plain, ckpt = (est[f"activation_gib_per_image_amp_{amp}_ckpt_{c}"] for c in (False, True))
         assert 0 < ckpt < plain
-        batches = [est[f"largest_batch_{gb}gb_amp_{amp}_ckpt_False"] for gb in bench.CARDS_GB]
+        batches = [est[f"largest_batch_{gb}gb_amp_{amp}_ckpt_False"] for gb in memory.CARDS_GB]
         assert batches == sorted(batches) and batches[0] < batches[-1]
     assert est["activation_gib_per_image_amp_bf16_ckpt_False"] < est["activation_gib_per_image_amp_off_ckpt_False"]
     arm = bench.pretrain_cass.build_arm("cnn", "test_resnet", None, bench.pretrain_cass.parse_args(
         ["--data", "-", "--cnn", "test_resnet", "--img-size", "64", "--no-pretrained"]), CPU)
-    four, eight = (bench.saved_activation_gib(arm.model, bs, 64, None) for bs in (4, 8))
+    four, eight = (memory.saved_activation_gib(arm.model, bs, 64, None) for bs in (4, 8))
     assert 1.8 < eight / four <= 2  # BatchNorm's statistics and the like do not grow with the batch
     params = sum(p.numel() for name in ("test_resnet", "test_vit") for p in bench.pretrain_cass.build_arm(
         "cnn", name, None, bench.pretrain_cass.parse_args(["--data", "-", "--img-size", "64", "--no-pretrained"]),

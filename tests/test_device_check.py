@@ -11,6 +11,7 @@ import torch
 from tools import bench
 from tools import device_check
 import pretrain_cass
+from plumbing import loop
 from plumbing import runtime as rt
 
 CPU = torch.device("cpu")
@@ -47,8 +48,8 @@ def test_epoch_log_gives_the_share_of_the_epoch_spent_waiting_for_batches():
 
 
 def test_usage_text_shows_peak_memory_only_where_measured():
-    assert rt.EpochUsage.text({"data_wait": 0.125}) == ", data wait 12%"
-    assert rt.EpochUsage.text({"data_wait": 0.5, "peak_mem_gb": 12.34}) == ", data wait 50%, peak 12.3 GB"
+    assert loop.EpochUsage.text({"data_wait": 0.125}) == ", data wait 12%"
+    assert loop.EpochUsage.text({"data_wait": 0.5, "peak_mem_gb": 12.34}) == ", data wait 50%, peak 12.3 GB"
 
 
 @pytest.mark.slow

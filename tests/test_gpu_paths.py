@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pretrain_cass
-from plumbing import runtime
+from plumbing import loop, runtime
 from conftest import TINY
 
 # operators that hand a device value to the host: on CUDA each one waits for every kernel queued before it
@@ -50,5 +50,5 @@ def test_the_cass_objective_never_waits_for_the_device(tmp_path, demo_data, mode
     assert syncs.found == []
     # the one sync a step keeps: the non-finite guard, which every process must answer alike
     with Syncs() as syncs:
-        runtime.finite_everywhere(loss)
+        loop.finite_everywhere(loss)
     assert syncs.found == ["aten._local_scalar_dense.default"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import report
+from evaluation import records, report
 from sklearn.metrics import f1_score
 
 from evaluation.intervals import paired_seed_interval, seed_mean_interval
@@ -125,7 +125,7 @@ def test_linear_probe_and_fine_tuning_are_rows_side_by_side(tmp_path):
                   "runs": [{"test": {"macro_f1": s}} for s in scores]}
         (folder / "results.json").write_text(json.dumps(result))
         (folder / "splits.json").write_text(json.dumps({"data": "/data/dermofit"}))
-    lines = report.finetune_table(report.load_results([tmp_path / "runs"]))
+    lines = report.finetune_table(records.load_results([tmp_path / "runs"]))
     assert [row for row in lines if row.startswith("| cass")] == [
         "| cass (resnet50) | finetune | runs/cass | 0.8100 +- 0.0141 (n=2) |",
         "| cass (resnet50) | linear | runs/cass | 0.6100 +- 0.0141 (n=2) |"]
@@ -213,13 +213,13 @@ def test_the_cell_interval_covers_images_and_seeds_and_fills_the_cell(tmp_path):
     targets = np.random.default_rng(1).integers(0, 3, 90)
     write_predicted_run(tmp_path / "runs/a", targets, [guesses(targets, 0.7, s, 3) for s in range(3)],
                         classes=("x", "y", "z"))
-    results = report.load_results([tmp_path / "runs"])
-    [cell] = report.collect_cells(results).values()
+    results = records.load_results([tmp_path / "runs"])
+    [cell] = records.collect_cells(results).values()
     interval = report.cell_interval(cell, "macro_f1", resamples=RESAMPLES)
     assert interval.low < interval.estimate < interval.high and interval.seeds == 3
     assert interval.estimate == pytest.approx(np.mean(cell.scores), abs=1e-4)  # the table's mean, on the same images
     metric = headline_metric("macro_f1", False)  # files without a group column: images resampled
-    in_file_order = report.seed_predictions(cell)[0].targets  # sorted by path
+    in_file_order = records.seed_predictions(cell)[0].targets  # sorted by path
     assert interval == seed_mean_interval(metric, in_file_order, report.decisions(cell), n=RESAMPLES)
     assert interval.se ** 2 > np.var(cell.scores, ddof=1) / 3  # the seeds' spread and the images' luck
     [row] = table_rows(make_report(tmp_path, tmp_path / "runs"))
@@ -297,7 +297,7 @@ def test_each_seeds_recorded_thresholds_make_its_multilabel_decisions(tmp_path):
     probs = [np.clip(targets * 0.3 + rng.random((150, 2)) * 0.6, 0, 1) for _ in range(2)]
     thresholds = [[0.35, 0.55], [0.3, 0.6]]
     write_predicted_run(tmp_path / "runs/a", targets, probs, thresholds=thresholds)
-    [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
+    [cell] = records.collect_cells(records.load_results([tmp_path / "runs"])).values()
     at_half = np.mean([f1_score(targets, p > 0.5, average="macro", zero_division=0) for p in probs])
     interval = report.cell_interval(cell, "macro_f1", resamples=200)
     assert interval.estimate == pytest.approx(np.mean(cell.scores), abs=1e-4) != pytest.approx(at_half, abs=1e-4)
@@ -317,7 +317,7 @@ def grouped(tmp_path: Path, name: str, accuracy: float, seed: int, **flags) -> t
 
 def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
     groups, _ = grouped(tmp_path, "a", 0.7, seed=5)
-    [cell] = report.collect_cells(report.load_results([tmp_path / "runs"])).values()
+    [cell] = records.collect_cells(records.load_results([tmp_path / "runs"])).values()
     metric, decided = headline_metric("macro_f1", False), report.decisions(cell)
     by_group = seed_mean_interval(metric, TARGETS, decided, groups=groups, n=RESAMPLES)
     by_image = seed_mean_interval(metric, TARGETS, decided, n=RESAMPLES)
@@ -330,7 +330,7 @@ def test_intervals_resample_whole_groups_when_the_files_name_them(tmp_path):
 def test_paired_differences_resample_whole_groups(tmp_path):
     groups, weak = grouped(tmp_path, "weak", 0.5, seed=6, bs=16)
     _, strong = grouped(tmp_path, "strong", 0.8, seed=7, bs=32)
-    cells = report.collect_cells(report.load_results([tmp_path / "runs"]))
+    cells = records.collect_cells(records.load_results([tmp_path / "runs"]))
     a, b = sorted(cells, key=lambda key: -np.mean(cells[key].scores))  # A: the row with the higher F1
     metric, y = headline_metric("macro_f1", False), TARGETS
     da, db = report.decisions(cells[a]), report.decisions(cells[b])

@@ -8,7 +8,7 @@
    (the paper's Table 2 claim as one number);
 3. achieved model FLOP/s (torch.utils.flop_counter) over the matmul peak measured here;
 4. memory with and without AMP and gradient checkpointing, and the largest batch: measured on CUDA, estimated
-   elsewhere (fake tensors, `memory_estimate`), also for GPUs of 12 to 80 GB;
+   elsewhere (fake tensors, `tools/memory.py`), also for GPUs of 12 to 80 GB;
 5. evaluation: seconds of metrics.evaluate (every metric and its 1,000-resample intervals) on one seed of
    --eval-images test images of 8 classes (ISIC-2019's size by default);
 6. with --side-by-side: seconds per epoch of a pretrain_cass.py run alone and of
@@ -32,8 +32,6 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
@@ -47,6 +45,7 @@ from losses import cass_loss
 from evaluation.metrics import evaluate
 from plumbing.models import normalise
 from method.dino import MultiCropAugment
+from tools.memory import memory_estimate
 from plumbing.pixels import ImageDataset, gaussian_blur, open_cache, train_augment, train_loader
 
 
@@ -316,56 +315,6 @@ def cuda_memory(args, device, measured: Callable[[dict], None]) -> None:
         bs *= 2
 
 
-CARDS_GB = (12, 16, 24, 48, 80)
-CONTEXT_GIB = 1.0  # assumed: the CUDA context and cuDNN's workspaces, which no CPU measurement sees
-
-
-def saved_activation_gib(model: nn.Module, bs: int, size: int, dtype: torch.dtype | None) -> float:
-    """GiB that autograd keeps from the forward pass for the backward, autocast's weight copies included, of
-    a batch of `bs` images: counted on fake tensors (torch's FakeTensorMode), so no memory or compute is
-    spent. CPU autocast keeps nearly what CUDA's does; an estimate, not a GPU measurement."""
-    seen, total = set(), [0]
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in seen and not isinstance(t, nn.Parameter):
-            seen.add(storage._cdata)
-            total[0] += storage.nbytes()
-        return t
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        x = torch.randn(bs, 3, size, size)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), rt.autocast(torch.device("cpu"), dtype):
-            model(x)
-    return total[0] / 2**30
-
-
-def memory_estimate(args) -> dict:
-    """Estimated GPU memory of a CASS step on the configured models at --img-size, in bf16 and fp32, with and
-    without --grad-ckpt: the training state (weights, gradients, Adam's two moments, the SWA average:
-    measured on the real models) plus both arms' saved activations per image (fake tensors, above), plus
-    CONTEXT_GIB; and the largest batch each card size of CARDS_GB would hold (10 % kept free for the
-    allocator's fragments). Marked `estimated`: not yet measured on a GPU."""
-    cpu, out = torch.device("cpu"), {"estimated": True, "context_gib_assumed": CONTEXT_GIB}
-    for ckpt in (False, True):
-        cfg = pretrain_cass.parse_args(["--data", "-", "--cnn", args.cnn, "--vit", args.vit, "--img-size",
-                                        str(args.img_size), "--no-pretrained"] + (["--grad-ckpt"] if ckpt else []))
-        arms = [pretrain_cass.build_arm(name, arch, None, cfg, cpu) for name, arch in (("cnn", cfg.cnn),
-                                                                                      ("vit", cfg.vit))]
-        params = sum(p.numel() for arm in arms for p in arm.model.parameters())
-        state = params * 4 * (4 + bool(cfg.swa)) / 2**30  # fp32 weights, gradients, two moments, the average
-        out["state_gib"] = state
-        for amp, dtype in (("bf16", torch.bfloat16), ("off", None)):
-            per_image = sum(saved_activation_gib(arm.model, args.bs, args.img_size, dtype) for arm in arms) / args.bs
-            key = f"amp_{amp}_ckpt_{ckpt}"
-            out[f"activation_gib_per_image_{key}"] = per_image
-            out[f"gib_at_bs{args.bs}_{key}"] = CONTEXT_GIB + state + per_image * args.bs
-            for gb in CARDS_GB:
-                usable = 0.9 * gb * 1e9 / 2**30 - CONTEXT_GIB - state
-                out[f"largest_batch_{gb}gb_{key}"] = max(0, int(usable / per_image))
-    return out
-
-
 def side_by_side(args, folder: Path) -> dict:
     """Seconds of the second epoch (cache built, workers warm) of CPU runs of
     pretrain_cass.py: one alone, then two started together (their mean), with
@@ -423,7 +372,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.memory and device.type == "cuda":
         cuda_memory(args, device, measured)
     elif args.memory:
-        measured(memory_estimate(args))
+        measured(memory_estimate(args.cnn, args.vit, args.img_size, args.bs))
     if args.side_by_side:
         measured(side_by_side(args, make_jpegs(out / "small-jpegs", args.side_by_side, (64, 64))))
     width = max(len(k) for k in result)
