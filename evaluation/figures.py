@@ -26,6 +26,9 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 from evaluation.metrics import ECE_BINS, ece, indicator, reliability, roc_auc  # noqa: E402
 
 DPI = 150
+# mirrors pretrain_cass.COLLAPSE_RATIO (evaluation never imports a stage script): an arm whose batch std is
+# below this fraction of the healthy 1/sqrt(D) is listed in log.jsonl's collapsed_arms
+COLLAPSE_RATIO = 0.25
 # one (targets, probabilities) pair per seed: (N,) class ids or (N, C) 0/1, and (N, C)
 Seeds = list[tuple[np.ndarray, np.ndarray]]
 
@@ -147,7 +150,8 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
     """Loss, kNN accuracy and collapse signals per epoch, side by side. The
     signals are ratios on one axis with a line at 1: CASS's per-dimension batch
     std of each network's normalised embeddings over the healthy 1/sqrt(D)
-    (near 0: every image maps to one point) and the cosine between the two
+    (near 0: every image maps to one point; a second line at COLLAPSE_RATIO, below
+    which an arm is flagged as collapsed) and the cosine between the two
     networks' embeddings (1: identical, which with a small std means collapse);
     DINO's teacher entropy over ln K (1: a uniform teacher, 0: one dimension
     wins) and its loss over ln K (the entropy plus the KL: the two lines meeting
@@ -172,11 +176,15 @@ def pretraining_figure(log: list[dict], method: str, title: str, path: Path) -> 
         if ylabel.startswith("collapse"):
             ax.axhline(1, ls="--", lw=0.8, color="grey",
                        label="1: healthy std" if cass else "1: ln K (uniform teacher)")
+            if cass:
+                ax.axhline(COLLAPSE_RATIO, ls="--", lw=1, color="tab:red",
+                           label=f"below {COLLAPSE_RATIO:g}: arm flagged as collapsed")
         ax.set(xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(lines) > 1 or ylabel.startswith("kNN"):  # under the panel, never over a line
-            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+            # a fixed 4.5 font sizes below the axes, clear of the x label however short tight_layout makes the panel
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0), borderaxespad=4.5, frameon=False)
     fig.suptitle(f"{title}: {method} pretraining per epoch", fontsize="medium")
     fig.tight_layout()
     return save(fig, path)

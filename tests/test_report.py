@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import records, report
+from evaluation import figures, records, report
 from sklearn.metrics import f1_score
 
 from evaluation.intervals import paired_seed_interval, seed_mean_interval
@@ -289,6 +289,22 @@ def test_per_epoch_figure_of_a_pretraining_log(tmp_path, method):
     text = make_report(tmp_path, tmp_path / "runs")
     assert_png(tmp_path / "report/pre_epochs.png")
     assert "![pre_epochs](pre_epochs.png)" in text and f"| pre | {method} |" in text
+
+
+@pytest.mark.parametrize("method", ["CASS", "DINO"])
+def test_only_the_cass_std_panel_draws_the_collapse_flag_level(tmp_path, monkeypatch, method):
+    import pretrain_cass  # here, not above: the other tests of the report never load torch
+    assert figures.COLLAPSE_RATIO == pretrain_cass.COLLAPSE_RATIO  # figures.py copies it, never imports a stage
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.append(fig) or path)
+    log = [{"epoch": e, "loss": 2 / e, **({"cnn_std": 0.03, "vit_std": 0.02 / e, "healthy_std": 0.0442, "cos": 0.5}
+                                          if method == "CASS" else {"teacher_entropy": 8 - e / 5, "ln_k": 8.318})}
+           for e in range(1, 6)]
+    figures.pretraining_figure(log, method, "run", tmp_path / "epochs.png")
+    flat = {(line.get_label(), tuple(line.get_ydata())) for ax in drawn[0].axes for line in ax.get_lines()
+            if line.get_linestyle() == "--"}
+    level = ("below 0.25: arm flagged as collapsed", (0.25, 0.25))
+    assert (level in flat) == (method == "CASS") and len(flat) == 1 + (method == "CASS")
 
 
 def test_each_seeds_recorded_thresholds_make_its_multilabel_decisions(tmp_path):
