@@ -7,8 +7,6 @@ one run per seed, mean +- std over seeds as in the paper's tables.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,46 +16,43 @@ from typing import Callable
 
 import numpy as np
 import torch
-from timm.models import safe_model_name
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from plumbing import backbone
 from plumbing import checkpoint
+from plumbing import finetuning as ft
 from plumbing import flags
-from evaluation import predictions
 from plumbing import loop
 from plumbing import runtime as rt
-from plumbing.backbone import Source
+from evaluation import predictions
 from data import DataIndex
 from errors import UserError
 from losses import CLASS_WEIGHTS, FOCAL_FORMS, class_weights, focal_loss
 from evaluation.metrics import HEADLINES, evaluate, over_seeds, probabilities
-from plumbing.models import check_arch, collect, create_model, normalise, optimizer_kwargs, prepare_for_training
-from plumbing.pixels import ImageCache, ImageDataset, eval_loader, train_augment, train_loader
-from plumbing.splits import count, label_fraction, select
+from plumbing.backbone import Source
+from plumbing.models import collect, optimizer_kwargs, prepare_for_training
+from plumbing.splits import count, label_fraction
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
-LR = 3e-4  # Adam's learning rate, App. C.6.2
-RUNNING = ("out", "workers", "device", "threads", "cache", "cache_dir")  # flags that change nothing a run computes
+# Adam's learning rate by --linear: App. C.6.2's for fine-tuning; ours for a linear probe, whose lone linear head
+# on few labels needs larger steps to converge in --epochs
+LR = {False: 3e-4, True: 1e-3}
 SEED_FILES = ("model_seed*.pt", "predictions_seed*.csv", "log.jsonl")  # what a run writes before results.json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = flags.new_parser(__doc__)
+    p, g = flags.stage_parser(__doc__, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
+                              out_default="with --ckpt, finetune-<cnn|vit>-frac<f> (linear-... with --linear) "
+                                          "beside the checkpoint; with --arch, "
+                                          "runs/<method>-<arch>-<protocol>-frac<f>-<timestamp>",
+                              img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
+                              seed=False)  # --seeds and --split-seed
     p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
                    "architecture, image size, normalisation, data and split come from it")
     p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
     p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
-    g = flags.arg_groups(p)
-    flags.add_common_args(g, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
-                          out_default="with --ckpt, finetune-<cnn|vit>-frac<f> (linear-... with --linear) beside "
-                                      "the checkpoint; with --arch, "
-                                      "runs/<method>-<arch>-<protocol>-frac<f>-<timestamp>",
-                          img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
-                          seed=False)  # --seeds and --split-seed
     g.paper.add_argument("--frac", type=flags.fraction, default=1.0,
                          help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
     g.paper.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0],
@@ -96,70 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_source(args: argparse.Namespace) -> Source:
-    """The starting network, from --ckpt or from --arch."""
-    if bool(args.ckpt) == bool(args.arch):
-        raise UserError("pass either --ckpt (a pretrained checkpoint) or --arch with --data (supervised baseline)")
+def check_flags(args: argparse.Namespace) -> None:
     if args.gamma < 0:
         raise UserError(f"--gamma must be 0 or more, got {args.gamma}")
     if twice := sorted({s for s in args.seeds if args.seeds.count(s) > 1}):
         raise UserError(f"--seeds lists seed {twice[0]} more than once; each seed is one run")
-    if args.ckpt:
-        return backbone.from_file(args.ckpt, args.img_size, args.intensity)
-    if not args.data:
-        raise UserError("--arch needs --data")
-    check_arch(args.arch)
-    return backbone.from_timm(args.arch, args.data, args.img_size or 384, args.pretrained, args.weights, args.norm,
-                              args.intensity)
-
-
-def source_identity(args: argparse.Namespace) -> dict:
-    """The network a run starts from, named so that `cd` and moved folders change nothing: the resolved path and
-    SHA-256 of the checkpoint (or --weights file); report.py groups runs by the hash. A timm name otherwise."""
-    file = args.ckpt or args.weights
-    if not file:
-        return {"arch": args.arch, "pretrained": args.pretrained}
-    return {"path": str(Path(file).resolve()), "sha256": checkpoint.sha256(file)}
-
-
-def claim_folder(out: Path, identity: dict) -> None:
-    """Make `out` this run's folder: run.json (`identity`: the source and every flag but RUNNING's) from the
-    start, results.json once every seed is done. A folder holding a finished run, an unfinished run of another
-    identity, or seed files of an unknown run is refused; an unfinished run of the same identity starts over, its
-    seed files removed. So a folder holds one run, and results.json never sits beside another run's files."""
-    checkpoint.prepare_out_dir(out)
-    if (out / "results.json").exists():
-        raise UserError(f"{out} already holds a finished fine-tuning run; pick another --out (report.py pools the "
-                        "seeds of runs with equal settings) or remove the folder")
-    left = sorted(p for pattern in SEED_FILES for p in out.glob(pattern))
-    if (out / "run.json").exists():
-        before = json.loads((out / "run.json").read_text())
-        if differ := sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k)):
-            raise UserError(f"{out} holds an unfinished fine-tuning run of other settings ({differ[0]}: "
-                            f"{before.get(differ[0])} there, {identity.get(differ[0])} here); pick another --out "
-                            "or remove the folder")
-        print(f"note: {out} holds an unfinished run of these settings; starting it over")
-        for path in left:
-            path.unlink()
-    elif left:
-        raise UserError(f"{out} holds files of another run ({left[0].name}); pick another --out or remove them")
-    checkpoint.write_json(out / "run.json", identity)
-
-
-def choose_splits(source: Source, index: DataIndex, cfg: argparse.Namespace) -> dict[str, list[str]]:
-    """The pretraining run's split when it had one for labelled data, so
-    pretraining never saw the test images; otherwise a new seeded split
-    (rt.new_split); duplicate images listed either way."""
-    from plumbing.fingerprints import list_duplicates  # the duplicate check, ours
-    splits = source.splits
-    if splits and splits.get("val") and splits.get("test"):
-        if cfg.duplicates == "together":
-            print("note: --duplicates together moves nothing here: the checkpoint's split is kept as made")
-        return list_duplicates(index, {k: splits[k] for k in ("train", "val", "test", "sizes") if k in splits})
-    if splits:
-        print("note: the checkpoint was pretrained on unlabelled data; making a new 70/10/20 split "
-              "(pretraining may have seen some of its test images)")
-    return rt.new_split(index, cfg)
 
 
 @dataclass
@@ -174,32 +110,22 @@ class Seed:
     inputs: Callable[[torch.Tensor], torch.Tensor]  # a batch -> the network's input
 
 
-def prepare_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], labelled: list[int],
-                 cache: ImageCache | None, features: dict[str, TensorDataset] | None, args: argparse.Namespace,
-                 seed: int, device: torch.device) -> Seed:
+def prepare_seed(source: Source, data: ft.LabelledData, labelled: list[int],
+                 features: dict[str, TensorDataset] | None, args: argparse.Namespace, seed: int,
+                 device: torch.device) -> Seed:
     """A fresh copy of the source network with a new head for the data's
     classes, and its loaders: augmented labelled images and plain val and test
     images, or (--linear) the features of the same images."""
-    # a random-init baseline draws its own random network per seed; a pretrained one starts from its weights
-    model = create_model(source.arch, img_size=source.img_size) if source.method == "random-init" and not features \
-        else copy.deepcopy(source.model)
-    model.reset_classifier(len(index.classes))
+    model = source.network(redraw=not features)  # a random-init baseline draws its own network per seed
+    model.reset_classifier(len(data.index.classes))
     model.to(device)
-    rank, world, bs = rt.rank(), rt.world_size(), args.bs
-    # every process evaluates the whole val and test sets: identical numbers everywhere under torchrun
     if features:
         from evaluation import linear_probe  # ours: loaded where --linear is handled
-        train, val, test = linear_probe.loaders(features, parts["train"], labelled, bs, seed, rank, world)
+        train, val, test = linear_probe.loaders(features, data.parts["train"], labelled, args.bs, seed)
         return Seed(model, model.get_classifier(), train, val, test, inputs=lambda x: x)
     prepare_for_training(model, source.timm_arch, device, args.grad_ckpt)
-    size, pin = source.img_size, device.type == "cuda"
-    train = train_loader(ImageDataset(index.root, *index.part(labelled), size, train_augment(args.aug), cache,
-                                      source.intensity), bs, seed=seed, workers=args.workers, rank=rank, world=world,
-                         pin_memory=pin)
-    val, test = (eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache,
-                                          intensity=source.intensity), bs, workers=args.workers, pin_memory=pin)
-                 for name in ("val", "test"))
-    return Seed(model, model, train, val, test, inputs=partial(normalise, mean=source.mean, std=source.std))
+    train, val, test = data.loaders(labelled, source.img_size, source.intensity, args, seed, device)
+    return Seed(model, model, train, val, test, inputs=source.normalise)
 
 
 def train_one_epoch(net: nn.Module, run: Seed, loss_fn: Callable, device: torch.device, dtype: torch.dtype | None,
@@ -257,7 +183,8 @@ def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, lr: 
         net.eval()
         logits, targets = collect(lambda x: net(run.inputs(x)), run.val, device, dtype)
         val_loss = loss_fn(logits, targets).item()
-        val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
+        # the mean over every process: one decision everywhere
+        val_loss = loop.EpochUsage.total({"loss": torch.tensor(val_loss, device=device)})["loss"] / rt.world_size()
         if not per_batch:
             sched.step()
         if not math.isfinite(val_loss):
@@ -276,15 +203,15 @@ def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, lr: 
     return best, epoch + 1
 
 
-def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cache: ImageCache | None,
-             features: dict[str, TensorDataset] | None, lr: float, args: argparse.Namespace, seed: int, out: Path,
-             device: torch.device, dtype: torch.dtype | None) -> dict:
+def run_seed(source: Source, data: ft.LabelledData, features: dict[str, TensorDataset] | None, lr: float,
+             args: argparse.Namespace, seed: int, out: Path, device: torch.device, dtype: torch.dtype | None) -> dict:
     """One fine-tuning run (App. C.6): train with early stopping, restore the
     best weights, evaluate (metrics.evaluate), write the prediction file and the model."""
     rt.seed_everything(seed)
     start = time.perf_counter()
+    index, parts = data.index, data.parts
     labelled = label_fraction(index, parts["train"], args.frac, seed)
-    run = prepare_seed(source, index, parts, labelled, cache, features, args, seed, device)
+    run = prepare_seed(source, data, labelled, features, args, seed, device)
     net = rt.ddp(run.trained, device)
     net = torch.compile(net) if args.compile else net
     weights = class_weights(index.class_counts(parts["train"] if args.class_weights_from == "train" else labelled),
@@ -300,9 +227,14 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
                      val_thresholds=args.thresholds == "val", resamples=args.resamples, seed=seed,
                      groups=np.array([index.groups[i] for i in parts["test"]]) if index.groups else None)
     thresholds = dict(zip(index.classes, found["thresholds"].tolist())) if index.multilabel else None
-    written = save_seed(out, seed, run.model, source, index, parts, args, best.epoch,
-                        found["calibration"]["temperature"], thresholds,
-                        probabilities(logits.double().numpy(), index.multilabel)) if rt.is_main() else None
+    written = None
+    if rt.is_main():  # the test images' probabilities, and the network
+        name = f"predictions_seed{seed}.csv"
+        written = {"file": name, "sha256": predictions.write(out / name, index, parts["test"], probabilities(
+            logits.double().numpy(), index.multilabel))}
+        ft.save_model(out / f"model_seed{seed}.pt", run.model, source, data, seed=seed, frac=args.frac,
+                      epoch=best.epoch, protocol=PROTOCOL[args.linear],
+                      temperature=found["calibration"]["temperature"], thresholds=thresholds)
     print(f"seed {seed}: {len(labelled)} labelled images, best epoch {best.epoch}/{epochs_run}, "
           f"val loss {best.val_loss:.4f}, test {headline} {found['test'][headline]:.4f}", flush=True)
     return {"seed": seed, "best_epoch": best.epoch, "epochs_run": epochs_run, "val_loss": best.val_loss,
@@ -312,22 +244,6 @@ def run_seed(source: Source, index: DataIndex, parts: dict[str, list[int]], cach
             "class_weights": None if weights is None else [round(w, 6) for w in weights.tolist()],
             "labelled": count(index, labelled), "labelled_files": [index.paths[i] for i in labelled],
             "predictions": written}
-
-
-def save_seed(out: Path, seed: int, model: nn.Module, source: Source, index: DataIndex,
-              parts: dict[str, list[int]], args: argparse.Namespace, epoch: int, temperature: float,
-              thresholds: dict[str, float] | None, probs: np.ndarray) -> dict:
-    """predictions_seed<N>.csv (the test images' probabilities) and model_seed<N>.pt (the fine-tuned
-    network with everything predict.py and a later reader need); the prediction file's name and SHA-256."""
-    name = f"predictions_seed{seed}.csv"
-    digest = predictions.write(out / name, index, parts["test"], probs)
-    checkpoint.save(checkpoint.model_record(
-        model, arch=source.arch, img_size=source.img_size, mean=source.mean, std=source.std, method=source.method,
-        role=source.role, finetuned=True, classes=index.classes, multilabel=index.multilabel,
-        data=str(index.source), splits={name: [index.paths[i] for i in part] for name, part in parts.items()},
-        seed=seed, frac=args.frac, epoch=epoch, protocol=PROTOCOL[args.linear], intensity=source.intensity,
-        temperature=temperature, thresholds=thresholds, **source.record), out / f"model_seed{seed}.pt")
-    return {"file": name, "sha256": digest}
 
 
 def validate(index: DataIndex, args: argparse.Namespace) -> None:
@@ -342,48 +258,25 @@ def validate(index: DataIndex, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     # ---- settings, device, the network to start from, where the run goes
-    device = rt.start_process(args)
-    source = load_source(args)
-    # the data the checkpoint names unless --data; a new split draws from --split-seed
-    cfg = argparse.Namespace(**{**vars(args), "data": args.data or source.data, "seed": args.split_seed})
-    stem = f"{PROTOCOL[args.linear]}-{Path(args.ckpt).stem}-frac{args.frac:g}" if args.ckpt else None
-    out = (Path(args.out) if args.out else Path(args.ckpt).parent / stem if args.ckpt else
-           checkpoint.default_out(f"{source.method}-{safe_model_name(args.arch)}-{PROTOCOL[args.linear]}"
-                                  f"-frac{args.frac:g}"))
-    identity = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in RUNNING},
-                                      "source": source_identity(args)}, default=str))  # as run.json reads back
-    rt.print_args(args)
-    dtype = rt.amp_dtype(args.amp, device)
+    device, dtype, source, cfg, out = ft.start(args, PROTOCOL[args.linear], check=check_flags)
 
     # ---- data: the pretraining run's split when it has one (Sec. 4.1)
-    index = rt.index_and_fingerprint(cfg)
-    validate(index, args)
-    splits = choose_splits(source, index, cfg)
-    parts = select(index, splits, apart=True)  # a split made before groups were known may leak a patient
-    for name in ("train", "val", "test"):
-        if not parts[name]:
-            raise UserError(f"the {name} split is empty; the data set is too small to split 70/10/20")
-    if rt.is_main():  # the run really starts: its folder appears, or is refused
-        claim_folder(out, identity)
-        rt.write_splits(out, index, splits)
-    cache = rt.image_cache(index, "square", source.img_size, args.cache_dir, args.workers, source.intensity) \
-        if args.cache == "on" else None
-    features, lr = None, args.lr or LR
+    data = ft.labelled_data(cfg, source.splits, check=partial(validate, args=args))
+    ft.claim(out, args, source, data, SEED_FILES)  # the run really starts: its folder appears, or is refused
+    data.open_cache(source.img_size, args, source.intensity)
+    features, lr = None, args.lr or LR[args.linear]
     if args.linear:
         from evaluation import linear_probe  # ours: loaded where --linear is handled
-        features = linear_probe.frozen_features(source.model, index, parts, source.img_size, source.mean,
-                                                source.std, source.intensity, cache, args.bs, args.workers,
-                                                device, dtype)
-        lr = args.lr or linear_probe.LR
+        features = linear_probe.frozen_features(source, data, args, device, dtype)
 
     # ---- one fine-tuning run per seed (Sec. 4.3)
-    runs = [run_seed(source, index, parts, cache, features, lr, args, seed, out, device, dtype)
-            for seed in args.seeds]
+    runs = [run_seed(source, data, features, lr, args, seed, out, device, dtype) for seed in args.seeds]
+    index = data.index
     summary, headline = over_seeds(runs), HEADLINES[args.metric]
     results = {"method": source.method, "arch": source.arch, "role": source.role, "protocol": PROTOCOL[args.linear],
                "frac": args.frac, "metric": headline, "classes": index.classes, "multilabel": index.multilabel,
                "summary": summary, "runs": runs, "config": vars(args), "source": args.ckpt or args.arch,
-               "source_id": identity["source"],
+               "source_id": source.identity,
                # what the unset flags became, so that report.py compares what ran
                "resolved": {"img_size": source.img_size, "lr": lr, "data": str(index.source)}}
     if rt.is_main():

@@ -4,33 +4,34 @@ augmentation, and only a new linear head is trained on them, with fine-tuning's
 label fractions, seeds, loss, early stopping and evaluation."""
 from __future__ import annotations
 
+import argparse
+
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from data import DataIndex
 from evaluation.features import extract_features
-from plumbing.pixels import ImageCache, ImageDataset, Intensity, eval_loader, train_loader
+from plumbing import runtime as rt
+from plumbing.backbone import Source
+from plumbing.finetuning import LabelledData
+from plumbing.pixels import ImageDataset, eval_loader, train_loader
 
-LR = 1e-3  # a lone linear head on few labels needs larger steps than fine-tuning's 3e-4 to converge in --epochs
 
-
-def frozen_features(model: nn.Module, index: DataIndex, parts: dict[str, list[int]], size: int, mean: list[float],
-                    std: list[float], intensity: Intensity, cache: ImageCache | None, bs: int, workers: int,
-                    device: torch.device, dtype: torch.dtype | None) -> dict[str, TensorDataset]:
+def frozen_features(source: Source, data: LabelledData, args: argparse.Namespace, device: torch.device,
+                    dtype: torch.dtype | None) -> dict[str, TensorDataset]:
     """(features (N, D), targets) of the train, val and test images, for every seed."""
-    model = model.to(device)
+    model, index = source.model.to(device), data.index
     return {name: TensorDataset(*extract_features(
-        model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), size, cache=cache, intensity=intensity),
-                           bs, workers=workers), mean, std, device, dtype)) for name in ("train", "val", "test")}
+        model, eval_loader(ImageDataset(index.root, *index.part(data.parts[name]), source.img_size, cache=data.cache,
+                                        intensity=source.intensity), args.bs, workers=args.workers),
+        source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
 
 
-def loaders(features: dict[str, TensorDataset], train_ids: list[int], labelled: list[int], bs: int, seed: int,
-            rank: int, world: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+def loaders(features: dict[str, TensorDataset], train_ids: list[int], labelled: list[int], bs: int,
+            seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Shuffled batches of the labelled images' features (a subset of `train_ids`, in whose order the train
     features lie), and the val and test features in order."""
     at = {i: k for k, i in enumerate(train_ids)}
     rows = [at[i] for i in labelled]
     train = train_loader(TensorDataset(*(t[rows] for t in features["train"].tensors)), bs, seed=seed, workers=0,
-                         rank=rank, world=world)
+                         rank=rt.rank(), world=rt.world_size())
     return train, eval_loader(features["val"], bs, workers=0), eval_loader(features["test"], bs, workers=0)

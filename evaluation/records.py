@@ -15,15 +15,15 @@ from errors import UserError
 from evaluation import predictions
 from evaluation.predictions import Predictions
 from plumbing.checkpoint import sha256
+from plumbing.flags import RUNNING
 
 
 # results.json config entries that do not tell experiments apart: the seed list
-# (seeds pool into one cell), where and how fast the run went, and flags that
+# (seeds pool into one cell), where and how fast the run went (flags.RUNNING), and flags that
 # another part of the key already carries (data set, checkpoint, backbone,
 # label fraction, metric, protocol; --pretrained through the method).
-NOT_SETTINGS = frozenset({"seeds", "seed", "out", "workers", "device", "cache", "cache_dir", "compile",
-                          "grad_ckpt", "threads", "data", "ckpt", "arch", "weights", "frac", "metric", "linear",
-                          "pretrained", "resamples"})
+NOT_SETTINGS = frozenset({"seeds", "seed", "out", *RUNNING, "data", "ckpt", "arch", "weights", "frac", "metric",
+                          "linear", "pretrained", "resamples"})
 
 
 @dataclass(frozen=True, order=True)
@@ -82,7 +82,7 @@ def pretraining_run(source: str) -> str:
 def resolved(result: dict) -> dict:
     """The settings a run used, so that runs differing only in how a value was recorded compare equal: an unset
     --img-size as the size the checkpoint brought (finetune.py records it under `resolved`; files without that
-    key keep it unset), and a learning rate equal to its protocol's default (finetune.LR, linear_probe.LR) as unset."""
+    key keep it unset), and a learning rate equal to its protocol's default (finetune.LR) as unset."""
     config = result["config"]
     default_lr = 1e-3 if result.get("protocol") == "linear" else 3e-4
     return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),

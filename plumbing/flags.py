@@ -14,6 +14,10 @@ from typing import Callable
 from errors import UserError
 from plumbing.pixels import AUGMENTATIONS, AUTO, IntensityFlag
 
+# flags that say where and how fast a run executes, never what it computes: a run's identity (fine-tuning's
+# run.json, the report's experiments) leaves them out, and a resumed run may change them
+RUNNING = ("workers", "threads", "device", "cache", "cache_dir", "compile", "grad_ckpt", "save_every", "save_minutes")
+
 
 def run_cli(main: Callable[[argparse.Namespace], object],
             parse_args: Callable[[list[str] | None], argparse.Namespace]) -> None:
@@ -125,8 +129,9 @@ def add_pretraining_args(groups: ArgGroups) -> None:
     groups.running.add_argument("--demo", action="store_true", help="generate a small image set and default to "
                                 "tiny models (no data, GPU or internet needed)")
     groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR, wherever it now "
-                                "lies, from its last.pt with its own settings; only --workers, --threads, "
-                                "--device, --save-minutes and --save-every may be given beside it")
+                                "lies, from its last.pt with its own settings; only "
+                                + ", ".join(f"--{name.replace('_', '-')}" for name in RUNNING)
+                                + " may be given beside it")
     groups.running.add_argument("--save-minutes", type=non_negative_float, default=10.0,
                                 help="write last.pt once this many minutes have passed since the last write (0: "
                                      "after every epoch); always after the last epoch and at Ctrl-C")

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from plumbing import checkpoint
+from plumbing.flags import RUNNING
 from data import DataIndex, drop_stale, index_data, keyed_path
 from errors import UserError
 from plumbing.pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
@@ -151,8 +152,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------- pretraining runs
-# where and how a resumed run executes and saves, not what it computes
-RESUME_MAY_CHANGE = ("resume", "workers", "threads", "device", "save_every", "save_minutes")
 PATHS = ("data", "out", "cache_dir", "cnn_weights", "vit_weights", "weights")  # recorded absolute, where set
 
 
@@ -165,8 +164,8 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
     """The run's effective settings (a new namespace; `args` is never changed) and, when resuming, the
     saved state. A new run records its PATHS absolute (--demo's data is out/data, `write_demo_data`). A
     resumed run continues in RUN_DIR wherever it now lies, from any working
-    folder: data that lay inside the run folder moves with it. A flag typed beside --resume that
-    would change the run (all but RESUME_MAY_CHANGE) is refused."""
+    folder: data that lay inside the run folder moves with it. Beside --resume only flags.RUNNING may be
+    typed (where and how fast the run goes on); a flag that would change the run is refused."""
     if args.resume:
         run = Path(args.resume)
         state = checkpoint.load(run / "last.pt", kind="resume")
@@ -176,19 +175,21 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
         for name, value in args.typed.items():
             # a path names the same file however it is typed
             same = (absolute(value) if name in PATHS and value is not None else value) == saved.get(name)
-            if name not in RESUME_MAY_CHANGE and not same:
+            if name not in ("resume", *RUNNING) and not same:
                 raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
                                 f"{saved.get(name)}; beside --resume only "
-                                + ", ".join(f"--{n.replace('_', '-')}" for n in RESUME_MAY_CHANGE[1:])
-                                + " may be given")
+                                + ", ".join(f"--{n.replace('_', '-')}" for n in RUNNING) + " may be given")
         print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
         data, old_out = Path(saved["data"]), Path(saved["out"])
         if data.is_relative_to(old_out):
             data = run / data.relative_to(old_out)
-        # flags added since the run was saved take their defaults: the run never used them
+        # flags added since the run was saved take their defaults: the run never used them; a RUNNING flag
+        # typed now wins
         defaults = {k: v for k, v in vars(args).items() if k != "typed"}
-        return argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE},
-                                     "out": absolute(run), "data": absolute(data)}), state
+        typed = {k: absolute(v) if k in PATHS and v is not None else v for k, v in args.typed.items()
+                 if k in RUNNING}
+        return argparse.Namespace(**{**defaults, **saved, **typed, "resume": args.resume, "out": absolute(run),
+                                     "data": absolute(data)}), state
     if not args.data and not args.demo:
         raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
     out = args.out or (f"runs/demo-{method}" if args.demo else checkpoint.default_out(method))

@@ -37,7 +37,7 @@ def rows(text: str) -> list[list[str]]:
 
 def test_a_relative_ckpt_of_two_pretraining_runs_gives_two_rows(cass_run, demo_data, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    shutil.copytree(cass_run, runs / "seed0", ignore=shutil.ignore_patterns("finetune-*"))
+    shutil.copytree(cass_run, runs / "seed0", ignore=shutil.ignore_patterns("finetune-*", "linear-*"))
     pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(runs / "seed1"),
                                                  "--epochs", "1", "--seed", "1", *TINY]))
     for run in ("seed0", "seed1"):
@@ -49,7 +49,7 @@ def test_a_relative_ckpt_of_two_pretraining_runs_gives_two_rows(cass_run, demo_d
 
     # the same checkpoint moved elsewhere is the same source: fine-tuning seed 0 there again counts it twice
     moved = tmp_path / "elsewhere" / "seed0"
-    shutil.copytree(runs / "seed0", moved, ignore=shutil.ignore_patterns("finetune-*"))
+    shutil.copytree(runs / "seed0", moved, ignore=shutil.ignore_patterns("finetune-*", "linear-*"))
     ft("--ckpt", str(moved / "cnn.pt"), "--out", str(runs / "seed0-again"))
     with pytest.raises(UserError, match=r"seed 0 of one experiment is in both .*seed0.* and .*seed0-again"):
         make_report(runs, tmp_path / "report2")
@@ -82,7 +82,7 @@ def test_a_fine_tuning_folder_holds_one_run(finetuned, cass_run, tmp_path, monke
     out, real = tmp_path / "ft", finetune.run_seed
 
     def stopped(*args):
-        if args[7] == 1:  # the seed
+        if args[5] == 1:  # the seed
             raise UserError("the validation loss became non-finite at epoch 1 (seed 1)")
         return real(*args)
     monkeypatch.setattr(finetune, "run_seed", stopped)
