@@ -88,3 +88,14 @@ def test_a_dino_run_shorter_than_its_warm_ups_says_so(demo_data, tmp_path, capsy
     assert "epochs: --warmup-epochs 4 (the lr" in warning("--warmup-epochs", "4", "--warmup-teacher-temp-epochs", "4")
     assert warning("--warmup-epochs", "3", "--warmup-teacher-temp-epochs", "5").endswith(
         "epochs: --warmup-teacher-temp-epochs 5; shorten it for a short run")
+
+
+def test_a_resumed_run_takes_the_running_flags_typed_and_keeps_its_own_otherwise(cass_run):
+    # where and how fast it runs (flags.RUNNING) may change at --resume; one not typed keeps the run's value
+    from plumbing import runtime as rt
+    cfg, state = rt.run_settings(pretrain_cass.parse_args(["--resume", str(cass_run), "--cache", "off",
+                                                           "--compile"]), "cass")
+    saved = state["args"]
+    assert saved["cache"] == "on" and not saved["compile"] and saved["workers"] == 0
+    assert cfg.cache == "off" and cfg.compile and cfg.workers == 0 and cfg.cache_dir == saved["cache_dir"]
+    assert (cfg.epochs, cfg.lr, cfg.out) == (saved["epochs"], saved["lr"], str(cass_run))
