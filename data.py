@@ -34,7 +34,9 @@ PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
 # Larger files are skipped with a reason. This is where Pillow's own guard against decompression
 # bombs turns from a warning into an error; Pillow's global limit is left as it is.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-Fingerprint = Callable[[np.ndarray], list]  # an image's decoded pixels -> what the duplicate check compares
+# an image file -> what the duplicate check compares of its pixels as training decodes them (raises when they
+# cannot be decoded): fingerprints.file_fingerprint
+Fingerprint = Callable[[Path], list]
 
 
 @dataclass
@@ -196,9 +198,8 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True, me
                group_col: str | None = None, fingerprint: Fingerprint | None = None) -> DataIndex:
     """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
     folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
-    decode (all .dcm files without pydicom). `fingerprint` (e.g. fingerprints.fingerprint, the duplicate
-    check): decode every pixel (no draft mode) and keep what it makes of each image's pixels in
-    `prints`. With `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged
+    decode (all .dcm files without pydicom). `fingerprint` (fingerprints.file_fingerprint, the duplicate
+    check): decode every pixel (no draft mode) and keep what it makes of each image in `prints`. With `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged
     files do not decode them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
@@ -283,10 +284,10 @@ def unreadable_reason(path: Path) -> str | None:
 
 
 def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
-    """Why `path` cannot be read; else None, or with `fingerprint` what it makes of the (H, W, 3) uint8
-    pixels training decodes (pixels.load_image): what the model sees is what is compared, whatever the
-    mode. The intensity is auto whatever a run's --intensity, so that copies stored in other units (an
-    8-bit export of a 16-bit scan) still show one picture."""
+    """Why `path` cannot be read; else None, or with `fingerprint` what it makes of the file: of the (H, W, 3)
+    uint8 pixels training decodes (fingerprints.file_fingerprint), so that what the model sees is what is
+    compared, whatever the mode. The intensity is auto whatever a run's --intensity, so that copies stored in
+    other units (an 8-bit export of a 16-bit scan) still show one picture."""
     try:
         if path.suffix.lower() == ".dcm":
             from plumbing.dicom import stored_values  # only DICOM files need it
@@ -298,12 +299,9 @@ def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
                 if not fingerprint:  # load_image below decodes every pixel itself
                     img.draft("RGB", (64, 64))
                     img.load()
-        if fingerprint:
-            from plumbing.pixels import load_image  # only the duplicate check needs the decoding training uses
-            pixels = np.asarray(load_image(path))
+        return fingerprint(path) if fingerprint else None  # decoded in full as training decodes it
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
-    return fingerprint(pixels) if fingerprint else None
 
 
 def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:

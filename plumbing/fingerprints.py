@@ -2,20 +2,22 @@
 show one picture twice (the same pixels, or the same picture resized,
 recompressed or re-exposed) in train and test inflate a test score as a leaked
 patient does. Each image is fingerprinted while the data is indexed
-(data.index_data(..., fingerprint=fingerprint) decodes every pixel then, as
-training does: pixels.load_image's uint8 RGB, whatever the file's mode or
+(data.index_data(..., fingerprint=file_fingerprint) decodes every pixel then,
+as training does: pixels.load_image's uint8 RGB, whatever the file's mode or
 depth); the sets are counted and listed in splits.json,
 and with --duplicates together kept in one split (splits.make_splits' `join`).
 """
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from data import SPLIT_RATIOS, DataIndex
 from errors import UserError
+from plumbing.pixels import load_image
 from plumbing.splits import connect
 
 # Perceptual hashes at most this many of their 64 bits apart mark near duplicates. Measured on 21
@@ -38,6 +40,12 @@ def fingerprint(pixels: np.ndarray) -> list:
     thumb = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize((32, 32), Image.Resampling.BOX))
     low = (_DCT @ thumb.astype(np.float64) @ _DCT.T)[:8, :8]
     return [exact.hexdigest(), int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")]
+
+
+def file_fingerprint(path: Path) -> list:
+    """fingerprint of an image file's pixels as training decodes them (pixels.load_image, intensity auto);
+    a file that cannot be decoded raises."""
+    return fingerprint(np.asarray(load_image(path)))
 
 
 def popcount(x: np.ndarray) -> np.ndarray:

@@ -264,12 +264,12 @@ def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
     """The images of cfg.data, each decoded in full once (no reduced-scale JPEG): files that cannot be
     read are dropped, the others fingerprinted for the duplicate check (fingerprints.py). With the
     cache on, the verdicts are kept in --cache-dir, so this happens once per state of the data."""
-    from plumbing.fingerprints import fingerprint  # the duplicate check, ours: loaded where --duplicates is handled
+    from plumbing.fingerprints import file_fingerprint  # the duplicate check, ours: loaded where it is handled
     memo = cfg.cache_dir if cfg.cache == "on" else None
 
     def index() -> DataIndex:
         return index_data(cfg.data, workers=cfg.workers, memo_dir=memo, group_col=cfg.group_col,
-                          fingerprint=fingerprint)
+                          fingerprint=file_fingerprint)
     return main_first(index) if memo else index()  # under torchrun the others then read rank 0's verdicts
 
 

@@ -14,7 +14,8 @@ import data
 import finetune
 from conftest import TINY, class_folders
 from data import DataIndex, index_data
-from plumbing.fingerprints import NEAR_BITS, duplicate_sets, fingerprint, list_duplicates, popcount
+from plumbing.fingerprints import (NEAR_BITS, duplicate_sets, file_fingerprint, fingerprint, list_duplicates,
+                                   popcount)
 from plumbing.splits import make_splits, select
 
 
@@ -62,7 +63,7 @@ def copies(photos, tmp_path) -> Path:
 
 
 def test_duplicate_sets_join_identical_and_near_copies_and_nothing_else(copies, capsys):
-    index = index_data(copies, workers=1, fingerprint=fingerprint)
+    index = index_data(copies, workers=1, fingerprint=file_fingerprint)
     assert [[index.paths[i] for i in s] for s in duplicate_sets(index)] == \
         [["a/china.png", "b/china.bmp", "b/china_small.jpg"]]
     splits = list_duplicates(index, make_splits(index, 0))
@@ -109,7 +110,7 @@ def test_together_keeps_each_set_in_one_split_with_the_groups_of_its_images(phot
     (root / "labels.csv").write_text("path,label,patient\n" + "".join(
         f"{i}{suffix},{'ab'[i % 2]},{'p' if suffix == '.png' else 'q'}{i}\n"
         for i in range(len(tiles)) for suffix in (".png", "_copy.bmp")))
-    index = index_data(root, workers=1, fingerprint=fingerprint, group_col="patient")
+    index = index_data(root, workers=1, fingerprint=file_fingerprint, group_col="patient")
     sets = duplicate_sets(index)
     assert sorted(sorted(index.paths[i] for i in s) for s in sets) == \
         sorted([f"{i}.png", f"{i}_copy.bmp"] for i in range(len(tiles)))
@@ -125,16 +126,16 @@ def test_together_keeps_each_set_in_one_split_with_the_groups_of_its_images(phot
 
 
 def test_fingerprints_are_remembered_until_a_file_changes(copies, tmp_path, monkeypatch):
-    first = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
+    first = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=file_fingerprint)
 
     def no_decoding(path, fingerprint):
         raise AssertionError(f"{path} was decoded again")
     monkeypatch.setattr(data, "_look", no_decoding)
-    again = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
+    again = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=file_fingerprint)
     assert again.prints == first.prints and duplicate_sets(again) == duplicate_sets(first)
     monkeypatch.undo()
     (copies / "a" / "flower.png").unlink()
-    changed = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=fingerprint)
+    changed = index_data(copies, workers=1, memo_dir=tmp_path / "cache", fingerprint=file_fingerprint)
     assert len(changed.prints) == len(first.prints) - 1
     assert len(list((tmp_path / "cache").glob(f"*-fingerprinted{data.CHECK_VERSION}-*"))) == 1
 

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from data import index_data
-from plumbing.fingerprints import duplicate_sets, fingerprint, list_duplicates
+from plumbing.fingerprints import duplicate_sets, file_fingerprint, fingerprint, list_duplicates
 from plumbing.pixels import load_image
 
 
@@ -33,7 +33,7 @@ def test_big_endian_16_bit_scans_differ_and_their_8_bit_copies_are_found(tmp_pat
     Image.fromarray(picture(0)).save(tmp_path / "scan0_8bit.jpg", quality=80)
     good = (tmp_path / "scan1.tif").read_bytes()
     (tmp_path / "cut.tif").write_bytes(good[: len(good) // 2])
-    index = index_data(tmp_path, workers=1, fingerprint=fingerprint)
+    index = index_data(tmp_path, workers=1, fingerprint=file_fingerprint)
     assert [s["path"] for s in index.skipped] == ["cut.tif"]  # decoding for the fingerprint still checks
     assert [sorted(index.paths[i] for i in s) for s in duplicate_sets(index)] == \
         [["scan0.tif", "scan0_8bit.jpg", "scan0_8bit.png"]]
@@ -68,7 +68,7 @@ def mode_files(root: Path) -> list[Path]:
 
 def test_every_mode_is_fingerprinted_as_training_decodes_it(tmp_path):
     files = mode_files(tmp_path)
-    index = index_data(tmp_path, workers=1, fingerprint=fingerprint)
+    index = index_data(tmp_path, workers=1, fingerprint=file_fingerprint)
     assert sorted(index.paths) == sorted(f.name for f in files) and not index.skipped
     for path, found in zip(index.paths, index.prints):
         assert found == fingerprint(np.asarray(load_image(tmp_path / path))), path
