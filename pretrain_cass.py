@@ -23,6 +23,7 @@ from tqdm import tqdm
 from plumbing import checkpoint
 from plumbing import flags
 from plumbing import loop
+from plumbing import pretraining
 from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
@@ -284,24 +285,24 @@ def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: set[s
 
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
-    cfg, state, device, out = rt.start_run(args, "cass", validate)
+    cfg, state, device, out = pretraining.start_run(args, "cass", validate)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     rt.seed_everything(cfg.seed)
     arms = [build_arm("cnn", cfg.cnn, cfg.cnn_weights, cfg, device),
             build_arm("vit", cfg.vit, cfg.vit_weights, cfg, device)]
     if rt.is_main():  # weights, Adam's two moments and the SWA average
-        rt.check_disk(out, [arm.model for arm in arms], copies=4)
+        pretraining.check_disk(out, [arm.model for arm in arms], copies=4)
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
-    index, splits, parts, cache = rt.pretraining_data(cfg, state, out, "square", cfg.img_size)
-    loader = rt.train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
+    index, splits, parts, cache = pretraining.run_data(cfg, state, out, "square", cfg.img_size)
+    loader = pretraining.train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
                                           train_augment(cfg.aug), cache, cfg.intensity), cfg, device)
 
     # ---- precision, resume
     dtype, scaler = rt.precision(cfg.amp, device)
     resumable = {**{arm.name: arm.resumable() for arm in arms}, "scaler": scaler}
-    saves = loop.Saves(out, cfg, device, "cass", resumable, splits)
+    saves = pretraining.Saves(out, cfg, device, "cass", resumable, splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from plumbing import checkpoint
 from plumbing import flags
 from plumbing import loop
+from plumbing import pretraining
 from plumbing import runtime as rt
 from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, cancel_last_layer_grad, clip_gradients,
                          cosine_schedule, ema_update, local_size_for, param_groups)
@@ -265,22 +266,22 @@ def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:
 
 def main(args: argparse.Namespace) -> Path:
     # ---- settings, device, run folder
-    cfg, state, device, out = rt.start_run(args, "dino", validate)
+    cfg, state, device, out = pretraining.start_run(args, "dino", validate)
 
     # ---- models first: a missing weights file fails in seconds, not after indexing the data
     student, teacher, mean, std = build(cfg, device)
     if rt.is_main():  # student, teacher and up to two optimiser moments
-        rt.check_disk(out, [student], copies=4)
+        pretraining.check_disk(out, [student], copies=4)
 
     # ---- data: the train split only; crops come from the original image, or from a
     # cached copy whose longer side is 2 x img-size
-    index, splits, parts, cache = rt.pretraining_data(cfg, state, out, "fit", 2 * cfg.img_size)
+    index, splits, parts, cache = pretraining.run_data(cfg, state, out, "fit", 2 * cfg.img_size)
     augment = MultiCropAugment(cfg.img_size, cfg.local_size, cfg.local_crops, tuple(cfg.global_scale),
                                tuple(cfg.local_scale))
     # the kNN monitor reads square images at img-size: a cache of its own
     knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" and cfg.knn_every and index.labelled and not index.multilabel else None
-    loader = rt.train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
+    loader = pretraining.train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
                                           cfg.intensity), cfg, device)
 
     # ---- optimiser, loss, schedules, precision, resume
@@ -291,7 +292,7 @@ def main(args: argparse.Namespace) -> Path:
         student_step, teacher_step = torch.compile(student_step), torch.compile(teacher_step)
     run = Training(student, teacher, student_step, teacher_step, loss_fn, opt, scaler,
                    schedules(cfg, len(loader), rt.world_size()), mean, std)
-    saves = loop.Saves(out, cfg, device, "dino", run.resumable(), splits)
+    saves = pretraining.Saves(out, cfg, device, "dino", run.resumable(), splits)
     start = saves.restore(state)
 
     # ---- the epoch loop

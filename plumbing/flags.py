@@ -155,7 +155,7 @@ def stage_parser(doc: str, *, pretraining: bool = False, **common) -> tuple[argp
 
 def parse_pretraining(p: argparse.ArgumentParser, argv: list[str] | None, demo_models: dict) -> argparse.Namespace:
     """The flags of a pretraining script. With --resume, `typed` also holds each flag the user typed
-    (dest -> value, also when it equals the default), so that runtime.run_settings can refuse those
+    (dest -> value, also when it equals the default), so that pretraining.run_settings can refuse those
     that would change the resumed run."""
     args = p.parse_args(argv)
     if args.demo:  # the demo's settings become defaults, so explicit flags still win

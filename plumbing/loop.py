@@ -1,22 +1,17 @@
-"""What runs around a stage script's epoch loop, the loop itself staying in the script: the guard each step
-passes after its forward pass (a non-finite loss skips the step in every process alike), the epoch's wait for
-data, peak memory and sums over processes, and a pretraining run's last.pt: when it is written, what it
-restores, and what Ctrl-C does."""
+"""What every stage script's epoch loop passes through, the loop itself staying in the script: the guard each
+step passes after its forward pass (a non-finite loss skips the step in every process alike), and the epoch's
+wait for data, peak memory and sums over processes. A pretraining run's last.pt and Ctrl-C are in
+pretraining.py."""
 from __future__ import annotations
 
-import argparse
-import signal
-import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from errors import UserError
-from plumbing import checkpoint
-from plumbing.runtime import all_reduce_sum, is_main
+from plumbing.runtime import all_reduce_sum
 
 MAX_NONFINITE = 10  # consecutive skipped half-precision steps before a run is stopped
 
@@ -105,70 +100,3 @@ class EpochUsage:
         """The log line's tail for record's fields."""
         peak = f", peak {stats['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in stats else ""
         return f", data wait {stats['data_wait']:.0%}{peak}"
-
-
-
-
-class Saves:
-    """A pretraining run's last.pt: what it restores, when it is written, and what Ctrl-C does. last.pt (1.8 GB
-    at the paper's setting, seconds of an epoch that takes 2-3 s on a fast GPU) is written after an epoch once
-    --save-minutes have passed since the last write (0: every epoch), after every --save-every-th epoch (0: by
-    time only), after the last epoch, and when Ctrl-C asked the run to stop: the first Ctrl-C lets the epoch
-    under way finish, saves it and ends the run with exit code 130; a second stops at once, last.pt holding the
-    last saved epoch. `resumable` is what it keeps (checkpoint.resume_record). Used as a context manager around
-    the epoch loop, by every process."""
-
-    def __init__(self, out: Path, cfg: argparse.Namespace, device: torch.device, method: str, resumable: dict,
-                 splits: dict):
-        self.path, self.cfg, self.device, self.method, self.resumable, self.splits = \
-            out / "last.pt", cfg, device, method, resumable, splits
-        self.stop_asked, self.since = False, time.monotonic()
-
-    def restore(self, state: dict | None) -> int:
-        """The first epoch to train: 0 for a fresh run; for a resumed one, after its saved state is loaded into
-        `resumable` (checkpoint.restore) and the log lines of later epochs are dropped (rank 0)."""
-        if state:
-            checkpoint.restore(self.resumable, state)
-        start = state["epoch"] if state else 0
-        if is_main():
-            checkpoint.keep_log_until(self.path.parent / "log.jsonl", start)
-        return start
-
-    def __enter__(self) -> "Saves":
-        self.previous = signal.signal(signal.SIGINT, self._ask) \
-            if threading.current_thread() is threading.main_thread() else None
-        return self
-
-    def _ask(self, signum, frame) -> None:
-        if self.stop_asked:
-            raise KeyboardInterrupt
-        self.stop_asked = True
-        print("\nstopping after this epoch, which will be saved (Ctrl-C again to stop at once)", flush=True)
-
-    def after_epoch(self, epoch: int) -> None:
-        """Rank 0 writes last.pt when one is due after 0-based `epoch`, timed; a stop asked of any process ends
-        every one (one all-reduce an epoch)."""
-        stop = all_reduce_sum(torch.tensor(float(self.stop_asked), device=self.device)).item() > 0
-        due = (stop or epoch + 1 == self.cfg.epochs or (self.cfg.save_every and (epoch + 1) % self.cfg.save_every == 0)
-               or time.monotonic() - self.since >= 60 * self.cfg.save_minutes)
-        if due and is_main():
-            start = time.perf_counter()
-            checkpoint.save(checkpoint.resume_record(self.method, epoch + 1, vars(self.cfg), self.splits,
-                                                     self.resumable),
-                            self.path)
-            print(f"saved {self.path} (epoch {epoch + 1}) in {time.perf_counter() - start:.1f} s", flush=True)
-        if due:
-            self.since = time.monotonic()
-        if stop:
-            print(f"stopped: continue with --resume {self.path.parent}", flush=True)
-            raise SystemExit(130)
-
-    def __exit__(self, kind, error, trace) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if kind is KeyboardInterrupt:
-            saved = self.path.is_file()
-            print(f"\ninterrupted; {self.path} holds the last saved epoch: continue with --resume "
-                  f"{self.path.parent}" if saved else
-                  "\ninterrupted before the first save: nothing to resume, start the run again", flush=True)
-            raise SystemExit(130) from None

@@ -302,7 +302,7 @@ def train_loader(dataset: Dataset, bs: int, *, seed: int, workers: int, rank: in
 
 def leave_ctrl_c_to_main(worker: int) -> None:
     """A loader worker ignores Ctrl-C: the main process finishes the epoch under way and saves it
-    (loop.Saves), which needs its workers alive."""
+    (pretraining.Saves), which needs its workers alive."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

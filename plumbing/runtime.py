@@ -1,14 +1,15 @@
 """How a stage script runs: the device, precision and torchrun process group,
-seeding, the settings, folder, data and split of a pretraining run (fresh, demo
-or resumed). What runs around the epoch loop (the step's guard, the epoch's usage,
-last.pt) is in loop.py, the command line in flags.py; the loops live in the stage scripts."""
+seeding, the process's start, and the data steps every stage shares (index and
+fingerprint, a new split, splits.json, the decode-once cache). A pretraining run's
+start, folder, data and last.pt are in pretraining.py, fine-tuning's start, folder
+and data in finetuning.py; the step's guard and the epoch's usage in loop.py, the
+command line in flags.py; the loops live in the stage scripts."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import random
-import shutil
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -18,15 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from plumbing import checkpoint
-from plumbing.flags import RUNNING
 from data import DataIndex, drop_stale, index_data, keyed_path
 from errors import UserError
 from plumbing.pixels import AUTO, ImageCache, Intensity, intensity_tag, open_cache
-from plumbing.pixels import train_loader as seeded_loader
-from plumbing.splits import make_splits, select
+from plumbing.splits import make_splits
 
 T = TypeVar("T")
 # how long a process waits at a collective while rank 0 alone builds the image cache, runs the kNN monitor or
@@ -151,68 +149,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------- pretraining runs
-PATHS = ("data", "out", "cache_dir", "cnn_weights", "vit_weights", "weights")  # recorded absolute, where set
-
-
-def absolute(path: str | Path) -> str:
-    """A path as a run records it: absolute, so that it means the same from any working folder."""
-    return str(Path(path).expanduser().resolve())
-
-
-def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namespace, dict | None]:
-    """The run's effective settings (a new namespace; `args` is never changed) and, when resuming, the
-    saved state. A new run records its PATHS absolute (--demo's data is out/data, `write_demo_data`). A
-    resumed run continues in RUN_DIR wherever it now lies, from any working
-    folder: data that lay inside the run folder moves with it. Beside --resume only flags.RUNNING may be
-    typed (where and how fast the run goes on); a flag that would change the run is refused."""
-    if args.resume:
-        run = Path(args.resume)
-        state = checkpoint.load(run / "last.pt", kind="resume")
-        if state.get("method") != method:
-            raise UserError(f"{args.resume} holds a {state.get('method')} run, not a {method} one")
-        saved = state["args"]
-        for name, value in args.typed.items():
-            # a path names the same file however it is typed
-            same = (absolute(value) if name in PATHS and value is not None else value) == saved.get(name)
-            if name not in ("resume", *RUNNING) and not same:
-                raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
-                                f"{saved.get(name)}; beside --resume only "
-                                + ", ".join(f"--{n.replace('_', '-')}" for n in RUNNING) + " may be given")
-        print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
-        data, old_out = Path(saved["data"]), Path(saved["out"])
-        if data.is_relative_to(old_out):
-            data = run / data.relative_to(old_out)
-        # flags added since the run was saved take their defaults: the run never used them; a RUNNING flag
-        # typed now wins
-        defaults = {k: v for k, v in vars(args).items() if k != "typed"}
-        typed = {k: absolute(v) if k in PATHS and v is not None else v for k, v in args.typed.items()
-                 if k in RUNNING}
-        return argparse.Namespace(**{**defaults, **saved, **typed, "resume": args.resume, "out": absolute(run),
-                                     "data": absolute(data)}), state
-    if not args.data and not args.demo:
-        raise UserError("pass --data PATH (or --demo to try it on generated images, or --resume RUN_DIR)")
-    out = args.out or (f"runs/demo-{method}" if args.demo else checkpoint.default_out(method))
-    cfg = {**vars(args), "out": out, "data": Path(out) / "data" if args.demo else args.data}
-    return argparse.Namespace(**{k: absolute(v) if k in PATHS and v is not None else v for k, v in cfg.items()}), None
-
-
-def write_demo_data(cfg: argparse.Namespace) -> None:
-    """--demo: the generated image set at cfg.data (rank 0 writes it, the others wait; a complete
-    earlier copy is kept)."""
-    from plumbing.demo import make_demo_dataset  # only --demo needs it
-    main_first(lambda: make_demo_dataset(Path(cfg.data), seed=cfg.seed))
-
-
-def make_run_folder(cfg: argparse.Namespace) -> Path:
-    """cfg.out, made by rank 0 and proven writable, holding args.json (the settings)."""
-    out = Path(cfg.out)
-    if is_main():
-        checkpoint.prepare_out_dir(out)
-        checkpoint.write_json(out / "args.json", vars(cfg))
-    return out
-
-
 def start_process(args: argparse.Namespace) -> torch.device:
     """Every stage script's first step: --data shown to exist, torchrun's process group and the device, and the
     CPU threads."""
@@ -225,39 +161,6 @@ def start_process(args: argparse.Namespace) -> torch.device:
 
 def print_args(cfg: argparse.Namespace) -> None:
     print("config: " + json.dumps(vars(cfg), default=str, sort_keys=True), flush=True)
-
-
-def start_run(args: argparse.Namespace, method: str,
-              settle: Callable[[argparse.Namespace], argparse.Namespace]) -> tuple:
-    """A pretraining run's start: the process (start_process), the run's settings (fresh, demo or resumed:
-    run_settings), the demo's images, `settle(cfg)` (the script's own checks, and settings it completes),
-    the settings printed, and where the run folder will be (made once the run really starts, by
-    pretraining_data; shown writable now). (cfg, saved state or None, device, run folder)."""
-    device = start_process(args)
-    cfg, state = run_settings(args, method)
-    if cfg.demo:
-        write_demo_data(cfg)
-    cfg = settle(cfg)
-    check_run(cfg)
-    print_args(cfg)
-    checkpoint.check_writable(Path(cfg.out))
-    return cfg, state, device, Path(cfg.out)
-
-
-def check_run(cfg: argparse.Namespace) -> None:
-    if cfg.bs < 2:
-        raise UserError("--bs must be at least 2: BatchNorm and the batch statistics need two images per batch")
-    if not cfg.resume and not cfg.demo and (Path(cfg.out) / "last.pt").exists():
-        raise UserError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
-
-
-def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
-    """Stop before training, not at the first save, when the disk cannot hold
-    `copies` of the models' weights twice over (last.pt and its temporary file)."""
-    need = 2 * copies * sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
-    free = shutil.disk_usage(checkpoint.check_writable(out)).free  # the folder itself may not exist yet
-    if free < need:
-        raise UserError(f"{out} has {free / 2**30:.1f} GiB free but checkpoints need about {need / 2**30:.1f} GiB")
 
 
 def index_and_fingerprint(cfg: argparse.Namespace) -> DataIndex:
@@ -289,27 +192,6 @@ def write_splits(out: Path, index: DataIndex, splits: dict[str, list[str]], **ex
     if index.groups and "groups" not in splits:
         record["groups"] = dict(zip(index.paths, index.groups))
     checkpoint.write_json(out / "splits.json", record)
-
-
-def pretraining_data(cfg: argparse.Namespace, state: dict | None, out: Path, mode: str,
-                     size: int) -> tuple[DataIndex, dict, dict[str, list[int]], ImageCache | None]:
-    """A pretraining run's data: every image indexed and fingerprinted, the run's split (a resumed run's own,
-    else a new seeded one, Sec. 4.1), with --cache on the decode-once cache of `mode` images at `size`
-    (image_cache); then the run folder with args.json and splits.json; each split's image ids."""
-    index = index_and_fingerprint(cfg)
-    splits = state["splits"] if state else new_split(index, cfg)
-    cache = image_cache(index, mode, size, cfg.cache_dir, cfg.workers, cfg.intensity) if cfg.cache == "on" else None
-    if is_main():  # the run really starts: its folder appears
-        make_run_folder(cfg)
-        write_splits(out, index, splits, seed=cfg.seed)
-    return index, splits, select(index, splits), cache
-
-
-def train_loader(dataset: Dataset, cfg: argparse.Namespace, device: torch.device) -> DataLoader:
-    """A pretraining run's loader (pixels.train_loader): this process's share of the seeded batches, full
-    batches only, pinned memory on CUDA."""
-    return seeded_loader(dataset, cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rank(), world=world_size(),
-                         drop_last=True, pin_memory=device.type == "cuda")
 
 
 def image_cache(index: DataIndex, mode: str, size: int, cache_dir: str, workers: int,

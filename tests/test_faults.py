@@ -15,7 +15,7 @@ import torch
 from plumbing import checkpoint
 import losses
 import pretrain_cass
-from plumbing import runtime
+from plumbing import pretraining
 from conftest import TIMING, TINY, same_weights, write_image
 from errors import UserError
 
@@ -105,7 +105,7 @@ def test_half_precision_skips_non_finite_steps_and_stops_when_an_epoch_makes_no_
 
 
 def test_full_disk_is_detected_before_training(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(pretraining.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(UserError, match="GiB free but checkpoints need"):
         pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "r", "--epochs", "1")))
     assert not (tmp_path / "r" / "log.jsonl").exists()

@@ -92,8 +92,8 @@ def test_a_dino_run_shorter_than_its_warm_ups_says_so(demo_data, tmp_path, capsy
 
 def test_a_resumed_run_takes_the_running_flags_typed_and_keeps_its_own_otherwise(cass_run):
     # where and how fast it runs (flags.RUNNING) may change at --resume; one not typed keeps the run's value
-    from plumbing import runtime as rt
-    cfg, state = rt.run_settings(pretrain_cass.parse_args(["--resume", str(cass_run), "--cache", "off",
+    from plumbing import pretraining
+    cfg, state = pretraining.run_settings(pretrain_cass.parse_args(["--resume", str(cass_run), "--cache", "off",
                                                            "--compile"]), "cass")
     saved = state["args"]
     assert saved["cache"] == "on" and not saved["compile"] and saved["workers"] == 0
