@@ -1,6 +1,7 @@
 """The layout's figures, computed from the code (a script, not a test):
 
-    python tests/structure.py
+    python tests/structure.py          # from the code's imports
+    python tests/structure.py --run    # also what a run loads, lazy imports included: each stage's demo, about a minute
 
 For each stage script: its lines, the lines of its longest function (and of
 fine-tuning's per-seed run), the
@@ -9,6 +10,9 @@ modules), the project modules a run of it loads at start-up and their lines (its
 included; `python -X importtime SCRIPT --help` lists the same modules), the
 depth of its import graph; then the longest file and the README's length."""
 import ast
+import subprocess
+import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -77,6 +81,35 @@ def function_lines(module: str) -> dict[str, int]:
             if isinstance(n, ast.FunctionDef)}
 
 
+# run in a subprocess: the stage script as __main__, then the project modules the run loaded (itself aside)
+PROBE = """import atexit, runpy, sys
+def loaded():
+    print("LOADED", " ".join(sorted(n for n, m in sys.modules.items() if n != "__main__" and getattr(m, "__file__", None)
+                                    and m.__file__.startswith({root!r}) and not m.__file__.endswith("__init__.py"))))
+atexit.register(loaded)
+sys.argv = {argv!r}
+sys.path.insert(0, {root!r})
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_loads(argv: list[str]) -> set[str]:
+    """The project modules a run of `argv` (a stage script and its flags) loads, lazy imports included."""
+    done = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT) + "/", argv=argv)], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return set(next(line for line in done.stdout.splitlines() if line.startswith("LOADED")).split()[1:])
+
+
+def demo_loads() -> dict[str, set[str]]:
+    """What each stage script's demo run loads: one epoch of each pretraining demo, a one-epoch fine-tune of the
+    CASS demo's CNN."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"pretrain_cass": ["pretrain_cass.py", "--demo", "--epochs", "1", "--out", f"{tmp}/cass"],
+                "pretrain_dino": ["pretrain_dino.py", "--demo", "--epochs", "1", "--out", f"{tmp}/dino"],
+                "finetune": ["finetune.py", "--ckpt", f"{tmp}/cass/cnn.pt", "--epochs", "1", "--resamples", "100"]}
+        return {stage: run_loads(argv) for stage, argv in runs.items()}
+
+
 if __name__ == "__main__":
     for stage in STAGES:
         sizes = function_lines(stage)
@@ -86,5 +119,9 @@ if __name__ == "__main__":
               f"longest function {name} ({sizes[name]} lines{seed}); loads "
               f"{len(closure(stage))} project modules, {lines(closure(stage) | {stage})} lines with itself "
               f"({', '.join(sorted(closure(stage)))}); import depth {depth(stage)}")
+    if "--run" in sys.argv:
+        for stage, found in demo_loads().items():
+            print(f"{stage}.py on the demo (lazy imports included): {len(found)} project modules, "
+                  f"{lines(found | {stage})} lines with itself ({', '.join(sorted(found))})")
     print(f"longest file: {max(MODULES, key=lambda m: lines({m}))} ({max(lines({m}) for m in MODULES)} lines); "
           f"README.md: {len((ROOT / 'README.md').read_text().splitlines())} lines")
