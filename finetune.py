@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace) -> None:
+    """Flag errors found before any model is built or data read."""
     if args.gamma < 0:
         raise UserError(f"--gamma must be 0 or more, got {args.gamma}")
     if twice := sorted({s for s in args.seeds if args.seeds.count(s) > 1}):

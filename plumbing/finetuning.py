@@ -55,6 +55,7 @@ class LabelledData:
     cache: ImageCache | None = None
 
     def open_cache(self, size: int, args: argparse.Namespace, intensity: Intensity) -> None:
+        """With --cache on, every image decoded once at `size` (rt.image_cache), for every seed."""
         if args.cache == "on":
             self.cache = rt.image_cache(self.index, "square", size, args.cache_dir, args.workers, intensity)
 

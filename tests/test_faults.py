@@ -95,6 +95,8 @@ def test_half_precision_skips_non_finite_steps_and_stops_when_an_epoch_makes_no_
                                                                 "--amp", amp)))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["images"] for r in log] == [40, 16] and math.isfinite(log[1]["loss"])
+    if amp == "fp16":  # the stop below is the guard's alone, whatever the half precision
+        return
     monkeypatch.setattr(pretrain_cass, "cass_loss", nan_between(6))
     with pytest.raises(UserError, match="every step of epoch 2 had a non-finite loss"):
         pretrain_cass.main(pretrain_cass.parse_args(cass_args(demo_data, tmp_path / "b", "--epochs", "3",

@@ -105,7 +105,7 @@ def test_a_small_study_in_both_regimes_reports_paired_differences_and_resumes(tm
 
 def test_a_stopped_pretraining_run_is_resumed_not_restarted(tmp_path):
     data = study_sets.image_set("digits", tmp_path / "data")
-    args = study.parse_args(["--epochs", "2", "--workers", "0"])
+    args = study.parse_args(["--epochs", "1", "--workers", "0"])
     ckpts = study.pretrain("cass", data, tmp_path, None, args)
     for path in ckpts.values():  # as if stopped after its last save of last.pt
         path.unlink()
