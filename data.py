@@ -199,8 +199,9 @@ def index_data(data: str | Path, workers: int = 2, check_images: bool = True, me
     """Find the layout of `data`, list its images, labels and groups (`group_col` of a CSV, or a
     folder's groups.csv), and drop (and record in `skipped`) every file Pillow or pydicom cannot fully
     decode (all .dcm files without pydicom). `fingerprint` (fingerprints.file_fingerprint, the duplicate
-    check): decode every pixel (no draft mode) and keep what it makes of each image in `prints`. With `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged
-    files do not decode them again."""
+    check): decode every pixel (no draft mode) and keep what it makes of each image in `prints`. With
+    `memo_dir` the verdicts are kept there (see `keyed_path`), so later runs on unchanged files do not decode
+    them again."""
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise UserError(f"--data {data} does not exist")

@@ -296,8 +296,9 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---- data: pretraining sees the train split only (Sec. 4.1)
     index, splits, parts, cache = pretraining.run_data(cfg, state, out, "square", cfg.img_size)
-    loader = pretraining.train_loader(ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size,
-                                          train_augment(cfg.aug), cache, cfg.intensity), cfg, device)
+    train = ImageDataset(index.root, *index.part(parts["train"]), cfg.img_size, train_augment(cfg.aug), cache,
+                         cfg.intensity)
+    loader = pretraining.train_loader(train, cfg, device)
 
     # ---- precision, resume
     dtype, scaler = rt.precision(cfg.amp, device)

@@ -281,8 +281,8 @@ def main(args: argparse.Namespace) -> Path:
     # the kNN monitor reads square images at img-size: a cache of its own
     knn_cache = rt.image_cache(index, "square", cfg.img_size, cfg.cache_dir, cfg.workers, cfg.intensity) \
         if cfg.cache == "on" and cfg.knn_every and index.labelled and not index.multilabel else None
-    loader = pretraining.train_loader(ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache,
-                                          cfg.intensity), cfg, device)
+    train = ImageDataset(index.root, *index.part(parts["train"]), None, augment, cache, cfg.intensity)
+    loader = pretraining.train_loader(train, cfg, device)
 
     # ---- optimiser, loss, schedules, precision, resume
     opt, loss_fn = optimizer_and_loss(cfg, student, device)

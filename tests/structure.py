@@ -84,8 +84,9 @@ def function_lines(module: str) -> dict[str, int]:
 # run in a subprocess: the stage script as __main__, then the project modules the run loaded (itself aside)
 PROBE = """import atexit, runpy, sys
 def loaded():
-    print("LOADED", " ".join(sorted(n for n, m in sys.modules.items() if n != "__main__" and getattr(m, "__file__", None)
-                                    and m.__file__.startswith({root!r}) and not m.__file__.endswith("__init__.py"))))
+    files = {{n: getattr(m, "__file__", None) or "" for n, m in sys.modules.items() if n != "__main__"}}
+    ours = (n for n, f in files.items() if f.startswith({root!r}) and not f.endswith("__init__.py"))
+    print("LOADED", " ".join(sorted(ours)))
 atexit.register(loaded)
 sys.argv = {argv!r}
 sys.path.insert(0, {root!r})
