@@ -34,9 +34,13 @@ PATH_COLUMNS = ("path", "file", "filename", "image", "image_id", "img")
 # Larger files are skipped with a reason. This is where Pillow's own guard against decompression
 # bombs turns from a warning into an error; Pillow's global limit is left as it is.
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-# an image file -> what the duplicate check compares of its pixels as training decodes them (raises when they
-# cannot be decoded): fingerprints.file_fingerprint
+# an image file -> what the duplicate check compares of its pixels as training decodes them (raises Unreadable
+# when they cannot be decoded): fingerprints.file_fingerprint
 Fingerprint = Callable[[Path], list]
+
+
+class Unreadable(Exception):
+    """A Fingerprint's answer for a file whose pixels do not decode; the message says why."""
 
 
 @dataclass
@@ -297,12 +301,15 @@ def _look(path: Path, fingerprint: Fingerprint | None) -> str | list | None:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     return f"too large: {img.width}x{img.height} pixels (limit data.MAX_PIXELS = {MAX_PIXELS})"
-                if not fingerprint:  # load_image below decodes every pixel itself
+                if not fingerprint:  # the fingerprint below decodes every pixel itself
                     img.draft("RGB", (64, 64))
                     img.load()
-        return fingerprint(path) if fingerprint else None  # decoded in full as training decodes it
     except Exception as err:  # Pillow and pydicom raise many types for bad files
         return f"{type(err).__name__}: {err}"
+    try:
+        return fingerprint(path) if fingerprint else None  # decoded in full as training decodes it
+    except Unreadable as err:  # any other error of the fingerprint is a bug: it is raised, not recorded
+        return str(err)
 
 
 def keyed_path(folder: str | Path, root: Path, paths: list[str], tag: str) -> Path:

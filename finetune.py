@@ -36,9 +36,9 @@ from plumbing.splits import count, label_fraction
 
 
 PROTOCOL = {False: "finetune", True: "linear"}  # by --linear; names the output folder and the results
-# Adam's learning rate by --linear: App. C.6.2's for fine-tuning; ours for a linear probe, whose lone linear head
+# Adam's learning rate by protocol: App. C.6.2's for fine-tuning; ours for a linear probe, whose lone linear head
 # on few labels needs larger steps to converge in --epochs
-LR = {False: 3e-4, True: 1e-3}
+LR = {"finetune": 3e-4, "linear": 1e-3}
 SEED_FILES = ("model_seed*.pt", "predictions_seed*.csv", "log.jsonl")  # what a run writes before results.json
 
 
@@ -184,8 +184,7 @@ def train_with_early_stopping(net: nn.Module, run: Seed, loss_fn: Callable, lr: 
         net.eval()
         logits, targets = collect(lambda x: net(run.inputs(x)), run.val, device, dtype)
         val_loss = loss_fn(logits, targets).item()
-        # the mean over every process: one decision everywhere
-        val_loss = loop.EpochUsage.total({"loss": torch.tensor(val_loss, device=device)})["loss"] / rt.world_size()
+        val_loss = rt.all_reduce_sum(torch.tensor(val_loss, device=device)).item() / rt.world_size()  # one decision
         if not per_batch:
             sched.step()
         if not math.isfinite(val_loss):
@@ -259,16 +258,17 @@ def validate(index: DataIndex, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     # ---- settings, device, the network to start from, where the run goes
+    # cfg: args with the data the checkpoint names (unless --data) and --split-seed as the seed of a new split
     device, dtype, source, cfg, out = ft.start(args, PROTOCOL[args.linear], check=check_flags)
 
     # ---- data: the pretraining run's split when it has one (Sec. 4.1)
     data = ft.labelled_data(cfg, source.splits, check=partial(validate, args=args))
     ft.claim(out, args, source, data, SEED_FILES)  # the run really starts: its folder appears, or is refused
-    data.open_cache(source.img_size, args, source.intensity)
-    features, lr = None, args.lr or LR[args.linear]
+    data.open_cache(source.img_size, source.intensity, args)
+    features, lr = None, args.lr or LR[PROTOCOL[args.linear]]
     if args.linear:
         from evaluation import linear_probe  # ours: loaded where --linear is handled
-        features = linear_probe.frozen_features(source, data, args, device, dtype)
+        features = linear_probe.frozen_features(source, data, args.bs, args.workers, device, dtype)
 
     # ---- one fine-tuning run per seed (Sec. 4.3)
     runs = [run_seed(source, data, features, lr, args, seed, out, device, dtype) for seed in args.seeds]

@@ -29,7 +29,7 @@ from data import DataIndex
 from errors import UserError
 from losses import cass_loss
 from evaluation.features import val_knn_accuracy
-from plumbing.models import arch_record, check_arch, normalise, optimizer_kwargs, training_model
+from plumbing.models import check_arch, normalise, optimizer_kwargs, training_model
 from plumbing.pixels import ImageDataset, train_augment
 from swa import SWA, default_start
 
@@ -251,12 +251,9 @@ def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, in
         batches = (normalise(x.to(device), arm.mean, arm.std) for x, _ in loader)
         model = arm.swa.finalize(arm.model, batches) if arm.swa else arm.model  # every process (SyncBatchNorm)
         if rt.is_main():
-            checkpoint.save(checkpoint.model_record(
-                model, arch=arm.arch, img_size=cfg.img_size, mean=arm.mean, std=arm.std, method="cass",
-                role=arm.name, data=str(index.source), splits=splits, classes=index.classes,
-                multilabel=index.multilabel, args=vars(cfg), epoch=cfg.epochs, anti_collapse=cfg.anti_collapse,
-                intensity=cfg.intensity,
-                swa_averaged=arm.swa.count if arm.swa else 0, **arch_record(arm.arch)), out / f"{arm.name}.pt")
+            pretraining.save_backbone(out / f"{arm.name}.pt", model, cfg, index, splits, arch=arm.arch,
+                                      mean=arm.mean, std=arm.std, method="cass", role=arm.name,
+                                      anti_collapse=cfg.anti_collapse, swa_averaged=arm.swa.count if arm.swa else 0)
 
 
 def report_epoch(stats: dict, epoch: int, cfg: argparse.Namespace, warned: set[str]) -> set[str]:

@@ -30,7 +30,7 @@ from method.dino import (DINOHead, DINOLoss, MultiCropAugment, MultiCropNet, can
                          cosine_schedule, ema_update, local_size_for, param_groups)
 from errors import UserError
 from evaluation.features import val_knn_accuracy
-from plumbing.models import arch_record, check_arch, is_transformer, normalise, optimizer_kwargs, training_model
+from plumbing.models import check_arch, is_transformer, normalise, optimizer_kwargs, training_model
 from plumbing.pixels import ImageDataset
 
 # The official recipes: ViTs (paper defaults) and ResNet-50 (the repository README).
@@ -312,10 +312,8 @@ def main(args: argparse.Namespace) -> Path:
 
     role = "vit" if is_transformer(cfg.arch) else "cnn"
     if rt.is_main():
-        checkpoint.save(checkpoint.model_record(
-            teacher.backbone, arch=cfg.arch, img_size=cfg.img_size, mean=mean, std=std, method="dino", role=role,
-            data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel,
-            args=vars(cfg), epoch=cfg.epochs, intensity=cfg.intensity, **arch_record(cfg.arch)), out / f"{role}.pt")
+        pretraining.save_backbone(out / f"{role}.pt", teacher.backbone, cfg, index, splits, arch=cfg.arch,
+                                  mean=mean, std=std, method="dino", role=role)
     print(f"saved the teacher backbone to {out / f'{role}.pt'}\n"
           f"next: python finetune.py --ckpt {out / f'{role}.pt'}" + (" --epochs 3" if cfg.demo else ""))
     return out

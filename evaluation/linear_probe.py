@@ -4,8 +4,6 @@ augmentation, and only a new linear head is trained on them, with fine-tuning's
 label fractions, seeds, loss, early stopping and evaluation."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,13 +14,13 @@ from plumbing.finetuning import LabelledData
 from plumbing.pixels import ImageDataset, eval_loader, train_loader
 
 
-def frozen_features(source: Source, data: LabelledData, args: argparse.Namespace, device: torch.device,
+def frozen_features(source: Source, data: LabelledData, bs: int, workers: int, device: torch.device,
                     dtype: torch.dtype | None) -> dict[str, TensorDataset]:
     """(features (N, D), targets) of the train, val and test images, for every seed."""
     model, index = source.model.to(device), data.index
     return {name: TensorDataset(*extract_features(
         model, eval_loader(ImageDataset(index.root, *index.part(data.parts[name]), source.img_size, cache=data.cache,
-                                        intensity=source.intensity), args.bs, workers=args.workers),
+                                        intensity=source.intensity), bs, workers=workers),
         source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
 
 

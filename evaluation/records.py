@@ -15,15 +15,19 @@ from errors import UserError
 from evaluation import predictions
 from evaluation.predictions import Predictions
 from plumbing.checkpoint import sha256
-from plumbing.flags import RUNNING
+from plumbing.flags import EXECUTION
 
 
 # results.json config entries that do not tell experiments apart: the seed list
-# (seeds pool into one cell), where and how fast the run went (flags.RUNNING), and flags that
+# (seeds pool into one cell), where and how fast the run went (flags.EXECUTION), and flags that
 # another part of the key already carries (data set, checkpoint, backbone,
 # label fraction, metric, protocol; --pretrained through the method).
-NOT_SETTINGS = frozenset({"seeds", "seed", "out", *RUNNING, "data", "ckpt", "arch", "weights", "frac", "metric",
-                          "linear", "pretrained", "resamples"})
+NOT_SETTINGS = frozenset({"seeds", "seed", "out", *EXECUTION, "data", "ckpt", "arch", "weights", "frac",
+                          "metric", "linear", "pretrained", "resamples"})
+
+
+# finetune.LR, which a test compares: evaluation imports no stage script
+DEFAULT_LR = {"finetune": 3e-4, "linear": 1e-3}
 
 
 @dataclass(frozen=True, order=True)
@@ -84,7 +88,7 @@ def resolved(result: dict) -> dict:
     --img-size as the size the checkpoint brought (finetune.py records it under `resolved`; files without that
     key keep it unset), and a learning rate equal to its protocol's default (finetune.LR) as unset."""
     config = result["config"]
-    default_lr = 1e-3 if result.get("protocol") == "linear" else 3e-4
+    default_lr = DEFAULT_LR[result.get("protocol", "finetune")]
     return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
             "lr": None if config.get("lr") == default_lr else config.get("lr")}
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from plumbing import checkpoint
 from errors import UserError
-from plumbing.models import arch_record, create_model, from_checkpoint, model_norm, normalise
+from plumbing import models
+from plumbing.models import arch_record, create_model, from_checkpoint, model_norm
 from plumbing.pixels import AUTO, Intensity, parse_intensity
 
 
@@ -49,7 +50,7 @@ class Source:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the network's normalised inputs."""
-        return normalise(x, self.mean, self.std)
+        return models.normalise(x, self.mean, self.std)
 
 
 def from_args(args: argparse.Namespace) -> Source:
@@ -65,6 +66,8 @@ def from_args(args: argparse.Namespace) -> Source:
 
 
 def file_identity(path: str) -> dict:
+    """A file named so that `cd` and moved folders change nothing: its resolved path and SHA-256 (the report
+    groups runs by the hash)."""
     return {"path": str(Path(path).resolve()), "sha256": checkpoint.sha256(path)}
 
 

@@ -21,12 +21,13 @@ from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
 from plumbing.backbone import Source
-from plumbing.flags import RUNNING
+from plumbing.flags import EXECUTION
 from plumbing.pixels import ImageCache, ImageDataset, Intensity, eval_loader, train_augment, train_loader
 from plumbing.splits import select
 
 
-def start(args: argparse.Namespace, protocol: str, check: Callable[[argparse.Namespace], None]) -> tuple:
+def start(args: argparse.Namespace, protocol: str, check: Callable[[argparse.Namespace], None]) \
+        -> tuple[torch.device, torch.dtype | None, Source, argparse.Namespace, Path]:
     """A fine-tuning run's start: the process (rt.start_process), `check(args)` (the script's own checks), the
     network to start from (backbone.from_args), the settings printed, --amp's autocast dtype, and where the run
     goes (made once the data is known: claim). (device, dtype, source, cfg: the settings with the data the
@@ -54,7 +55,7 @@ class LabelledData:
     parts: dict[str, list[int]]
     cache: ImageCache | None = None
 
-    def open_cache(self, size: int, args: argparse.Namespace, intensity: Intensity) -> None:
+    def open_cache(self, size: int, intensity: Intensity, args: argparse.Namespace) -> None:
         """With --cache on, every image decoded once at `size` (rt.image_cache), for every seed."""
         if args.cache == "on":
             self.cache = rt.image_cache(self.index, "square", size, args.cache_dir, args.workers, intensity)
@@ -74,14 +75,14 @@ class LabelledData:
         return train, val, test
 
 
-def labelled_data(cfg: argparse.Namespace, pretrained: dict | None,
+def labelled_data(cfg: argparse.Namespace, checkpoint_splits: dict | None,
                   check: Callable[[DataIndex], None]) -> LabelledData:
     """cfg.data indexed and fingerprinted, `check(index)` (the script's checks that depend on the data), its
     split (choose_splits) and each part's image ids, kept apart by group (a split made before groups were known
     may leak a patient)."""
     index = rt.index_and_fingerprint(cfg)
     check(index)
-    splits = choose_splits(pretrained, index, cfg)
+    splits = choose_splits(checkpoint_splits, index, cfg)
     parts = select(index, splits, apart=True)
     for name in ("train", "val", "test"):
         if not parts[name]:
@@ -89,15 +90,17 @@ def labelled_data(cfg: argparse.Namespace, pretrained: dict | None,
     return LabelledData(index, splits, parts)
 
 
-def choose_splits(pretrained: dict | None, index: DataIndex, cfg: argparse.Namespace) -> dict[str, list[str]]:
-    """The pretraining run's split (`pretrained`) when it had one for labelled data, so that pretraining never
-    saw the test images; otherwise a new seeded split (rt.new_split); duplicate images listed either way."""
+def choose_splits(checkpoint_splits: dict | None, index: DataIndex,
+                  cfg: argparse.Namespace) -> dict[str, list[str]]:
+    """The pretraining run's split (`checkpoint_splits`) when it had one for labelled data, so that pretraining
+    never saw the test images; otherwise a new seeded split (rt.new_split); duplicate images listed either way."""
     from plumbing.fingerprints import list_duplicates  # the duplicate check, ours
-    if pretrained and pretrained.get("val") and pretrained.get("test"):
+    splits = checkpoint_splits
+    if splits and splits.get("val") and splits.get("test"):
         if cfg.duplicates == "together":
             print("note: --duplicates together moves nothing here: the checkpoint's split is kept as made")
-        return list_duplicates(index, {k: pretrained[k] for k in ("train", "val", "test", "sizes") if k in pretrained})
-    if pretrained:
+        return list_duplicates(index, {k: splits[k] for k in ("train", "val", "test", "sizes") if k in splits})
+    if splits:
         print("note: the checkpoint was pretrained on unlabelled data; making a new 70/10/20 split "
               "(pretraining may have seen some of its test images)")
     return rt.new_split(index, cfg)
@@ -108,7 +111,8 @@ def claim(out: Path, args: argparse.Namespace, source: Source, data: LabelledDat
     """The run really starts (rank 0): its folder is claimed (claim_folder) under the run's identity (every flag
     but where and how fast it runs, and the source's identity), and splits.json written."""
     if rt.is_main():
-        identity = {**{k: v for k, v in vars(args).items() if k not in ("out", *RUNNING)}, "source": source.identity}
+        identity = {**{k: v for k, v in vars(args).items() if k not in ("out", *EXECUTION)},
+                    "source": source.identity}
         claim_folder(out, json.loads(json.dumps(identity, default=str)), seed_files)  # as run.json reads back
         rt.write_splits(out, data.index, data.splits)
 
@@ -125,7 +129,9 @@ def claim_folder(out: Path, identity: dict, seed_files: tuple[str, ...]) -> None
     left = sorted(p for pattern in seed_files for p in out.glob(pattern))
     if (out / "run.json").exists():
         before = json.loads((out / "run.json").read_text())
-        if differ := sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k)):
+        # (a run.json of an older version may still hold EXECUTION flags: they never tell runs apart)
+        if differ := sorted(k for k in before.keys() | identity.keys()
+                            if k not in EXECUTION and before.get(k) != identity.get(k)):
             raise UserError(f"{out} holds an unfinished fine-tuning run of other settings ({differ[0]}: "
                             f"{before.get(differ[0])} there, {identity.get(differ[0])} here); pick another --out "
                             "or remove the folder")

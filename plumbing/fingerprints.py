@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import SPLIT_RATIOS, DataIndex
+from data import SPLIT_RATIOS, DataIndex, Unreadable
 from errors import UserError
 from plumbing.pixels import load_image
 from plumbing.splits import connect
@@ -43,9 +43,13 @@ def fingerprint(pixels: np.ndarray) -> list:
 
 
 def file_fingerprint(path: Path) -> list:
-    """fingerprint of an image file's pixels as training decodes them (pixels.load_image, intensity auto);
-    a file that cannot be decoded raises."""
-    return fingerprint(np.asarray(load_image(path)))
+    """fingerprint of an image file's pixels as training decodes them (pixels.load_image, intensity auto); a
+    file that cannot be decoded raises data.Unreadable, saying why."""
+    try:
+        pixels = np.asarray(load_image(path))
+    except Exception as err:  # Pillow and pydicom raise many types for bad files
+        raise Unreadable(f"{type(err).__name__}: {err}") from err
+    return fingerprint(pixels)
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -56,9 +60,9 @@ def popcount(x: np.ndarray) -> np.ndarray:
 def duplicate_sets(index: DataIndex, near_bits: int = NEAR_BITS) -> list[list[int]]:
     """Positions of the images that show one picture: equal exact hashes, or perceptual hashes at most
     `near_bits` apart, joined transitively; sets of two or more. Needs `index.prints`
-    (data.index_data(..., fingerprint=fingerprint))."""
+    (data.index_data(..., fingerprint=file_fingerprint))."""
     if index.prints is None:
-        raise UserError("finding duplicates needs fingerprints: data.index_data(..., fingerprint=fingerprint)")
+        raise UserError("finding duplicates needs fingerprints: data.index_data(..., fingerprint=file_fingerprint)")
     exact = [p[0] for p in index.prints]
     near = np.array([p[1] for p in index.prints], dtype=np.uint64)
     first: dict[str, int] = {}

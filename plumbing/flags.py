@@ -14,9 +14,10 @@ from typing import Callable
 from errors import UserError
 from plumbing.pixels import AUGMENTATIONS, AUTO, IntensityFlag
 
-# flags that say where and how fast a run executes, never what it computes: a run's identity (fine-tuning's
-# run.json, the report's experiments) leaves them out, and a resumed run may change them
-RUNNING = ("workers", "threads", "device", "cache", "cache_dir", "compile", "grad_ckpt", "save_every", "save_minutes")
+# flags that say where and how fast a run executes (device, processes, cache, compilation, saves), not the
+# experiment it makes: a run's identity (fine-tuning's run.json, the report's experiments) leaves them out, and a
+# resumed run may change them (results may then differ in their last bits: another device, compiled kernels)
+EXECUTION = ("workers", "threads", "device", "cache", "cache_dir", "compile", "grad_ckpt", "save_every", "save_minutes")
 
 
 def run_cli(main: Callable[[argparse.Namespace], object],
@@ -71,7 +72,7 @@ class ArgGroups:
     paper: argparse._ArgumentGroup  # each default names its section of the paper
     ablations: argparse._ArgumentGroup  # what the paper's ablation tables vary
     ours: argparse._ArgumentGroup
-    running: argparse._ArgumentGroup  # where and how a run executes: results do not depend on them
+    running: argparse._ArgumentGroup  # the data, the run folder, the seed, and where and how the run executes
 
 
 def arg_groups(p: argparse.ArgumentParser) -> ArgGroups:
@@ -119,9 +120,9 @@ def add_common_args(g: ArgGroups, *, epochs: int, epochs_source: str, out_defaul
     g.running.add_argument("--cache", choices=("on", "off"), default="on",
                            help="decode and resize every image once into a memory-mapped cache (same pixels)")
     g.running.add_argument("--cache-dir", default="runs/cache", help="where image caches live")
-    g.running.add_argument("--compile", action="store_true",
+    g.running.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                            help="torch.compile the models (slow start, faster steps)")
-    g.running.add_argument("--grad-ckpt", action="store_true",
+    g.running.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                            help="gradient checkpointing (timm): less GPU memory for some extra compute")
 
 
@@ -130,7 +131,7 @@ def add_pretraining_args(groups: ArgGroups) -> None:
                                 "tiny models (no data, GPU or internet needed)")
     groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR, wherever it now "
                                 "lies, from its last.pt with its own settings; only "
-                                + ", ".join(f"--{name.replace('_', '-')}" for name in RUNNING)
+                                + ", ".join(f"--{name.replace('_', '-')}" for name in EXECUTION)
                                 + " may be given beside it")
     groups.running.add_argument("--save-minutes", type=non_negative_float, default=10.0,
                                 help="write last.pt once this many minutes have passed since the last write (0: "

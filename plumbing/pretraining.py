@@ -1,7 +1,7 @@
 """What runs around a pretraining run's epochs (pretrain_cass.py, pretrain_dino.py): its start (settings
 fresh, demo or resumed; the demo's images; the checks a run makes before it trains), its folder, data, split and
-loader, and its last.pt: when it is written, what it restores, and what Ctrl-C does. Device, precision and
-torchrun are in runtime.py, the step's guard and the epoch's usage in loop.py."""
+loader, its last.pt (when it is written, what it restores, and what Ctrl-C does) and the backbones it saves.
+Device, precision and torchrun are in runtime.py, the step's guard and the epoch's usage in loop.py."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,8 @@ from plumbing import checkpoint
 from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
-from plumbing.flags import RUNNING
+from plumbing.flags import EXECUTION
+from plumbing.models import arch_record
 from plumbing.pixels import ImageCache
 from plumbing.pixels import train_loader as seeded_loader
 from plumbing.splits import select
@@ -38,7 +39,7 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
     """The run's effective settings (a new namespace; `args` is never changed) and, when resuming, the
     saved state. A new run records its PATHS absolute (--demo's data is out/data, `write_demo_data`). A
     resumed run continues in RUN_DIR wherever it now lies, from any working
-    folder: data that lay inside the run folder moves with it. Beside --resume only flags.RUNNING may be
+    folder: data that lay inside the run folder moves with it. Beside --resume only flags.EXECUTION may be
     typed (where and how fast the run goes on); a flag that would change the run is refused."""
     if args.resume:
         run = Path(args.resume)
@@ -49,19 +50,18 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
         for name, value in args.typed.items():
             # a path names the same file however it is typed
             same = (absolute(value) if name in PATHS and value is not None else value) == saved.get(name)
-            if name not in ("resume", *RUNNING) and not same:
+            if name not in ("resume", *EXECUTION) and not same:
                 raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
                                 f"{saved.get(name)}; beside --resume only "
-                                + ", ".join(f"--{n.replace('_', '-')}" for n in RUNNING) + " may be given")
-        print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
+                                + ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION) + " may be given")
         data, old_out = Path(saved["data"]), Path(saved["out"])
         if data.is_relative_to(old_out):
             data = run / data.relative_to(old_out)
-        # flags added since the run was saved take their defaults: the run never used them; a RUNNING flag
+        # flags added since the run was saved take their defaults: the run never used them; an EXECUTION flag
         # typed now wins
         defaults = {k: v for k, v in vars(args).items() if k != "typed"}
         typed = {k: absolute(v) if k in PATHS and v is not None else v for k, v in args.typed.items()
-                 if k in RUNNING}
+                 if k in EXECUTION}
         return argparse.Namespace(**{**defaults, **saved, **typed, "resume": args.resume, "out": absolute(run),
                                      "data": absolute(data)}), state
     if not args.data and not args.demo:
@@ -89,12 +89,14 @@ def make_run_folder(cfg: argparse.Namespace) -> Path:
 
 def start_run(args: argparse.Namespace, method: str,
               settle: Callable[[argparse.Namespace], argparse.Namespace]) -> tuple:
-    """A pretraining run's start: the process (start_process), the run's settings (fresh, demo or resumed:
-    run_settings), the demo's images, `settle(cfg)` (the script's own checks, and settings it completes),
-    the settings printed, and where the run folder will be (made once the run really starts, by
-    run_data; shown writable now). (cfg, saved state or None, device, run folder)."""
-    device = rt.start_process(args)
+    """A pretraining run's start: the run's settings (fresh, demo or resumed: run_settings), the process
+    (rt.start_process, as the settings say), the demo's images, `settle(cfg)` (the script's own checks, and
+    settings it completes), the settings printed, and where the run folder will be (made once the run really
+    starts, by run_data; shown writable now). (cfg, saved state or None, device, run folder)."""
     cfg, state = run_settings(args, method)
+    device = rt.start_process(args, running=cfg)  # a resumed run's own --device, --threads and --workers
+    if state:
+        print(f"resuming {args.resume} after epoch {state['epoch']}; settings come from the run")
     if cfg.demo:
         write_demo_data(cfg)
     cfg = settle(cfg)
@@ -121,7 +123,7 @@ def check_disk(out: Path, models: list[nn.Module], copies: int) -> None:
 
 
 def run_data(cfg: argparse.Namespace, state: dict | None, out: Path, mode: str,
-                     size: int) -> tuple[DataIndex, dict, dict[str, list[int]], ImageCache | None]:
+             size: int) -> tuple[DataIndex, dict, dict[str, list[int]], ImageCache | None]:
     """A pretraining run's data: every image indexed and fingerprinted, the run's split (a resumed run's own,
     else a new seeded one, Sec. 4.1), with --cache on the decode-once cache of `mode` images at `size`
     (image_cache); then the run folder with args.json and splits.json; each split's image ids."""
@@ -139,6 +141,17 @@ def train_loader(dataset: Dataset, cfg: argparse.Namespace, device: torch.device
     batches only, pinned memory on CUDA."""
     return seeded_loader(dataset, cfg.bs, seed=cfg.seed, workers=cfg.workers, rank=rt.rank(), world=rt.world_size(),
                          drop_last=True, pin_memory=device.type == "cuda")
+
+
+def save_backbone(path: Path, model: nn.Module, cfg: argparse.Namespace, index: DataIndex, splits: dict, *,
+                  arch: str, mean: list[float], std: list[float], method: str, role: str, **extra) -> None:
+    """A pretrained backbone (cnn.pt / vit.pt) that finetune.py loads on its own: the network, its architecture
+    (with what rebuilds it without the folder or the Hub: models.arch_record), input size and normalisation, the
+    data, split and classes it was pretrained on, the run's settings and `extra`."""
+    checkpoint.save(checkpoint.model_record(
+        model, arch=arch, img_size=cfg.img_size, mean=mean, std=std, method=method, role=role,
+        data=str(index.source), splits=splits, classes=index.classes, multilabel=index.multilabel, args=vars(cfg),
+        epoch=cfg.epochs, intensity=cfg.intensity, **extra, **arch_record(arch)), path)
 
 
 class Saves:

@@ -149,13 +149,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_process(args: argparse.Namespace) -> torch.device:
+def start_process(args: argparse.Namespace, running: argparse.Namespace | None = None) -> torch.device:
     """Every stage script's first step: --data shown to exist, torchrun's process group and the device, and the
-    CPU threads."""
+    CPU threads, as `running` (a resumed run's own settings) or else `args` names them."""
     if getattr(args, "data", None) and not Path(args.data).exists():  # before any download or model
         raise UserError(f"--data {args.data} does not exist")
-    device = start_distributed(args.device)
-    set_threads(args.threads, args.workers)
+    running = running or args
+    device = start_distributed(running.device)
+    set_threads(running.threads, running.workers)
     return device
 
 

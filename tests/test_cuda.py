@@ -21,6 +21,7 @@ from tools import maps  # noqa: E402
 from tools import predict  # noqa: E402
 import pretrain_cass  # noqa: E402
 import pretrain_dino  # noqa: E402
+from plumbing import pretraining  # noqa: E402
 from plumbing import runtime as rt  # noqa: E402
 from tools.bench import Batches, images  # noqa: E402
 from conftest import TINY, interrupted_run, same_weights  # noqa: E402
@@ -124,19 +125,19 @@ def test_resume_after_a_stop_on_cuda_is_exact(demo_data, tmp_path):
 @pytest.fixture(scope="module")
 def cuda_run_and_loader(demo_data, tmp_path_factory):
     """A two-epoch CASS run folder on CUDA, and the training loader it built."""
-    real, loaders = pretrain_cass.train_loader, []
+    real, loaders = pretraining.train_loader, []
 
     def kept(*a, **k):
         loaders.append(real(*a, **k))
         return loaders[-1]
 
-    pretrain_cass.train_loader = kept
+    pretraining.train_loader = kept  # pretrain_cass calls it through the module
     try:
         out = pretrain_cass.main(pretrain_cass.parse_args(
             ["--data", str(demo_data), "--out", str(tmp_path_factory.mktemp("gpu") / "cass"), *TINY, "--epochs",
              "2", *GPU]))
     finally:
-        pretrain_cass.train_loader = real
+        pretraining.train_loader = real
     return out, loaders[0]
 
 

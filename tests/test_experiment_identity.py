@@ -2,6 +2,7 @@
 one run, records name their source by what survives `cd` and moved folders, report.py counts each
 (source, seed) once, reads scores and intervals from the same files and names the settings a pair differs in,
 and a prediction file reproduces the recorded score exactly."""
+import inspect
 import json
 import re
 import shutil
@@ -12,6 +13,8 @@ import pytest
 
 import finetune
 from evaluation import predictions
+from evaluation import records
+from plumbing import finetuning
 import pretrain_cass
 from evaluation import report
 from conftest import TINY
@@ -82,7 +85,7 @@ def test_a_fine_tuning_folder_holds_one_run(finetuned, cass_run, tmp_path, monke
     out, real = tmp_path / "ft", finetune.run_seed
 
     def stopped(*args):
-        if args[5] == 1:  # the seed
+        if inspect.signature(real).bind(*args).arguments["seed"] == 1:
             raise UserError("the validation loss became non-finite at epoch 1 (seed 1)")
         return real(*args)
     monkeypatch.setattr(finetune, "run_seed", stopped)
@@ -109,6 +112,23 @@ def test_a_fine_tuning_folder_holds_one_run(finetuned, cass_run, tmp_path, monke
     shutil.copy(cass_run / "finetune-vit-frac1" / "predictions_seed0.csv", out / "predictions_seed0.csv")
     with pytest.raises(UserError, match="predictions_seed0.csv is not the prediction file its results.json recorded"):
         make_report(out, tmp_path / "report")
+
+
+def test_how_a_run_executes_never_tells_runs_apart(tmp_path, capsys):
+    # an unfinished run whose run.json holds flags.EXECUTION (as older versions wrote) is the same run
+    out, identity = tmp_path / "ft", {"epochs": 1, "source": {"arch": "test_resnet", "pretrained": False}}
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({**identity, "compile": False, "grad_ckpt": False}))
+    (out / "log.jsonl").write_text("{}\n")
+    finetuning.claim_folder(out, identity, finetune.SEED_FILES)
+    assert "starting it over" in capsys.readouterr().out and not (out / "log.jsonl").exists()
+    assert json.loads((out / "run.json").read_text()) == identity
+    with pytest.raises(UserError, match=r"other settings \(epochs: 1 there, 2 here\)"):
+        finetuning.claim_folder(out, {**identity, "epochs": 2}, finetune.SEED_FILES)
+
+
+def test_the_report_knows_each_protocols_default_learning_rate():
+    assert records.DEFAULT_LR == finetune.LR  # a rate equal to it reads as unset
 
 
 def test_files_of_another_run_in_the_folder_are_refused(cass_run, tmp_path):

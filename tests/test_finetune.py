@@ -12,7 +12,7 @@ import pretrain_cass
 from conftest import TINY, class_folders, write_image
 from errors import UserError
 from losses import focal_loss
-from plumbing import backbone
+from plumbing.backbone import from_args
 from plumbing.models import from_checkpoint, normalise
 from plumbing.pixels import load_resized, to_chw
 
@@ -44,7 +44,7 @@ def test_pretrained_checkpoint_fine_tunes_on_the_pretraining_split(cass_run, tmp
 
 def test_backbone_weights_are_loaded_not_random(cass_run):
     ckpt = torch.load(cass_run / "cnn.pt", weights_only=True)
-    source = backbone.from_args(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt")]))
+    source = from_args(finetune.parse_args(["--ckpt", str(cass_run / "cnn.pt")]))
     assert (source.arch, source.method, source.role) == ("test_resnet", "cass", "cnn")
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key

@@ -5,6 +5,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data import index_data
@@ -72,3 +73,13 @@ def test_every_mode_is_fingerprinted_as_training_decodes_it(tmp_path):
     assert sorted(index.paths) == sorted(f.name for f in files) and not index.skipped
     for path, found in zip(index.paths, index.prints):
         assert found == fingerprint(np.asarray(load_image(tmp_path / path))), path
+
+
+def test_an_error_of_the_fingerprint_itself_is_raised_not_recorded_as_an_unreadable_file(tmp_path):
+    Image.fromarray(picture(0)).save(tmp_path / "a.png")
+
+    def broken(path):
+        return fingerprint(path)  # a path where pixels belong: a bug, not a bad file
+
+    with pytest.raises(AttributeError):
+        index_data(tmp_path, workers=1, fingerprint=broken)

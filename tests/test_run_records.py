@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from plumbing import checkpoint
 from tools import maps
@@ -90,12 +91,17 @@ def test_a_dino_run_shorter_than_its_warm_ups_says_so(demo_data, tmp_path, capsy
         "epochs: --warmup-teacher-temp-epochs 5; shorten it for a short run")
 
 
-def test_a_resumed_run_takes_the_running_flags_typed_and_keeps_its_own_otherwise(cass_run):
-    # where and how fast it runs (flags.RUNNING) may change at --resume; one not typed keeps the run's value
-    from plumbing import pretraining
-    cfg, state = pretraining.run_settings(pretrain_cass.parse_args(["--resume", str(cass_run), "--cache", "off",
-                                                           "--compile"]), "cass")
+def test_a_resumed_run_takes_the_running_flags_typed_and_keeps_its_own_otherwise(cass_run, monkeypatch):
+    # where and how fast it runs (flags.EXECUTION) may change at --resume; one not typed keeps the run's value,
+    # in its settings and in the process it starts
+    from plumbing import pretraining, runtime
+    started = []
+    monkeypatch.setattr(runtime, "start_distributed", lambda name: started.append(name) or torch.device("cpu"))
+    monkeypatch.setattr(runtime, "set_threads", lambda threads, workers: started.append((threads, workers)))
+    args = pretrain_cass.parse_args(["--resume", str(cass_run), "--cache", "off", "--compile"])
+    cfg, state, _, _ = pretraining.start_run(args, "cass", settle=lambda c: c)
     saved = state["args"]
-    assert saved["cache"] == "on" and not saved["compile"] and saved["workers"] == 0
-    assert cfg.cache == "off" and cfg.compile and cfg.workers == 0 and cfg.cache_dir == saved["cache_dir"]
+    assert (saved["cache"], saved["compile"], saved["workers"], saved["device"]) == ("on", False, 0, "cpu")
+    assert cfg.cache == "off" and cfg.compile and cfg.cache_dir == saved["cache_dir"]
+    assert (cfg.workers, cfg.device) == (0, "cpu") and started == ["cpu", (None, 0)]  # not the parser's defaults
     assert (cfg.epochs, cfg.lr, cfg.out) == (saved["epochs"], saved["lr"], str(cass_run))
