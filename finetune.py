@@ -42,17 +42,22 @@ LR = {"finetune": 3e-4, "linear": 1e-3}
 SEED_FILES = ("model_seed*.pt", "predictions_seed*.csv", "log.jsonl")  # what a run writes before results.json
 
 
+def source_flags(p: argparse.ArgumentParser) -> None:
+    """Where the network comes from."""
+    p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
+                   "architecture, image size, normalisation, data and split come from it")
+    p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
+    p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p, g = flags.stage_parser(__doc__, epochs=50, epochs_source="at most, with early stopping; App. C.6.2",
+    p, g = flags.stage_parser(__doc__, first=source_flags, epochs=50,
+                              epochs_source="at most, with early stopping; App. C.6.2",
                               out_default="with --ckpt, finetune-<cnn|vit>-frac<f> (linear-... with --linear) "
                                           "beside the checkpoint; with --arch, "
                                           "runs/<method>-<arch>-<protocol>-frac<f>-<timestamp>",
                               img_size=None, img_size_help="--arch only (default 384); a checkpoint brings its own",
                               seed=False)  # --seeds and --split-seed
-    p.add_argument("--ckpt", help="a model checkpoint (e.g. cnn.pt / vit.pt of a pretraining run): "
-                   "architecture, image size, normalisation, data and split come from it")
-    p.add_argument("--arch", help="timm model name for the supervised baseline (needs --data, no --ckpt)")
-    p.add_argument("--weights", help="--arch only: local file of ImageNet weights (offline machines)")
     g.paper.add_argument("--frac", type=flags.fraction, default=1.0,
                          help="fraction of the train split whose labels are used (Sec. 4.3: 0.01, 0.1, 1.0)")
     g.paper.add_argument("--seeds", type=flags.non_negative_int, nargs="+", default=[0],

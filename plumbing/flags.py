@@ -143,10 +143,14 @@ def add_pretraining_args(groups: ArgGroups) -> None:
                                   "val split, for labelled single-label data (0: never)")
 
 
-def stage_parser(doc: str, *, pretraining: bool = False, **common) -> tuple[argparse.ArgumentParser, ArgGroups]:
-    """A stage script's parser and its four groups, holding the flags every stage shares (add_common_args with
-    `common`) and, for `pretraining`, those of a pretraining run."""
+def stage_parser(doc: str, *, first: Callable[[argparse.ArgumentParser], None] | None = None,
+                 pretraining: bool = False, **common) -> tuple[argparse.ArgumentParser, ArgGroups]:
+    """A stage script's parser and its four groups, holding `first(parser)`'s flags (usage lists them first),
+    the flags every stage shares (add_common_args with `common`) and, for `pretraining`, those of a pretraining
+    run."""
     p = new_parser(doc)
+    if first:
+        first(p)
     g = arg_groups(p)
     add_common_args(g, **common)
     if pretraining:
