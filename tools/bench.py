@@ -309,7 +309,7 @@ def cuda_memory(args, device, measured: Callable[[dict], None]) -> None:
         try:
             torch.cuda.empty_cache()
             cass_speed(args, device, rt.amp_dtype("auto", device), bs=bs)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError only from torch 2.5
             break
         measured({"largest_batch_amp": bs})
         bs *= 2
