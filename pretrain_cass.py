@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,16 +162,19 @@ def objective(r: torch.Tensor, t: torch.Tensor, arms: list[Arm], cfg: argparse.N
 
 
 class EpochWatch:
-    """The monitoring beside the CASS step: the progress bar and the loader's waits (loop.EpochUsage), and the
-    epoch's sums (loss, images, Eq. 1, the collapse signals), kept on the device so that no step waits for them."""
+    """The monitoring beside the CASS step: the step's guard (loop.NonFinite), the progress bar and the loader's
+    waits (loop.EpochUsage), and the epoch's sums (loss, images, Eq. 1, the collapse signals), kept on the device
+    so that no step waits for them."""
 
-    def __init__(self, loader: DataLoader, cfg: argparse.Namespace, device: torch.device, epoch: int):
+    def __init__(self, loader: DataLoader, cfg: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+                 epoch: int):
         loader.sampler.set_epoch(epoch)
         self.usage, self.cfg, self.epoch = loop.EpochUsage(loader, device), cfg, epoch
+        self.guard = loop.NonFinite(dtype, epoch)
         self.bar = tqdm(self.usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
         self.sums = {k: torch.zeros((), device=device) for k in ("loss", "images", "cnn_std", "vit_std", "cos",
                                                                  "spread", "eq1")}
-        self.start, self.steps = time.perf_counter(), 0
+        self.steps = 0
 
     def __iter__(self):
         return iter(self.bar)
@@ -190,22 +192,22 @@ class EpochWatch:
                     sums[key] += value * n
             sums["spread"] += n
         if self.steps % 10 == 0:
-            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+            self.bar.set_postfix(loss=f"{self.guard.loss:.4f}")  # read by the guard: no second wait
         self.steps += 1
 
-    def record(self, guard: loop.NonFinite, lr: float, out_dim: int) -> dict:
+    def record(self, lr: float, out_dim: int) -> dict:
         """The epoch's log record, its sums added over every process (the epoch's one wait for the device)."""
-        total, seconds = self.usage.total(self.sums), time.perf_counter() - self.start
+        total = self.usage.total(self.sums)
         seen, spread = int(total["images"]), max(total["spread"], 1)
-        guard.require_progress(seen)
+        self.guard.require_progress(seen)
         std_r, std_t, cos = total["cnn_std"] / spread, total["vit_std"] / spread, total["cos"] / spread
         healthy = 1 / math.sqrt(out_dim)
-        return {"epoch": self.epoch + 1, "loss": total["loss"] / seen, "lr": lr, "seconds": round(seconds, 3),
-                "images": seen, "images_per_s": round(seen / seconds, 2), "eq1_loss": total["eq1"] / seen,
+        return {"epoch": self.epoch + 1, "loss": total["loss"] / seen, "lr": lr, **self.usage.record(seen),
+                "eq1_loss": total["eq1"] / seen,
                 "cnn_std": std_r, "vit_std": std_t, "healthy_std": healthy, "cos": cos,
                 "collapse": is_collapsed(std_r, std_t, cos, healthy),
                 "collapsed_arms": [name for name, std in (("cnn", std_r), ("vit", std_t))
-                                   if std < COLLAPSE_RATIO * healthy], **self.usage.record(seconds)}
+                                   if std < COLLAPSE_RATIO * healthy]}
 
 
 def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradScaler, cfg: argparse.Namespace,
@@ -215,7 +217,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     act = HEAD_ACTS[cfg.head_act]
     for arm in arms:
         arm.train()
-    watch, guard = EpochWatch(loader, cfg, device, epoch), loop.NonFinite(dtype, epoch)
+    watch = EpochWatch(loader, cfg, device, dtype, epoch)
     for step, (x, _) in enumerate(watch):
         # ---- the CASS step: one view through both arms, Eq. 1 between their logits, both arms step
         x = x.to(device, non_blocking=True)
@@ -226,7 +228,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
         loss = objective(r, t, arms, cfg)
         for arm in arms:
             arm.opt.zero_grad(set_to_none=True)
-        if guard.skip(loss, step):  # not finite: no update
+        if watch.guard.skip(loss, step):  # not finite: no update
             continue
         scaler.scale(loss).backward()
         for arm in arms:
@@ -239,7 +241,7 @@ def train_one_epoch(arms: list[Arm], loader: DataLoader, scaler: torch.amp.GradS
     if cfg.sched_step == "epoch":
         for arm in arms:
             arm.sched.step()
-    return watch.record(guard, cnn.opt.param_groups[0]["lr"], cnn.model.num_classes)
+    return watch.record(cnn.opt.param_groups[0]["lr"], cnn.model.num_classes)
 
 
 def save_models(arms: list[Arm], loader: DataLoader, cfg: argparse.Namespace, index: DataIndex, splits: dict,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,8 +205,7 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
     run.teacher.train()
     loader.sampler.set_epoch(epoch)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "images")}
-    guard, start = loop.NonFinite(dtype, epoch), time.perf_counter()
-    usage = loop.EpochUsage(loader, device)
+    guard, usage = loop.NonFinite(dtype, epoch), loop.EpochUsage(loader, device)
     bar = tqdm(usage, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not rt.is_main())
     for step, (views, _) in enumerate(bar):
         it = epoch * len(loader) + step
@@ -238,18 +236,16 @@ def train_one_epoch(run: Training, loader: DataLoader, cfg: argparse.Namespace, 
         sums["entropy"] += entropy * n
         sums["images"] += n
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    total, seconds = usage.total(sums), time.perf_counter() - start
+            bar.set_postfix(loss=f"{guard.loss:.4f}")  # read by the guard: no second wait
+    total = usage.total(sums)
     seen = int(total["images"])
     guard.require_progress(seen)
     loss, entropy = total["loss"] / seen, total["entropy"] / seen
     last = epoch * len(loader) + len(loader) - 1
     return {"epoch": epoch + 1, "loss": loss, "lr": float(run.schedules["lr"][last]),
             "wd": float(run.schedules["wd"][last]), "momentum": float(run.schedules["momentum"][last]),
-            "teacher_temp": run.loss_fn.teacher_temps[epoch], "seconds": round(seconds, 3), "images": seen,
-            "images_per_s": round(seen / seconds, 2), "teacher_entropy": entropy, "kl": loss - entropy,
-            "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim),
-            **usage.record(seconds)}
+            "teacher_temp": run.loss_fn.teacher_temps[epoch], **usage.record(seen), "teacher_entropy": entropy,
+            "kl": loss - entropy, "ln_k": math.log(cfg.out_dim), "collapse": collapse_kind(loss, entropy, cfg.out_dim)}
 
 
 def report_epoch(stats: dict, epoch: int, warned: bool) -> bool:

@@ -4,6 +4,7 @@ wait for data, peak memory and sums over processes. A pretraining run's last.pt 
 pretraining.py."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator
 
@@ -11,16 +12,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from errors import UserError
-from plumbing.runtime import all_reduce_sum
+from plumbing.runtime import all_reduce_sum, world_size
 
 MAX_NONFINITE = 10  # consecutive skipped half-precision steps before a run is stopped
 
 
-def finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite in every process, so that all of them step or
-    all skip. Reading the answer waits for the forward pass: one host sync per
-    step, paid on purpose so that a NaN never reaches the weights."""
-    return all_reduce_sum((~torch.isfinite(loss)).float()).item() == 0
+def loss_everywhere(loss: torch.Tensor) -> float:
+    """The loss summed over every process: finite only where it is finite in every one, so that all of them
+    step or all skip. Reading it waits for the forward pass: one host sync per step, paid on purpose so that a
+    NaN never reaches the weights; the progress bar shows the value read."""
+    return all_reduce_sum(loss.detach().float()).item()
 
 
 RESUMABLE = "; last.pt holds the last saved epoch, if any"
@@ -49,9 +50,11 @@ class NonFinite:
 
     def __init__(self, dtype: torch.dtype | None, epoch: int, kept: str = RESUMABLE):
         self.dtype, self.epoch, self.kept, self.skipped = dtype, epoch, kept, 0
+        self.loss = math.nan  # the last loss read, the mean over the processes: for the progress bar
 
     def skip(self, loss: torch.Tensor, step: int) -> bool:
-        if finite_everywhere(loss):
+        self.loss = loss_everywhere(loss) / world_size()
+        if math.isfinite(self.loss):
             self.skipped = 0
             return False
         self.skipped = count_skip(self.skipped, self.dtype, self.epoch, step, self.kept)
@@ -62,12 +65,12 @@ class NonFinite:
 
 
 class EpochUsage:
-    """Wraps an epoch's loader: adds up the host seconds each `next()` waits for a
-    batch (time.perf_counter, so no step waits on the device for it) and, on
-    CUDA, resets the peak memory so that it covers this epoch alone."""
+    """Wraps an epoch's loader: times the epoch from its creation, adds up the host seconds each `next()` waits
+    for a batch (time.perf_counter, so no step waits on the device for it) and, on CUDA, resets the peak memory
+    so that it covers this epoch alone."""
 
     def __init__(self, loader: DataLoader, device: torch.device):
-        self.loader, self.device, self.waited = loader, device, 0.0
+        self.loader, self.device, self.waited, self.start = loader, device, 0.0, time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -89,11 +92,14 @@ class EpochUsage:
         """An epoch's sums, kept on the device, added over every process: the epoch's one wait for the device."""
         return dict(zip(sums, all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
 
-    def record(self, seconds: float) -> dict:
-        """`data_wait`: share of the epoch's `seconds` spent waiting; `peak_mem_gb` on CUDA."""
+    def record(self, images: int) -> dict:
+        """The epoch's `seconds` so far, its `images` (added over every process) and their rate, `data_wait`:
+        the share of the seconds spent waiting for data; `peak_mem_gb` on CUDA."""
+        seconds = time.perf_counter() - self.start
         cuda = {"peak_mem_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3)} \
             if self.device.type == "cuda" else {}
-        return {"data_wait": round(self.waited / seconds, 4), **cuda}
+        return {"seconds": round(seconds, 3), "images": images, "images_per_s": round(images / seconds, 2),
+                "data_wait": round(self.waited / seconds, 4), **cuda}
 
     @staticmethod
     def text(stats: dict) -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from urllib.parse import urlparse
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -86,14 +88,21 @@ def is_transformer(arch: str) -> bool:
     return bool(pretrained is not None and pretrained.fixed_input_size)
 
 
-def hub_answers(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub, where timm keeps ImageNet weights, can be reached: offline, timm's download
-    retries for about a minute before it fails. Not asked with HF_HUB_OFFLINE set (cached weights load without
-    it) or behind a proxy (a direct connection proves nothing there)."""
-    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+def hub_answers(arch: str, timeout: float = 3.0) -> bool:
+    """Whether timm can get `arch`'s ImageNet weights: a copy in the Hugging Face cache (which huggingface_hub
+    falls back to when the Hub cannot be reached), or the Hub (HF_ENDPOINT's host) answering. Offline, timm's
+    download retries for about a minute before it fails. Not asked with HF_HUB_OFFLINE on or behind a proxy
+    (a direct connection proves nothing there)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or \
+            any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
         return True
+    hub_id = getattr(timm.get_pretrained_cfg(arch), "hf_hub_id", None)
+    if hub_id and any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, name), str)
+                      for name in ("model.safetensors", "pytorch_model.bin")):
+        return True
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -120,7 +129,7 @@ def create_model(arch: str, *, img_size: int, num_classes: int | None = None, pr
         if not Path(weights).is_file():
             raise UserError(f"{weights_flag} {weights} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(weights), custom_load=False)
-    elif pretrained and source is None and not hub_answers():
+    elif pretrained and source is None and not hub_answers(arch):
         raise UserError(f"no connection to the Hugging Face Hub for {arch}'s ImageNet weights: pass {weights_flag} "
                         "FILE (a local weights file), set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face "
                         "cache, or --no-pretrained for random initialisation")

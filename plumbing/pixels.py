@@ -301,12 +301,12 @@ def train_loader(dataset: Dataset, bs: int, *, seed: int, workers: int, rank: in
 
 
 def leave_ctrl_c_to_main(worker: int) -> None:
-    """A loader worker ignores Ctrl-C: the main process finishes the epoch under way and saves it
-    (pretraining.Saves), which needs its workers alive."""
+    """A loader worker ignores Ctrl-C: the main process finishes the epoch under way (and the kNN monitor's
+    pass after it) and saves it (pretraining.Saves), which needs its workers alive."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_loader(dataset: Dataset, bs: int, *, workers: int, pin_memory: bool = False) -> DataLoader:
     """Every image of `dataset` once, in order."""
     return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=leave_ctrl_c_to_main)

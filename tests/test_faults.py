@@ -196,7 +196,7 @@ def test_a_failed_start_fails_fast_and_leaves_no_folder(demo_data, tmp_path, mon
                                      "--out", str(tmp_path / "b")])):
         with pytest.raises(UserError, match="typo does not exist"):
             script.main(script.parse_args(argv))
-    monkeypatch.setattr(models, "hub_answers", lambda: False)
+    monkeypatch.setattr(models, "hub_answers", lambda arch: False)
     with pytest.raises(UserError, match="--cnn-weights FILE.*HF_HUB_OFFLINE=1.*--no-pretrained"):
         pretrain_cass.main(pretrain_cass.parse_args(["--data", str(demo_data), "--out", str(tmp_path / "c")]))
     (tmp_path / "empty").mkdir()  # no images: found once the data is read, after the models
@@ -220,6 +220,15 @@ def test_the_hub_is_not_asked_offline_or_behind_a_proxy(monkeypatch):
     monkeypatch.setattr(models.socket, "create_connection", refused)
     for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert models.hub_answers() is False
+    monkeypatch.setattr(models.huggingface_hub, "try_to_load_from_cache", lambda repo, name, **k: None)
+    assert models.hub_answers("resnet50") is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # off: the Hub is asked
+    assert models.hub_answers("resnet50") is False
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.hub_answers() is True
+    assert models.hub_answers("resnet50") is True
+    # weights already in the Hugging Face cache load without the Hub: no refusal
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    cached = {("timm/resnet50.a1_in1k", "model.safetensors"): "/cache/model.safetensors"}
+    monkeypatch.setattr(models.huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name, **k: cached.get((repo, name)))
+    assert models.hub_answers("resnet50") is True and models.hub_answers("vit_base_patch16_384") is False

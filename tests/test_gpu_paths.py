@@ -50,5 +50,5 @@ def test_the_cass_objective_never_waits_for_the_device(tmp_path, demo_data, mode
     assert syncs.found == []
     # the one sync a step keeps: the non-finite guard, which every process must answer alike
     with Syncs() as syncs:
-        loop.finite_everywhere(loss)
+        loop.loss_everywhere(loss)
     assert syncs.found == ["aten._local_scalar_dense.default"]
