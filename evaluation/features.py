@@ -27,15 +27,21 @@ def extract_features(model: nn.Module, loader, mean: list[float], std: list[floa
         model.train(was_training)
 
 
+def split_features(model: nn.Module, index: DataIndex, ids: list[int], size: int, mean: list[float],
+                   std: list[float], device: torch.device, dtype: torch.dtype | None, *, bs: int, workers: int,
+                   cache: ImageCache | None = None, intensity: Intensity = AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extract_features` of the images `ids` of `index`, read unaugmented at `size` (from `cache` when given)."""
+    dataset = ImageDataset(index.root, *index.part(ids), size, cache=cache, intensity=intensity)
+    return extract_features(model, eval_loader(dataset, bs, workers=workers), mean, std, device, dtype)
+
+
 def checkpoint_features(ckpt: dict, index: DataIndex, ids: list[int], device: torch.device, bs: int,
                         workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`extract_features` of the images `ids` of `index` with the network the
-    checkpoint describes, read at its image size and intensity setting and
-    normalised with its statistics; in fp32 (no autocast), so that the
-    features do not depend on the GPU's precision."""
-    dataset = ImageDataset(index.root, *index.part(ids), ckpt["img_size"], intensity=ckpt.get("intensity", AUTO))
-    return extract_features(from_checkpoint(ckpt).to(device), eval_loader(dataset, bs, workers=workers),
-                            ckpt["mean"], ckpt["std"], device, None)
+    """`split_features` with the network the checkpoint describes, read at its image size and intensity
+    setting and normalised with its statistics; in fp32 (no autocast), so that the features do not depend on
+    the GPU's precision."""
+    return split_features(from_checkpoint(ckpt).to(device), index, ids, ckpt["img_size"], ckpt["mean"],
+                          ckpt["std"], device, None, bs=bs, workers=workers, intensity=ckpt.get("intensity", AUTO))
 
 
 def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], query: tuple[torch.Tensor, torch.Tensor],
@@ -60,9 +66,7 @@ def val_knn_accuracy(model: nn.Module, index: DataIndex, parts: dict[str, list[i
     memory; None without single-label classes or a val split."""
     if not index.labelled or index.multilabel or not parts["val"] or not parts["train"]:
         return None
-    train, val = (extract_features(model, eval_loader(ImageDataset(index.root, *index.part(parts[name]), size,
-                                                                   cache=cache, intensity=intensity),
-                                                      bs, workers=workers), mean, std, device, dtype)
-                  for name in ("train", "val"))
+    train, val = (split_features(model, index, parts[name], size, mean, std, device, dtype, bs=bs, workers=workers,
+                                 cache=cache, intensity=intensity) for name in ("train", "val"))
     # on the training device: a GPU ranks the (val x train) similarities far faster
     return knn_accuracy(*[(f.to(device), t.to(device)) for f, t in (train, val)], len(index.classes), k)

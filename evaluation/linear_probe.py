@@ -7,21 +7,20 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from evaluation.features import extract_features
+from evaluation.features import split_features
 from plumbing import runtime as rt
 from plumbing.backbone import Source
 from plumbing.finetuning import LabelledData
-from plumbing.pixels import ImageDataset, eval_loader, train_loader
+from plumbing.pixels import eval_loader, train_loader
 
 
 def frozen_features(source: Source, data: LabelledData, bs: int, workers: int, device: torch.device,
                     dtype: torch.dtype | None) -> dict[str, TensorDataset]:
     """(features (N, D), targets) of the train, val and test images, for every seed."""
-    model, index = source.model.to(device), data.index
-    return {name: TensorDataset(*extract_features(
-        model, eval_loader(ImageDataset(index.root, *index.part(data.parts[name]), source.img_size, cache=data.cache,
-                                        intensity=source.intensity), bs, workers=workers),
-        source.mean, source.std, device, dtype)) for name in ("train", "val", "test")}
+    model = source.model.to(device)
+    return {name: TensorDataset(*split_features(model, data.index, data.parts[name], source.img_size, source.mean,
+                                                source.std, device, dtype, bs=bs, workers=workers, cache=data.cache,
+                                                intensity=source.intensity)) for name in ("train", "val", "test")}
 
 
 def loaders(features: dict[str, TensorDataset], train_ids: list[int], labelled: list[int], bs: int,

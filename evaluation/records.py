@@ -26,10 +26,6 @@ NOT_SETTINGS = frozenset({"seeds", "seed", "out", *EXECUTION, "data", "ckpt", "a
                           "metric", "linear", "pretrained", "resamples"})
 
 
-# finetune.LR, which a test compares: evaluation imports no stage script
-DEFAULT_LR = {"finetune": 3e-4, "linear": 1e-3}
-
-
 @dataclass(frozen=True, order=True)
 class Source:
     """The network a row's runs started from. `key` tells sources apart: the SHA-256 of the checkpoint (or
@@ -55,8 +51,11 @@ def source_of(result: dict, root: Path) -> Source:
 
 
 def data_set(folder: Path, result: dict) -> str:
-    """The data set a results.json was measured on: finetune.py writes its resolved path into splits.json next to
-    it, while config["data"] is None whenever the checkpoint brought the data, so the config is only the fallback."""
+    """The data set a results.json was measured on: its resolved path, which finetune.py records under `resolved`
+    (config["data"] is None whenever the checkpoint brought the data); for older files the one in splits.json
+    beside it, else the config's."""
+    if data := result.get("resolved", {}).get("data"):
+        return data
     splits = folder / "splits.json"
     if splits.is_file():
         return json.loads(splits.read_text())["data"]
@@ -85,12 +84,11 @@ def pretraining_run(source: str) -> str:
 
 def resolved(result: dict) -> dict:
     """The settings a run used, so that runs differing only in how a value was recorded compare equal: an unset
-    --img-size as the size the checkpoint brought (finetune.py records it under `resolved`; files without that
-    key keep it unset), and a learning rate equal to its protocol's default (finetune.LR) as unset."""
-    config = result["config"]
-    default_lr = DEFAULT_LR[result.get("protocol", "finetune")]
-    return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
-            "lr": None if config.get("lr") == default_lr else config.get("lr")}
+    --img-size or --lr as the value it became (the checkpoint's size, the protocol's rate), which finetune.py
+    records under `resolved` (files without that key keep them unset)."""
+    config, found = result["config"], result.get("resolved", {})
+    return {**config, "img_size": config.get("img_size") or found.get("img_size"),
+            "lr": config.get("lr") or found.get("lr")}
 
 
 def experiment(result: dict) -> tuple:

@@ -247,13 +247,13 @@ def tables(results: list[dict]) -> list[tuple[str, str, dict[tuple, Cell]]]:
             for data, metric in sorted({k[:2] for k in cells})]
 
 
-def finetune_table(results: list[dict], resamples: int = 1000) -> list[str]:
-    """One table per data set and headline metric, cells mean +- std over every
+def finetune_table(found: list[tuple[str, str, dict[tuple, Cell]]], resamples: int = 1000) -> list[str]:
+    """One table per data set and headline metric (`found`: tables(results)), cells mean +- std over every
     seed of one experiment and an interval over test images and seeds, then the
     paired differences between its rows. Anything else that tells runs apart
     makes another row or table, never one cell."""
     lines = []
-    for data, metric, table in tables(results):
+    for data, metric, table in found:
         lines += [f"### {data}", "", f"Test {metric}, mean +- std over seeds (n = seeds).",
                   INTERVAL_NOTE.format(n=resamples), "", *experiment_table(table, metric, resamples), ""]
         paired = paired_table(table, metric, resamples)
@@ -276,14 +276,14 @@ def figure_stem(cell: Cell, taken: set[str]) -> str:
     return unique
 
 
-def figure_cells(results: list[dict]) -> list[tuple[str, str, Cell]]:
-    """(data set, title, cell) of each cell with prediction files, in report order."""
-    found = []
-    for data, _, table in tables(results):
+def figure_cells(found: list[tuple[str, str, dict[tuple, Cell]]]) -> list[tuple[str, str, Cell]]:
+    """(data set, title, cell) of each cell of `found` (tables(results)) with prediction files, in report order."""
+    cells = []
+    for data, _, table in found:
         name = row_names(table)  # as in the table, also where only some rows have files
-        found += [(data, f"{name[row]}, {frac:.0%} labels", cell)
+        cells += [(data, f"{name[row]}, {frac:.0%} labels", cell)
                   for (row, frac), cell in sorted((k, c) for k, c in table.items() if any(c.files))]
-    return found
+    return cells
 
 
 def start_figures(cells: list[tuple[str, str, Cell]], out: Path, pool: Executor) -> list[tuple[str, Future]]:
@@ -349,13 +349,14 @@ def main(args: argparse.Namespace) -> Path:
     out = prepare_out_dir(Path(args.out))
     predictions.read.cache_clear()  # files may have changed since an earlier call in this process
     results, runs = load_results(folders), pretraining_runs(folders)
-    cells = figure_cells(results)
+    found = tables(results)  # every prediction file read and checked against its hash once
+    cells = figure_cells(found)
     # other processes (one per core, at most one per cell) draw the figures while this one computes the intervals:
     # matplotlib took two thirds of a paper-size report's time in one process (docs/speed.md)
     with ProcessPoolExecutor(max(1, min(len(cells), os.cpu_count() or 1))) as pool:
         started = start_figures(cells, out, pool)
         lines = ["# Report", "", "## Fine-tuning (Tables 1, 3-5)", ""]
-        lines += finetune_table(results, args.resamples) if results else ["No results.json found."]
+        lines += finetune_table(found, args.resamples) if results else ["No results.json found."]
         lines += ["", "## Pretraining time (Table 2)", ""] + (time_table(runs) if runs else
                                                              ["No pretraining runs found."])
         lines += ["", "## Fine-tuning figures", ""] + (figure_lines(started) or ["No prediction files found."])

@@ -77,15 +77,16 @@ def duplicate_sets(index: DataIndex, near_bits: int = NEAR_BITS) -> list[list[in
     return [m for m in members.values() if len(m) > 1]
 
 
-def list_duplicates(index: DataIndex, splits: dict) -> dict:
-    """`splits` with "duplicates": each set of `duplicate_sets` as {"identical": all the same pixels,
-    "images": {path: its split}}, and one printed line counting them and those that span splits.
-    Unchanged without fingerprints."""
+def list_duplicates(index: DataIndex, splits: dict, sets: list[list[int]] | None = None) -> dict:
+    """`splits` with "duplicates": each set of `duplicate_sets` (`sets`, when already found) as {"identical": all
+    the same pixels, "images": {path: its split}}, and one printed line counting them and those that span
+    splits. Unchanged without fingerprints."""
     if index.prints is None:
         return splits
     where = {p: name for name in SPLIT_RATIOS for p in splits.get(name, [])}
     found = [{"identical": len({index.prints[i][0] for i in s}) == 1,
-              "images": {index.paths[i]: where.get(index.paths[i]) for i in s}} for s in duplicate_sets(index)]
+              "images": {index.paths[i]: where.get(index.paths[i]) for i in s}}
+             for s in (duplicate_sets(index) if sets is None else sets)]
     across = sum(len(set(d["images"].values())) > 1 for d in found)
     same = sum(d["identical"] for d in found)
     print(f"duplicates: {same} sets of identical images and {len(found) - same} of near-identical ones "

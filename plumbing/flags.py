@@ -18,6 +18,7 @@ from plumbing.pixels import AUGMENTATIONS, AUTO, IntensityFlag
 # experiment it makes: a run's identity (fine-tuning's run.json, the report's experiments) leaves them out, and a
 # resumed run may change them (results may then differ in their last bits: another device, compiled kernels)
 EXECUTION = ("workers", "threads", "device", "cache", "cache_dir", "compile", "grad_ckpt", "save_every", "save_minutes")
+EXECUTION_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in EXECUTION)  # as a user types them
 
 
 def run_cli(main: Callable[[argparse.Namespace], object],
@@ -131,8 +132,7 @@ def add_pretraining_args(groups: ArgGroups) -> None:
                                 "tiny models (no data, GPU or internet needed)")
     groups.running.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR, wherever it now "
                                 "lies, from its last.pt with its own settings; only "
-                                + ", ".join(f"--{name.replace('_', '-')}" for name in EXECUTION)
-                                + " may be given beside it")
+                                + EXECUTION_FLAGS + " may be given beside it")
     groups.running.add_argument("--save-minutes", type=non_negative_float, default=10.0,
                                 help="write last.pt once this many minutes have passed since the last write (0: "
                                      "after every epoch); always after the last epoch and at Ctrl-C")

@@ -20,7 +20,7 @@ from plumbing import checkpoint
 from plumbing import runtime as rt
 from data import DataIndex
 from errors import UserError
-from plumbing.flags import EXECUTION
+from plumbing.flags import EXECUTION, EXECUTION_FLAGS
 from plumbing.models import arch_record
 from plumbing.pixels import ImageCache
 from plumbing.pixels import train_loader as seeded_loader
@@ -53,7 +53,7 @@ def run_settings(args: argparse.Namespace, method: str) -> tuple[argparse.Namesp
             if name not in ("resume", *EXECUTION) and not same:
                 raise UserError(f"--{name.replace('_', '-')} {value} would change the resumed run, which has "
                                 f"{saved.get(name)}; beside --resume only "
-                                + ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION) + " may be given")
+                                + EXECUTION_FLAGS + " may be given")
         data, old_out = Path(saved["data"]), Path(saved["out"])
         if data.is_relative_to(old_out):
             data = run / data.relative_to(old_out)

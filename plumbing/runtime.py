@@ -181,8 +181,8 @@ def new_split(index: DataIndex, cfg: argparse.Namespace) -> dict:
     """A new seeded split (splits.make_splits, Sec. 4.1) with its duplicate sets listed; with
     --duplicates together each set is kept in one split."""
     from plumbing.fingerprints import duplicate_sets, list_duplicates
-    join = duplicate_sets(index) if cfg.duplicates == "together" else ()
-    return list_duplicates(index, make_splits(index, cfg.seed, join=join))
+    sets = duplicate_sets(index) if cfg.duplicates == "together" else None  # found once, used twice
+    return list_duplicates(index, make_splits(index, cfg.seed, join=sets or ()), sets)
 
 
 def write_splits(out: Path, index: DataIndex, splits: dict[str, list[str]], **extra) -> None:

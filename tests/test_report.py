@@ -125,7 +125,7 @@ def test_linear_probe_and_fine_tuning_are_rows_side_by_side(tmp_path):
                   "runs": [{"test": {"macro_f1": s}} for s in scores]}
         (folder / "results.json").write_text(json.dumps(result))
         (folder / "splits.json").write_text(json.dumps({"data": "/data/dermofit"}))
-    lines = report.finetune_table(records.load_results([tmp_path / "runs"]))
+    lines = report.finetune_table(report.tables(records.load_results([tmp_path / "runs"])))
     assert [row for row in lines if row.startswith("| cass")] == [
         "| cass (resnet50) | finetune | runs/cass | 0.8100 +- 0.0141 (n=2) |",
         "| cass (resnet50) | linear | runs/cass | 0.6100 +- 0.0141 (n=2) |"]

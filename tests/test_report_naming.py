@@ -55,15 +55,16 @@ def test_pretraining_runs_in_equally_named_folders_are_told_apart(tmp_path):
 def test_a_setting_recorded_unset_compares_as_the_value_it_resolved_to(tmp_path):
     finetuned(tmp_path / "runs/cass", "cass", "resnet50", 0.8, "runs/pre/cnn.pt")
     result = json.loads((tmp_path / "runs/cass/results.json").read_text())
-    (tmp_path / "runs/cass/results.json").write_text(json.dumps({**result, "resolved": {"img_size": 32}}))
+    (tmp_path / "runs/cass/results.json").write_text(json.dumps({**result, "resolved": {"img_size": 32,
+                                                                                          "lr": 3e-4}}))
     # the supervised run set both flags; the CASS run took them from its checkpoint and the default
     finetuned(tmp_path / "runs/sup", "supervised", "resnet50", 0.7, "resnet50", img_size=32, lr=3e-4)
-    rows = [line for line in report.finetune_table(records.load_results([tmp_path / "runs"]), resamples=50)
-            if line.startswith(("| cass", "| supervised"))]
+    found = report.tables(records.load_results([tmp_path / "runs"]))
+    rows = [line for line in report.finetune_table(found, resamples=50) if line.startswith(("| cass", "| supervised"))]
     assert len(rows) == 2 and "img_size" not in "".join(rows) and "lr=" not in "".join(rows)
     finetuned(tmp_path / "runs/sup64", "supervised", "resnet50", 0.7, "resnet50", img_size=64, lr=3e-4)
-    rows = [line for line in report.finetune_table(records.load_results([tmp_path / "runs"]), resamples=50)
-            if line.startswith(("| cass", "| supervised"))]
+    found = report.tables(records.load_results([tmp_path / "runs"]))
+    rows = [line for line in report.finetune_table(found, resamples=50) if line.startswith(("| cass", "| supervised"))]
     assert sum("img_size=32" in line for line in rows) == 2 and sum("img_size=64" in line for line in rows) == 1
 
 
@@ -73,7 +74,7 @@ def test_pairs_are_pretrained_rows_against_the_baseline_of_their_backbone(tmp_pa
     finetuned(tmp_path / "runs/sup-cnn", "supervised", "resnet50", 0.90, "resnet50")
     finetuned(tmp_path / "runs/cass-vit", "cass", "vit_base_patch16_384", 0.92, "runs/pre/vit.pt")
     finetuned(tmp_path / "runs/sup-vit", "supervised", "vit_base_patch16_384", 0.70, "vit_base_patch16_384")
-    lines = report.finetune_table(records.load_results([tmp_path / "runs"]), resamples=50)
+    lines = report.finetune_table(report.tables(records.load_results([tmp_path / "runs"])), resamples=50)
     pairs = [tuple(cell.split(",")[0] for cell in line.split(" | ")[1:3]) for line in lines
              if re.match(r"^\| \d+% \|", line)]
     # 5 rows would give 10 pairs; within a backbone: CNN 3 pairs, ViT 1; the baseline pairs first, pretrained as A

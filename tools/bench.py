@@ -201,7 +201,6 @@ def report_speed(images: int, out: Path, classes: int = 8, seeds: int = 5, resam
             "method": method, "arch": arch, "role": role, "protocol": "finetune", "frac": frac, "metric": "macro_f1",
             "classes": names, "multilabel": False, "runs": done, "config": vars(config), "source": config.ckpt or arch,
             "source_id": source, "resolved": {"img_size": 384, "lr": finetune.LR["finetune"], "data": data}})
-        write_json(folder / "splits.json", {"data": data})
     start = time.perf_counter()
     report.main(report.parse_args([str(runs), "--out", str(out / "report"), "--resamples", str(resamples)]))
     return {"report_s": time.perf_counter() - start}
