@@ -26,6 +26,10 @@ NOT_SETTINGS = frozenset({"seeds", "seed", "out", *EXECUTION, "data", "ckpt", "a
                           "metric", "linear", "pretrained", "resamples"})
 
 
+# finetune.LR, which a test compares: evaluation imports no stage script
+DEFAULT_LR = {"finetune": 3e-4, "linear": 1e-3}
+
+
 @dataclass(frozen=True, order=True)
 class Source:
     """The network a row's runs started from. `key` tells sources apart: the SHA-256 of the checkpoint (or
@@ -84,11 +88,13 @@ def pretraining_run(source: str) -> str:
 
 def resolved(result: dict) -> dict:
     """The settings a run used, so that runs differing only in how a value was recorded compare equal: an unset
-    --img-size or --lr as the value it became (the checkpoint's size, the protocol's rate), which finetune.py
-    records under `resolved` (files without that key keep them unset)."""
-    config, found = result["config"], result.get("resolved", {})
-    return {**config, "img_size": config.get("img_size") or found.get("img_size"),
-            "lr": config.get("lr") or found.get("lr")}
+    --img-size as the size the checkpoint brought (finetune.py records it under `resolved`; files without that
+    key keep it unset), and a learning rate equal to its protocol's default (finetune.LR) as unset, so that
+    rows name a rate only where one was chosen (a linear probe's own default is no setting of its row)."""
+    config = result["config"]
+    default_lr = DEFAULT_LR[result.get("protocol", "finetune")]
+    return {**config, "img_size": config.get("img_size") or result.get("resolved", {}).get("img_size"),
+            "lr": None if config.get("lr") in (None, default_lr) else config.get("lr")}
 
 
 def experiment(result: dict) -> tuple:

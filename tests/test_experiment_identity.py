@@ -13,6 +13,7 @@ import pytest
 
 import finetune
 from evaluation import predictions
+from evaluation import records
 from plumbing import finetuning
 import pretrain_cass
 from evaluation import report
@@ -124,6 +125,10 @@ def test_how_a_run_executes_never_tells_runs_apart(tmp_path, capsys):
     assert json.loads((out / "run.json").read_text()) == identity
     with pytest.raises(UserError, match=r"other settings \(epochs: 1 there, 2 here\)"):
         finetuning.claim_folder(out, {**identity, "epochs": 2}, finetune.SEED_FILES)
+
+
+def test_the_report_knows_each_protocols_default_learning_rate():
+    assert records.DEFAULT_LR == finetune.LR  # a rate equal to it reads as unset
 
 
 def test_files_of_another_run_in_the_folder_are_refused(cass_run, tmp_path):
