@@ -7,9 +7,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from urllib.parse import urlparse
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import huggingface_hub
 import timm
