@@ -21,7 +21,7 @@ def loss_everywhere(loss: torch.Tensor) -> float:
     """The loss summed over every process: finite only where it is finite in every one, so that all of them
     step or all skip. Reading it waits for the forward pass: one host sync per step, paid on purpose so that a
     NaN never reaches the weights; the progress bar shows the value read."""
-    return all_reduce_sum(loss.detach().float()).item()
+    return all_reduce_sum(loss.detach().float().clone()).item()  # a copy: the all-reduce writes in place
 
 
 RESUMABLE = "; last.pt holds the last saved epoch, if any"
