@@ -52,3 +52,12 @@ def test_the_cass_objective_never_waits_for_the_device(tmp_path, demo_data, mode
     with Syncs() as syncs:
         loop.loss_everywhere(loss)
     assert syncs.found == ["aten._local_scalar_dense.default"]
+
+
+def test_the_guard_leaves_the_loss_as_it_was(monkeypatch):
+    # torch.distributed's all-reduce writes into its tensor: two processes' sum must not become this one's loss
+    monkeypatch.setattr(loop, "all_reduce_sum", lambda x: x.mul_(2))
+    monkeypatch.setattr(loop, "world_size", lambda: 2)
+    loss = torch.tensor(0.75, requires_grad=True) * 1.0
+    guard = loop.NonFinite(None, epoch=0)
+    assert not guard.skip(loss, step=0) and guard.loss == 0.75 and loss.item() == 0.75
